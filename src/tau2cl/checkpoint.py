@@ -1,0 +1,73 @@
+"""Checkpoints: a from_pretrained-loadable model + tokenizer, and the trainer state to resume.
+
+A checkpoint is written into a temporary sibling folder and renamed into place, so a kill during a
+save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tau2cl.errors import UserError
+
+STATE_FILE = "trainer_state.pt"
+
+
+def domain_checkpoint_name(task_idx: int) -> str:
+    return f"checkpoint_task_{task_idx}"
+
+
+def step_checkpoint_name(global_step: int) -> str:
+    return f"checkpoint_step_{global_step}"
+
+
+def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path:
+    """Write model, tokenizer and `state` (torch-saveable) to `path` atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state, tmp / STATE_FILE)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the latest checkpoint inside a log_dir."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    candidates = [p for p in path.glob("checkpoint_*") if (p / STATE_FILE).exists()] if path.is_dir() else []
+    if not candidates:
+        raise UserError(f"no checkpoint found at '{path}' (expected a checkpoint folder or a log_dir holding one).")
+    return max(candidates, key=lambda p: torch.load(p / STATE_FILE, weights_only=False)["global_step"])
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_model_weights(model: Any, path: Path) -> None:
+    """Copy a checkpoint's weights into an already-built model (same architecture)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise UserError(f"checkpoint '{path}' does not match the model (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}).")

@@ -1,0 +1,548 @@
+"""GRPOConfig: the one source of every training flag, its default, its help text and its checks.
+
+The command line, `--config` files and `summary.json` are all built from the dataclass fields, so a
+flag cannot exist in one place and be missing from another. Values from any source pass through the
+same coercion and validation in `__post_init__`, so a bad value gets the same one-sentence message
+whether it came from a flag, a YAML file or Python code. Only light stdlib modules are imported here
+so that `tau2cl train --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tau2cl.errors import ArgumentParser, UserError
+
+DOMAIN_NAMES = ("airline", "retail", "telecom")
+MODEL_DTYPES = ("float32", "float16", "bfloat16", "auto")
+ADVANTAGE_NORMALIZATIONS = ("std", "mean")
+# The strategies the trainer knows; a new CL strategy adds its name here.
+CL_ALGORITHMS = ("sequential", "replay", "ewc", "online_ewc")
+
+# Argument groups of `tau2cl train --help`, in the order they are shown.
+GROUPS = {
+    "model": "which model is trained and how it is loaded",
+    "rollout": "how training episodes are sampled",
+    "grpo": "the GRPO objective",
+    "optimization": "optimizer, batch and schedule",
+    "continual learning": "the domain sequence and the strategy against forgetting",
+    "evaluation": "test-split evaluation during and after each domain",
+    "logging": "console output, metrics files and wandb",
+    "checkpointing": "saving and resuming",
+}
+
+
+def _option(default: Any, group: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its help text and argument group in metadata (TRL style)."""
+    metadata: dict[str, Any] = {"group": group, "help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class GRPOConfig:
+    """Everything a training run needs; see `tau2cl train --help` for each field."""
+
+    # --- model ---
+    model_name_or_path: str = _option(
+        "Qwen/Qwen2.5-3B-Instruct",
+        "model",
+        "Model to train: a Hugging Face hub id, a local folder, a .gguf file, or 'tiny' for the "
+        "built-in tiny test model.",
+    )
+    model_dtype: str = _option(
+        "bfloat16",
+        "model",
+        "Weight dtype: float32, float16, bfloat16 (best on recent GPUs) or auto (the checkpoint's "
+        "own dtype).",
+        MODEL_DTYPES,
+    )
+    gradient_checkpointing: bool = _option(
+        False,
+        "model",
+        "Recompute activations in the backward pass: much less memory for about a third more "
+        "compute.",
+    )
+
+    # --- rollout ---
+    temperature: float = _option(
+        1.0,
+        "rollout",
+        "Sampling temperature of training rollouts; must be > 0 so that the samples of a group "
+        "differ.",
+    )
+    top_p: float = _option(
+        1.0, "rollout", "Nucleus-sampling mass of training rollouts, in (0, 1]; 1 turns it off."
+    )
+    max_new_tokens: int = _option(
+        512, "rollout", "Most tokens the model may generate in one assistant turn."
+    )
+    max_turns: int = _option(
+        20, "rollout", "Most assistant turns in one episode before it is cut off."
+    )
+    max_context_tokens: int = _option(
+        16384,
+        "rollout",
+        "Most tokens in an episode's context; the episode ends when its context would exceed it.",
+    )
+    user_max_turns: int = _option(
+        8, "rollout", "Scripted user replies before the user ends the conversation."
+    )
+
+    # --- grpo ---
+    num_samples_per_prompt: int = _option(
+        4,
+        "grpo",
+        "Episodes sampled per task (the GRPO group size); at least 2, since advantages compare "
+        "the samples of a group.",
+    )
+    kl_coef: float = _option(
+        0.04,
+        "grpo",
+        "Weight of the KL penalty to the frozen reference model; 0 loads no reference model.",
+    )
+    clip_range: float = _option(
+        0.2, "grpo", "Importance ratios are clipped to [1 - clip_range, 1 + clip_range_high]."
+    )
+    clip_range_high: float | None = _option(
+        None,
+        "grpo",
+        "Upper clip range; none means the same as clip_range (DAPO's clip-higher uses 0.28).",
+    )
+    num_updates_per_batch: int = _option(
+        1,
+        "grpo",
+        "Optimisation passes over each rollout batch; 1 is on-policy, more reuse the samples.",
+    )
+    advantage_normalization: str = _option(
+        "std",
+        "grpo",
+        "How a group's rewards become advantages: std = (r - mean) / (std + eps) as in GRPO; "
+        "mean = r - mean only, as in Dr. GRPO.",
+        ADVANTAGE_NORMALIZATIONS,
+    )
+    reward_fn: str = _option(
+        "tau2",
+        "grpo",
+        "Reward: tau2 = tau2's own evaluator; or a module:function import path, called as "
+        "fn(domain, task, messages) -> float.",
+    )
+
+    # --- optimization ---
+    batch_size_per_gpu: int = _option(
+        4, "optimization", "Tasks per rank per step; each is sampled num_samples_per_prompt times."
+    )
+    gradient_accumulation_steps: int = _option(
+        1, "optimization", "Micro-batches whose gradients are accumulated into one optimizer step."
+    )
+    num_steps_per_task: int = _option(
+        100, "optimization", "Training steps on each domain of task_order."
+    )
+    learning_rate: float = _option(1e-6, "optimization", "Peak AdamW learning rate.")
+    weight_decay: float = _option(0.0, "optimization", "AdamW weight decay.")
+    warmup_steps: int = _option(
+        10, "optimization", "Steps of linear learning-rate warmup from 0 to learning_rate."
+    )
+    max_grad_norm: float = _option(
+        1.0, "optimization", "Gradients are clipped to this global norm."
+    )
+    seed: int = _option(42, "optimization", "Random seed of task sampling and generation.")
+
+    # --- continual learning ---
+    cl_algorithm: str = _option(
+        "sequential",
+        "continual learning",
+        "Strategy against forgetting: sequential = plain fine-tuning, one domain after another; "
+        "replay = mix earlier domains' tasks into each batch; ewc = Elastic Weight Consolidation "
+        "penalty per earlier domain; online_ewc = one running, decayed EWC penalty.",
+        CL_ALGORITHMS,
+    )
+    replay_buffer_size: int = _option(
+        100, "continual learning", "Tasks kept from earlier domains for replay."
+    )
+    replay_ratio: float = _option(
+        0.25,
+        "continual learning",
+        "Fraction of each batch drawn from the replay buffer, in [0, 1].",
+    )
+    task_order: list[str] = _option(
+        list(DOMAIN_NAMES),
+        "continual learning",
+        "Domains to learn, in order: names from airline, retail, telecom, separated by spaces or "
+        "commas, each at most once.",
+    )
+    max_tasks_per_domain: int | None = _option(
+        None,
+        "continual learning",
+        "Cap on the tasks of each split (train and test) of each domain; none uses them all.",
+    )
+
+    # --- evaluation ---
+    eval_interval: int = _option(
+        50,
+        "evaluation",
+        "Training steps between in-domain evaluations; 0 evaluates only at the end of each domain.",
+    )
+    eval_temperature: float = _option(
+        0.0, "evaluation", "Sampling temperature of evaluation; 0 is greedy."
+    )
+    eval_samples_per_task: int = _option(
+        1, "evaluation", "Runs per test task; more than 1 also reports tau2's pass^k."
+    )
+    eval_max_tasks: int | None = _option(
+        None,
+        "evaluation",
+        "Cap on the test tasks per domain used for evaluation; none uses the whole test split.",
+    )
+
+    # --- logging ---
+    log_dir: str = _option(
+        "runs/tau2cl",
+        "logging",
+        "Folder for metrics.jsonl, summary.json, checkpoints and tau2 results files.",
+    )
+    log_interval: int = _option(10, "logging", "Training steps between compact log lines.")
+    verbose: bool = _option(
+        False, "logging", "Print detailed logs (per-step details and tau2's own warnings)."
+    )
+    use_progress_bar: bool = _option(
+        True, "logging", "Show a tqdm progress bar with live loss, reward and kl on rank 0."
+    )
+    wandb_project: str | None = _option(
+        None, "logging", "Weights & Biases project to log to; none turns wandb off."
+    )
+    wandb_run_name: str | None = _option(
+        None, "logging", "Weights & Biases run name; none lets wandb choose one."
+    )
+
+    # --- checkpointing ---
+    save_interval: int = _option(
+        0,
+        "checkpointing",
+        "Training steps between step checkpoints; 0 saves only at the end of each domain "
+        "(checkpoint_task_{i}).",
+    )
+    resume_from: str | None = _option(
+        None,
+        "checkpointing",
+        "Checkpoint folder to resume from, at the domain and step it was saved; none starts "
+        "afresh.",
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name)))
+        _validate(self)
+
+    @property
+    def upper_clip_range(self) -> float:
+        """clip_range_high, or clip_range when it is unset (symmetric clipping)."""
+        return self.clip_range if self.clip_range_high is None else self.clip_range_high
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name, as plain JSON types (lists copied)."""
+        return {f.name: _copy(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> GRPOConfig:
+        """Build from field names; unknown names are a UserError rather than silently ignored."""
+        if not isinstance(values, Mapping):
+            raise UserError(
+                f"a config must be a mapping of field names, got {type(values).__name__}."
+            )
+        unknown = sorted(set(values) - set(field_names()))
+        if unknown:
+            raise UserError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))}; "
+                "the valid keys are the flags of 'tau2cl train --help' without the dashes."
+            )
+        return cls(**values)
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+@cache
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(GRPOConfig))
+
+
+# ----------------------------------------------------------------------------- coercion
+# One converter per base type; each takes a native value (from YAML/JSON/Python) or a string
+# (from the command line) and raises TypeError/ValueError when it cannot be that type.
+
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (int, str)):
+        return int(value)
+    raise TypeError(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    number = float(value)  # YAML reads 1e-6 (no dot) as a string; float() accepts it
+    if math.isnan(number):
+        raise ValueError(value)
+    return number
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(value)
+    return str(value)
+
+
+def _to_str_list(value: Any) -> list[str]:
+    """A list from `a b`, `a,b` or ["a", "b,c"]: every item split on commas, blanks dropped."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise TypeError(value)
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str, list: _to_str_list}
+_TYPE_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list of names",
+}
+
+
+@cache
+def field_type(name: str) -> tuple[type, bool]:
+    """(base type, optional) of a field: `int | None` → (int, True), `list[str]` → (list, False)."""
+    hint = typing.get_type_hints(GRPOConfig)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        hint = next(arg for arg in args if arg is not type(None))
+    return typing.get_origin(hint) or hint, optional
+
+
+def _coerce(name: str, value: Any) -> Any:
+    base, optional = field_type(name)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
+        return None
+    if value is None:
+        raise UserError(
+            f"--{name} cannot be none; give it a value or leave it out for the default."
+        )
+    try:
+        return _CONVERTERS[base](value)
+    except (TypeError, ValueError):
+        none = " or none" if optional else ""
+        raise UserError(f"--{name} expects {_TYPE_WORDS[base]}{none}, got {value!r}.") from None
+
+
+# ----------------------------------------------------------------------------- validation
+
+_AT_LEAST_ONE = (
+    "max_new_tokens",
+    "max_turns",
+    "max_context_tokens",
+    "user_max_turns",
+    "num_updates_per_batch",
+    "batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "num_steps_per_task",
+    "replay_buffer_size",
+    "eval_samples_per_task",
+    "log_interval",
+    "max_tasks_per_domain",
+    "eval_max_tasks",
+)
+_NON_NEGATIVE = (
+    "kl_coef",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "eval_interval",
+    "save_interval",
+    "eval_temperature",
+)
+_POSITIVE = ("clip_range", "clip_range_high", "max_grad_norm")
+_NON_EMPTY = ("model_name_or_path", "log_dir")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _validate(config: GRPOConfig) -> None:
+    """Raise a UserError, one sentence that says how to fix it, for the first bad value."""
+    for f in fields(config):
+        value, choices = getattr(config, f.name), f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            _fail(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}.")
+    for name in _AT_LEAST_ONE:
+        _check(config, name, lambda v: v >= 1, "must be at least 1")
+    for name in _NON_NEGATIVE:
+        _check(config, name, lambda v: v >= 0, "must be 0 or more")
+    for name in _POSITIVE:
+        _check(config, name, lambda v: v > 0, "must be greater than 0")
+    for name in _NON_EMPTY:
+        _check(config, name, lambda v: v.strip() != "", "must not be empty")
+    _check(
+        config,
+        "num_samples_per_prompt",
+        lambda v: v >= 2,
+        "must be at least 2, because GRPO compares the samples of one task with each other",
+    )
+    _check(
+        config,
+        "temperature",
+        lambda v: v > 0,
+        "must be greater than 0, because training needs samples that differ (greedy decoding "
+        "is for --eval_temperature 0)",
+    )
+    _check(config, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    _check(config, "replay_ratio", lambda v: 0 <= v <= 1, "must be between 0 and 1")
+    _check(
+        config,
+        "reward_fn",
+        lambda v: v == "tau2" or _IMPORT_PATH.match(v) is not None,
+        "must be tau2 or a module:function import path such as my_pkg.rewards:score",
+    )
+    _validate_task_order(config.task_order)
+
+
+def _check(config: GRPOConfig, name: str, ok: typing.Callable[[Any], bool], rule: str) -> None:
+    value = getattr(config, name)
+    if value is not None and not ok(value):
+        _fail(f"--{name} {rule}, got {value!r}.")
+
+
+def _validate_task_order(order: list[str]) -> None:
+    if not order:
+        _fail(f"--task_order needs at least one domain from {', '.join(DOMAIN_NAMES)}.")
+    for i, name in enumerate(order):
+        if name not in DOMAIN_NAMES:
+            _fail(
+                f"unknown domain {name!r} in --task_order; choose from {', '.join(DOMAIN_NAMES)}."
+            )
+        if name in order[:i]:
+            _fail(f"--task_order lists {name!r} twice; give each domain at most once.")
+
+
+def _fail(message: str) -> typing.NoReturn:
+    raise UserError(message)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser(prog: str = "tau2cl train") -> argparse.ArgumentParser:
+    """The `train` parser: one flag per field, grouped; only flags actually given are returned."""
+    parser = ArgumentParser(
+        prog=prog,
+        usage="%(prog)s [--config FILE] [--FIELD VALUE ...]",
+        description="Train a tool-use agent with GRPO on the tau2-bench domains, one domain after "
+        "another, with a continual-learning strategy. Flags given on the command line override "
+        "values from --config.",
+        argument_default=argparse.SUPPRESS,  # so a flag's presence means the user gave it
+        allow_abbrev=False,  # flags are spelled out in full, so scripts keep working as fields grow
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML (.yaml/.yml) or JSON (.json) file: a mapping of field names to values.",
+    )
+    groups = {name: parser.add_argument_group(name, about) for name, about in GROUPS.items()}
+    for f in fields(GRPOConfig):
+        _add_field_argument(groups[f.metadata["group"]], f)
+    return parser
+
+
+def _add_field_argument(group: Any, f: Any) -> None:
+    base, _ = field_type(f.name)
+    default = f.default_factory() if base is list else f.default
+    shown = "none" if default is None else " ".join(default) if base is list else default
+    help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
+    flag = f"--{f.name}"
+    if base is bool:  # --flag / --no-flag, spelled with the field name
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+    elif base is list:
+        group.add_argument(flag, nargs="+", metavar="NAME", help=help_text)
+    else:
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(choices) + "}" if choices else _METAVARS[base]
+        group.add_argument(flag, metavar=metavar, help=help_text)
+
+
+_METAVARS = {int: "N", float: "X", str: "STR"}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Field values from a YAML or JSON file (chosen by suffix); unknown keys are a UserError."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise UserError(f"config file {path} must end in .yaml, .yml or .json.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror or error}.") from None
+    values = _parse_config_text(path, text, suffix)
+    if values is None:  # an empty file sets nothing
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of field names to values.")
+    unknown = sorted(set(map(str, values)) - set(field_names()))
+    if unknown:
+        raise UserError(
+            f"config file {path} has unknown key(s) {', '.join(map(repr, unknown))}; "
+            "use the flag names of 'tau2cl train --help' without the dashes."
+        )
+    return values
+
+
+def _parse_config_text(path: Path, text: str, suffix: str) -> Any:
+    if suffix == ".json":
+        try:
+            return json.loads(text) if text.strip() else None
+        except json.JSONDecodeError as error:
+            raise UserError(f"config file {path} is not valid JSON: {error}.") from None
+    import yaml  # only needed when a YAML config is given
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{line}.") from None
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "tau2cl train") -> GRPOConfig:
+    """Defaults, then --config file values, then explicit flags, then validation."""
+    given = vars(build_parser(prog).parse_args(argv))
+    values = load_config_file(given.pop("config")) if "config" in given else {}
+    values.update(given)
+    return GRPOConfig.from_dict(values)

@@ -1,0 +1,189 @@
+"""tau2 domains as the trainer sees them: tasks and splits, fresh environments, prompt, tool schemas.
+
+Everything here comes from tau2 itself: the official train/test splits (`split_tasks.json`), tau2's
+environment constructors, its agent instruction and policy, its tool schemas, and its solo-mode
+setup for telecom (the agent gets the assistant tools, the user's phone tools and tau2's `done`
+stop tool, and a system prompt with the task's ticket, exactly as `LLMSoloAgent`).
+
+A training step creates dozens of environments, so each domain's database is read from disk once
+per process and every environment gets its own copy, validated from the in-memory data
+(`model_validate` of the dumped dict was the fastest copy measured: faster than re-reading the
+file, `model_validate_json`, `model_copy(deep=True)`, `copy.deepcopy` or pickle).
+"""
+
+from __future__ import annotations
+
+import functools
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Any
+
+from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tau2.agent.llm_agent import LLMAgent, LLMSoloAgent
+from tau2.data_model.tasks import Task
+from tau2.environment.environment import Environment
+from tau2.environment.tool import Tool
+from tau2.registry import registry
+from tau2cl.errors import UserError
+from tau2cl.tau2_compat import as_list
+
+DOMAIN_NAMES = ("airline", "retail", "telecom")
+SOLO_DOMAINS = frozenset({"telecom"})  # tasks carry a ticket; tau2's solo agent can run them alone
+STOP_TOOL_NAME = LLMSoloAgent.STOP_FUNCTION_NAME  # "done": the solo agent's stop tool
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DatabaseSource:
+    """A domain's databases as tau2 read them from disk; every environment gets fresh copies."""
+
+    db_type: type
+    db_data: dict
+    user_db_type: type | None = None
+    user_db_data: dict | None = None
+
+    def copies(self) -> dict[str, Any]:
+        """Keyword arguments for tau2's `get_environment`: new, unshared database objects."""
+        kwargs: dict[str, Any] = {"db": self.db_type.model_validate(self.db_data)}
+        if self.user_db_type is not None:
+            kwargs["user_db"] = self.user_db_type.model_validate(self.user_db_data)
+        return kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def database_source(name: str) -> DatabaseSource:
+    """Read a domain's database files once per process, through tau2's own constructor."""
+    env = registry.get_env_constructor(name)()
+    user_tools = env.user_tools
+    if user_tools is None or getattr(user_tools, "db", None) is None:
+        return DatabaseSource(type(env.tools.db), env.tools.db.model_dump())
+    return DatabaseSource(
+        type(env.tools.db), env.tools.db.model_dump(), type(user_tools.db), user_tools.db.model_dump()
+    )
+
+
+@dataclass
+class Domain:
+    """One tau2 domain: its tasks, what the agent is shown, and fresh environments per episode."""
+
+    name: str
+    solo_mode: bool  # telecom with the scripted user runs tau2's solo (ticket) mode
+    train_tasks: list[Task]
+    test_tasks: list[Task]
+    policy: str  # the policy text the agent sees (solo mode: tau2's solo policy)
+    tool_schemas: list[dict]  # OpenAI function schemas (solo: assistant + user tools + `done`)
+    tool_names: frozenset[str]
+    source: DatabaseSource = field(repr=False)
+    solo_policy: str | None = field(default=None, repr=False)  # set when the domain has a solo mode
+
+    def tasks(self, split: str) -> list[Task]:
+        """The capped task list of an official split ("train" or "test")."""
+        if split == "train":
+            return self.train_tasks
+        if split == "test":
+            return self.test_tasks
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+    def task(self, task_id: str) -> Task:
+        """A task of either split by id."""
+        for task in self.train_tasks + self.test_tasks:
+            if task.id == task_id:
+                return task
+        raise KeyError(f"{self.name} has no task {task_id!r} in its loaded splits")
+
+    def system_prompt(self, task: Task) -> str:
+        """tau2's own system prompt for this task, built by tau2's agent classes."""
+        if self.solo_mode:
+            # LLMSoloAgent appends `done` to the list it is given; give it a throwaway one
+            return LLMSoloAgent(tools=[], domain_policy=self.policy, task=task).system_prompt
+        return LLMAgent(tools=[], domain_policy=self.policy).system_prompt
+
+    def base_environment(self, solo_mode: bool = False) -> Environment:
+        """A fresh environment in the database's stored state, with no task state applied.
+
+        Same signature and result as tau2's registry constructor for the domain, but the
+        database is copied from memory instead of read from disk.
+        """
+        env = registry.get_env_constructor(self.name)(**self.source.copies())
+        if solo_mode:
+            if self.solo_policy is None:
+                raise ValueError(f"{self.name} domain does not support solo mode")
+            # What tau2's get_environment(solo_mode=True) does, without set_solo_mode's tool-name
+            # overlap check, which builds every tool schema again (~45 ms an environment);
+            # load_domain ran tau2's own solo constructor, and that check, once.
+            env.policy = self.solo_policy
+            env.solo_mode = True
+        return env
+
+    def new_environment(self, task: Task) -> Environment:
+        """A fresh environment in the task's initial state, set as tau2's orchestrator does."""
+        env = self.base_environment(solo_mode=self.solo_mode)
+        state = task.initial_state
+        history = state.message_history if state is not None else None
+        env.set_state(
+            initialization_data=state.initialization_data if state is not None else None,
+            initialization_actions=as_list(state.initialization_actions) if state is not None else None,
+            message_history=deepcopy(as_list(history)),
+        )
+        env.sync_tools()
+        return env
+
+
+def load_domain(name: str, max_tasks: int | None = None, solo_mode: bool | None = None) -> Domain:
+    """A domain by name, with each split capped to its first `max_tasks` tasks (cached).
+
+    solo_mode None picks tau2's solo mode for telecom (offline, no user model needed) and the
+    conversational mode for airline and retail, which have no solo mode.
+    """
+    if name not in DOMAIN_NAMES:
+        raise UserError(f"unknown domain {name!r}; valid domains are {', '.join(DOMAIN_NAMES)}.")
+    if max_tasks is not None and max_tasks < 1:
+        raise UserError(f"max_tasks must be a positive number of tasks, got {max_tasks}.")
+    if solo_mode is None:
+        solo_mode = name in SOLO_DOMAINS
+    if solo_mode and name not in SOLO_DOMAINS:
+        raise UserError(f"the {name} domain has no solo mode; only {', '.join(sorted(SOLO_DOMAINS))} has.")
+    return _load_domain(name, max_tasks, solo_mode)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_domain(name: str, max_tasks: int | None, solo_mode: bool) -> Domain:
+    loader = registry.get_tasks_loader(name)
+    train, test = (as_list(loader(split))[:max_tasks] for split in SPLITS)
+    source = database_source(name)
+    constructor = registry.get_env_constructor(name)
+    env = constructor(**source.copies())
+    solo_policy = None
+    tools: list[Tool] = as_list(env.get_tools())
+    if name in SOLO_DOMAINS:
+        solo_env = constructor(solo_mode=True, **source.copies())  # tau2 validates solo mode here
+        solo_policy = solo_env.get_policy()
+    if solo_mode:
+        tools = _solo_agent_tools(solo_env, solo_policy, train + test)
+    schemas = [tool.openai_schema for tool in tools]
+    return Domain(
+        name=name,
+        solo_mode=solo_mode,
+        train_tasks=train,
+        test_tasks=test,
+        policy=solo_policy if solo_mode else env.get_policy(),
+        tool_schemas=schemas,
+        tool_names=frozenset(s["function"]["name"] for s in schemas),
+        source=source,
+        solo_policy=solo_policy,
+    )
+
+
+def _solo_agent_tools(env: Environment, policy: str, tasks: list[Task]) -> list[Tool]:
+    """The tools tau2 gives LLMSoloAgent (as tau2's run_task builds it), `done` included."""
+    task = next((t for t in tasks if LLMSoloAgent.check_valid_task(t)), None)
+    if task is None:
+        raise ValueError(f"no task of {env.get_domain_name()} can run in solo mode")
+    tools = as_list(env.get_tools()) + as_list(env.get_user_tools())
+    return LLMSoloAgent(tools=tools, domain_policy=policy, task=task).tools
+
+
+def clear_caches() -> None:
+    """Forget loaded domains and databases (tests use it to count file reads)."""
+    _load_domain.cache_clear()
+    database_source.cache_clear()

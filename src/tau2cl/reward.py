@@ -1,0 +1,121 @@
+"""Rewards are tau2's: a conversation is scored by tau2's own `evaluate_simulation`.
+
+The conversation handed in must be the full tau2 trajectory as tau2's orchestrator records it: the
+task's initial `message_history` first (if any), then tau2's greeting and the turns (the rollout
+engine and `golden.golden_conversation` build it that way). tau2's environment evaluator replays
+every tool call of that trajectory in a fresh environment, so a missing history would change the
+database it compares.
+
+Beside tau2's reward this reports its breakdown by reward type and the tool accuracy: the fraction
+of the task's golden actions that some tool call of the conversation matches, by tau2's own
+`ActionEvaluator.evaluate_actions` (the same check tau2's ACTION reward uses, counted instead of
+all-or-nothing).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+import tau2.evaluator.evaluator_nl_assertions as nl_assertions
+from tau2.data_model.message import Message
+from tau2.data_model.simulation import RewardInfo, SimulationRun, TerminationReason
+from tau2.data_model.tasks import RewardType, Task
+from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
+from tau2.evaluator.evaluator_action import ActionEvaluator
+from tau2.utils.utils import get_now
+from tau2cl.domains import Domain
+from tau2cl.errors import UserError
+from tau2cl.tau2_compat import as_list
+
+
+@dataclass
+class RewardResult:
+    """tau2's verdict on one conversation."""
+
+    reward: float  # tau2's reward (0..1)
+    breakdown: dict[str, float]  # tau2's reward_breakdown keyed by RewardType value ("DB", ...)
+    tool_accuracy: float | None  # fraction of golden actions matched; None: no golden actions
+    reward_info: RewardInfo  # tau2's object, saved into Results files
+
+
+def make_simulation(
+    task: Task,
+    messages: list[Message],
+    termination_reason: TerminationReason | str,
+    *,
+    reward_info: RewardInfo | None = None,
+    duration: float = 0.0,
+    seed: int | None = None,
+    trial: int | None = None,
+) -> SimulationRun:
+    """The tau2 record of one conversation, as tau2's evaluator and Results files take it."""
+    stamps = [m.timestamp for m in messages if getattr(m, "timestamp", None)]
+    now = get_now()
+    return SimulationRun(
+        id=str(uuid.uuid4()),
+        task_id=task.id,
+        start_time=stamps[0] if stamps else now,
+        end_time=stamps[-1] if stamps else now,
+        duration=duration,
+        termination_reason=TerminationReason(termination_reason),
+        reward_info=reward_info,
+        messages=list(messages),
+        seed=seed,
+        trial=trial,
+    )
+
+
+def compute_reward(
+    domain: Domain,
+    task: Task,
+    messages: list[Message],
+    termination_reason: TerminationReason | str,
+    judge_model: str | None = None,
+) -> RewardResult:
+    """Score a full conversation with tau2's evaluator (see the module note on `messages`)."""
+    simulation = make_simulation(task, messages, termination_reason)
+    info = _evaluate(domain, task, simulation, judge_model)
+    return RewardResult(
+        reward=float(info.reward),
+        breakdown=reward_breakdown(info),
+        tool_accuracy=tool_accuracy(task, messages),
+        reward_info=info,
+    )
+
+
+def _evaluate(domain: Domain, task: Task, simulation: SimulationRun, judge_model: str | None) -> RewardInfo:
+    kwargs = dict(simulation=simulation, task=task, solo_mode=domain.solo_mode, domain=domain.name)
+    if not _needs_judge(task):
+        return evaluate_simulation(evaluation_type=EvaluationType.ALL, **kwargs)
+    if judge_model is None:
+        raise UserError(f"task {task.id} is scored by natural-language assertions; set a judge model.")
+    # tau2 reads its judge model from this module constant; set it for this call only
+    default = nl_assertions.DEFAULT_LLM_NL_ASSERTIONS
+    nl_assertions.DEFAULT_LLM_NL_ASSERTIONS = judge_model
+    try:
+        return evaluate_simulation(evaluation_type=EvaluationType.ALL_WITH_NL_ASSERTIONS, **kwargs)
+    finally:
+        nl_assertions.DEFAULT_LLM_NL_ASSERTIONS = default
+
+
+def _needs_judge(task: Task) -> bool:
+    criteria = task.evaluation_criteria
+    return criteria is not None and RewardType.NL_ASSERTION in as_list(criteria.reward_basis)
+
+
+def reward_breakdown(info: RewardInfo) -> dict[str, float]:
+    """tau2's per-type rewards keyed by the type's value ("DB", "COMMUNICATE", ...)."""
+    breakdown = info.reward_breakdown or {}
+    return {getattr(k, "value", str(k)): float(v) for k, v in breakdown.items()}
+
+
+def tool_accuracy(task: Task, messages: list[Message]) -> float | None:
+    """Fraction of the task's golden actions matched by a tool call (None: no golden actions)."""
+    criteria = task.evaluation_criteria
+    golden = as_list(criteria.actions) if criteria is not None else []
+    if not golden:
+        return None
+    checks = as_list(ActionEvaluator.evaluate_actions(messages, golden))
+    return sum(1.0 for check in checks if check.action_match) / len(checks)

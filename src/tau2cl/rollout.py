@@ -1,0 +1,289 @@
+"""Batched multi-turn episodes in tau2 environments → token-exact trajectories.
+
+Every live episode that waits on the policy is sampled in one batched call; tool calls then run in
+each episode's own environment and text turns go to the user simulator, until each episode ends
+(user stop, agent stop, max turns, context limit, too many tool errors), with tau2's termination
+reasons. An episode's `token_ids` are exactly what the policy was conditioned on and produced:
+sampled tokens are appended as ids (mask 1, with their sampling log-probs) and everything else
+(tool results, user turns, template glue) is appended as ids rendered for that new part only
+(mask 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tau2.data_model.message import AssistantMessage, Message, ToolCall, ToolMessage, UserMessage
+from tau2.data_model.simulation import TerminationReason
+from tau2.user.base import STOP
+from tau2cl.chat import assistant_chat_message
+from tau2cl.domains import STOP_TOOL_NAME, Domain
+from tau2cl.policy import Generation, Policy
+from tau2cl.tool_calls import CALL_CLOSE, CALL_OPEN, MalformedCall, ParsedTurn, malformed_call_error, parse_tool_calls
+from tau2cl.users import UserSimulator, is_stop_message
+
+GREETING = "Hi! How can I help you today?"  # tau2's DEFAULT_FIRST_AGENT_MESSAGE
+MAX_TOOL_ERRORS = 10  # tau2's DEFAULT_MAX_ERRORS
+_POLICY, _USER = "policy", "user"
+
+
+@dataclass
+class RolloutRequest:
+    """One episode to run: a task of a domain; `group` ties the samples of one task together."""
+
+    domain: Domain
+    task: Any
+    group: int
+
+
+@dataclass
+class Trajectory:
+    """A finished episode: what the policy saw and produced, and the tau2 conversation."""
+
+    domain: str
+    task: Any  # the tau2 Task
+    group: int
+    token_ids: list[int]  # (T,) the full context, prompt included
+    loss_mask: list[int]  # (T,) 1 on tokens the policy sampled (end-of-turn token included)
+    sampling_logprobs: list[float]  # (T,) log-prob at sampling time; 0.0 where loss_mask is 0
+    messages: list[Message]  # tau2 messages (initial history, greeting, turns, tool results)
+    termination_reason: TerminationReason
+    prompt_length: int
+    assistant_turns: int
+    tool_errors: int
+    end_note: str = ""  # finer detail than tau2's reason, e.g. "context_limit"
+    reward: float = 0.0  # tau2's reward, filled by the reward step
+    train_reward: float = 0.0  # the reward trained on (tau2's unless --reward_fn is set)
+    tool_accuracy: float | None = None
+    reward_info: Any = None
+
+    @property
+    def task_id(self) -> str:
+        return self.task.id
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+
+@dataclass
+class Episode:
+    """A running episode (mutable); becomes a Trajectory when it ends."""
+
+    request: RolloutRequest
+    env: Any
+    messages: list[Message]
+    token_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    prompt_length: int = 0
+    assistant_turns: int = 0
+    tool_errors: int = 0
+    awaiting: str = _POLICY
+    last_turn: dict | None = None  # chat dict of the last sampled turn (continuation anchor)
+    last_end_of_turn: str = ""
+    last_finished: bool = True  # the last sampled turn ended with a stop token
+    termination: TerminationReason | None = None
+    end_note: str = ""
+
+    @property
+    def task(self) -> Any:
+        return self.request.task
+
+    @property
+    def domain(self) -> Domain:
+        return self.request.domain
+
+    def add_context(self, ids: list[int]) -> None:
+        self.token_ids += ids
+        self.loss_mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+
+    def add_sampled(self, generation: Generation) -> None:
+        self.token_ids += generation.token_ids
+        self.loss_mask += [1] * len(generation.token_ids)
+        self.logprobs += generation.logprobs
+
+    def end(self, reason: TerminationReason, note: str = "") -> None:
+        self.termination = reason
+        self.end_note = note
+
+    def to_trajectory(self) -> Trajectory:
+        for index, message in enumerate(self.messages):
+            message.turn_idx = index
+        return Trajectory(
+            domain=self.domain.name,
+            task=self.task,
+            group=self.request.group,
+            token_ids=self.token_ids,
+            loss_mask=self.loss_mask,
+            sampling_logprobs=self.logprobs,
+            messages=self.messages,
+            termination_reason=self.termination,
+            prompt_length=self.prompt_length,
+            assistant_turns=self.assistant_turns,
+            tool_errors=self.tool_errors,
+            end_note=self.end_note,
+        )
+
+
+@dataclass
+class RolloutSettings:
+    max_turns: int
+    max_new_tokens: int
+    max_context_tokens: int
+    temperature: float
+    top_p: float = 1.0
+
+
+class RolloutEngine:
+    """Runs batches of episodes with one policy and one user simulator."""
+
+    def __init__(self, policy: Policy, user: UserSimulator, settings: RolloutSettings):
+        self.policy = policy
+        self.user = user
+        self.settings = settings
+
+    def run(self, requests: list[RolloutRequest], generator: torch.Generator | None = None) -> list[Trajectory]:
+        episodes = [self._start(r) for r in requests]
+        while True:
+            waiting = [e for e in episodes if e.termination is None and e.awaiting == _POLICY]
+            waiting = [e for e in waiting if self._fits_context(e)]
+            if waiting:
+                prompts = [e.token_ids for e in waiting]
+                s = self.settings
+                generations = self.policy.generate(prompts, s.max_new_tokens, s.temperature, s.top_p, generator)
+                for episode, generation in zip(waiting, generations):
+                    self._agent_turn(episode, generation)
+            asking = [e for e in episodes if e.termination is None and e.awaiting == _USER]
+            if asking:
+                for episode, reply in zip(asking, self.user.respond(asking)):
+                    self._user_turn(episode, reply)
+            if all(e.termination is not None for e in episodes):
+                return [e.to_trajectory() for e in episodes]
+
+    # ---- episode life cycle -------------------------------------------------------------
+    def _start(self, request: RolloutRequest) -> Episode:
+        domain, task = request.domain, request.task
+        history = _initial_history(task)
+        episode = Episode(request=request, env=domain.new_environment(task), messages=history)
+        if not domain.solo_mode:
+            episode.messages.append(AssistantMessage(role="assistant", content=GREETING))
+            episode.messages.append(UserMessage(role="user", content=self.user.opening(episode)))
+        chat = [_chat_dict(m) for m in episode.messages]
+        episode.add_context(self.policy.renderer.prompt_ids(domain.system_prompt(task), domain.tool_schemas, chat))
+        episode.prompt_length = len(episode.token_ids)
+        return episode
+
+    def _fits_context(self, episode: Episode) -> bool:
+        if len(episode.token_ids) + self.settings.max_new_tokens <= self.settings.max_context_tokens:
+            return True
+        episode.end(TerminationReason.MAX_STEPS, "context_limit")
+        return False
+
+    def _agent_turn(self, episode: Episode, generation: Generation) -> None:
+        episode.add_sampled(generation)
+        episode.assistant_turns += 1
+        episode.last_end_of_turn = self.policy.end_of_turn(generation)
+        episode.last_finished = generation.finished
+        body = generation.token_ids[:-1] if generation.finished else generation.token_ids
+        text = self.policy.decode(body)
+        parsed = parse_tool_calls(text)
+        episode.last_turn = assistant_chat_message(parsed.content, [(c.name, c.arguments) for c in parsed.calls])
+        if episode.domain.solo_mode and any(c.name == STOP_TOOL_NAME for c in parsed.calls):
+            # tau2's LLMSoloAgent turns a `done` call into a stop message
+            episode.messages.append(AssistantMessage(role="assistant", content=STOP, raw_data={"text": text}))
+            episode.end(TerminationReason.AGENT_STOP)
+            return
+        if parsed.items:
+            self._run_tools(episode, parsed, text)
+        else:
+            self._send_text(episode, parsed.content, text)
+
+    def _run_tools(self, episode: Episode, parsed: ParsedTurn, text: str) -> None:
+        n = episode.assistant_turns
+        calls = [ToolCall(id=f"call_{n}_{i}", name=c.name, arguments=c.arguments) for i, c in enumerate(parsed.calls)]
+        episode.messages.append(
+            AssistantMessage(
+                role="assistant",
+                content=_content_with_malformed(parsed),
+                tool_calls=calls or None,
+                raw_data={"text": text},
+            )
+        )
+        replies: list[dict] = []
+        valid = iter(calls)
+        for item in parsed.items:
+            if isinstance(item, MalformedCall):
+                episode.tool_errors += 1
+                replies.append({"role": "tool", "content": malformed_call_error(item)})
+                continue
+            result = _execute(episode.env, next(valid))
+            episode.tool_errors += int(result.error)
+            episode.messages.append(result)
+            replies.append({"role": "tool", "content": result.content or ""})
+        if episode.tool_errors >= MAX_TOOL_ERRORS:
+            episode.end(TerminationReason.TOO_MANY_ERRORS)
+        elif episode.assistant_turns >= self.settings.max_turns:
+            episode.end(TerminationReason.MAX_STEPS, "max_turns")
+        else:
+            self._continue(episode, replies, _POLICY)
+
+    def _send_text(self, episode: Episode, content: str, text: str) -> None:
+        if not content:  # tau2 rejects an empty assistant message as an agent error
+            episode.messages.append(AssistantMessage(role="assistant", content=text or " ", raw_data={"text": text}))
+            episode.end(TerminationReason.AGENT_ERROR, "empty_message")
+            return
+        episode.messages.append(AssistantMessage(role="assistant", content=content, raw_data={"text": text}))
+        if episode.domain.solo_mode:  # tau2: in solo mode a text turn that is not a stop is an error
+            episode.end(TerminationReason.AGENT_STOP if STOP in content else TerminationReason.AGENT_ERROR)
+        elif episode.assistant_turns >= self.settings.max_turns:
+            episode.end(TerminationReason.MAX_STEPS, "max_turns")
+        else:
+            episode.awaiting = _USER
+
+    def _user_turn(self, episode: Episode, reply: str) -> None:
+        episode.messages.append(UserMessage(role="user", content=reply))
+        if is_stop_message(reply):
+            episode.end(TerminationReason.USER_STOP)
+            return
+        self._continue(episode, [{"role": "user", "content": reply}], _POLICY)
+
+    def _continue(self, episode: Episode, new_chat: list[dict], awaiting: str) -> None:
+        if not episode.last_finished:
+            # the turn was cut by max_new_tokens: close it as the template would, outside the loss
+            episode.add_context(self.policy.renderer.encode(self.policy.end_of_turn_text))
+        ids = self.policy.renderer.continuation_ids(episode.last_turn, new_chat, episode.last_end_of_turn)
+        episode.add_context(ids)
+        episode.awaiting = awaiting
+
+
+def _execute(env: Any, call: ToolCall) -> ToolMessage:
+    """tau2's own tool execution: unknown tools and bad arguments come back as 'Error: ...'."""
+    return env.get_response(call)
+
+
+def _content_with_malformed(parsed: ParsedTurn) -> str | None:
+    """Text of the turn with malformed calls kept verbatim, so the tau2 record shows them."""
+    parts = [parsed.content] if parsed.content else []
+    parts += [f"{CALL_OPEN}{m.raw}{CALL_CLOSE}" for m in parsed.malformed]
+    return "\n".join(parts) or None
+
+
+def _initial_history(task: Any) -> list[Message]:
+    state = getattr(task, "initial_state", None)
+    history = getattr(state, "message_history", None) or []
+    return [m.model_copy(deep=True) for m in history]
+
+
+def _chat_dict(message: Message) -> dict:
+    if isinstance(message, ToolMessage):
+        return {"role": "tool", "content": message.content or ""}
+    calls = [(c.name, c.arguments) for c in (message.tool_calls or [])]
+    if message.role == "assistant":
+        return assistant_chat_message(message.content or "", calls)
+    return {"role": message.role, "content": message.content or ""}

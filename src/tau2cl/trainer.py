@@ -1,0 +1,389 @@
+"""GRPOTrainer: the domain sequence, GRPO steps, the evaluation matrix, checkpoints and reports.
+
+Life cycle: setup (in __init__) → train() = [evaluate stage 0] → for each domain: steps →
+evaluate every domain (stage i+1) → checkpoint → final summary → cleanup. Continual-learning
+behaviour lives in the strategy's hooks; the trainer only calls them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tau2cl import tau2_compat
+from tau2cl.checkpoint import (
+    domain_checkpoint_name,
+    find_checkpoint,
+    load_model_weights,
+    load_state,
+    save_checkpoint,
+    step_checkpoint_name,
+)
+from tau2cl.cl_metrics import transfer_metrics
+from tau2cl.config import GRPOConfig
+from tau2cl.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_grads_,
+    all_reduce_sum_,
+    compute_cleanup,
+    compute_init,
+)
+from tau2cl.domains import Domain, load_domain
+from tau2cl.errors import UserError
+from tau2cl.eval_stats import EvalSummary
+from tau2cl.evaluation import EvalSettings, evaluate_domain, results_path
+from tau2cl.grpo import group_advantages, zero_std_group_fraction
+from tau2cl.metrics import MetricsTracker
+from tau2cl.policy import DTYPES, Policy, load_model, load_tokenizer
+from tau2cl.rollout import RolloutEngine, RolloutRequest, RolloutSettings, Trajectory
+from tau2cl.scoring import load_reward_fn, score_trajectories
+from tau2cl.strategies import build_strategy
+from tau2cl.tau2_results import write_results
+from tau2cl.update import LossSettings, accumulate_gradients, collate, reference_logprobs, split_micro_batches
+from tau2cl.users import build_user
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    task_idx: int = 0  # domain being trained (index into task_order)
+    step: int = 0  # steps completed on that domain
+    global_step: int = 0
+    stages_done: int = 0  # rows of the accuracy matrix filled (row 0 = before training)
+
+
+class GRPOTrainer:
+    """Trains a policy on `config.task_order` one domain after another."""
+
+    def __init__(self, config: GRPOConfig):
+        self.config = config
+        self.dist: DistInfo = compute_init()
+        tau2_compat.set_tau2_verbosity(config.verbose)
+        self.order = list(config.task_order)
+        self.domains: dict[str, Domain] = {n: load_domain(n, config.max_tasks_per_domain) for n in self.order}
+        self._check_batch_fits()
+        self.compute_dtype = _compute_dtype(config.model_dtype)
+        self.policy = self._load_policy()
+        self.reference = self._load_reference()
+        self.params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        warmup = config.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+        )
+        user = build_user(config)
+        common = dict(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
+                      max_context_tokens=config.max_context_tokens, top_p=config.top_p)
+        self.train_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.temperature, **common))
+        self.eval_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.eval_temperature, **common))
+        self.reward_fn = load_reward_fn(config.reward_fn)
+        self.strategy = build_strategy(config)
+        self.generator = torch.Generator(device=self.dist.device)
+        self.generator.manual_seed(config.seed * 1000 + self.dist.rank)
+        self.progress = Progress()
+        T = len(self.order)
+        self.reward_matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
+        self.pass_matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
+        self.skipped_updates = 0
+        wandb_id = None
+        if config.resume_from:
+            wandb_id = self._resume(config.resume_from)
+        self.tracker = MetricsTracker(
+            config.log_dir, config.to_dict(), is_main=self.dist.is_main,
+            use_progress_bar=config.use_progress_bar, log_interval=config.log_interval,
+            verbose=config.verbose, wandb_project=config.wandb_project,
+            wandb_run_name=config.wandb_run_name, wandb_run_id=wandb_id,
+        )
+        self.strategy.setup(self)
+
+    # ---- setup ------------------------------------------------------------------------------
+    def _check_batch_fits(self) -> None:
+        for name, domain in self.domains.items():
+            if self.config.batch_size_per_gpu > len(domain.train_tasks):
+                raise UserError(
+                    f"batch_size_per_gpu {self.config.batch_size_per_gpu} is larger than the {name} train split "
+                    f"({len(domain.train_tasks)} tasks); lower it or raise max_tasks_per_domain."
+                )
+
+    def _load_policy(self) -> Policy:
+        torch.manual_seed(self.config.seed)
+        tokenizer = load_tokenizer(self.config.model_name_or_path)
+        # fp32 master weights: bf16/fp16 runs compute under autocast, so small updates are kept
+        model = load_model(self.config.model_name_or_path, "float32", self.dist.device, self.config.gradient_checkpointing)
+        model.train()
+        return Policy(model, tokenizer, compute_dtype=self.compute_dtype)
+
+    def _load_reference(self) -> Any:
+        if self.config.kl_coef <= 0:
+            return None
+        dtype = self.config.model_dtype if self.config.model_dtype != "auto" else "float32"
+        model = load_model(self.config.model_name_or_path, dtype, self.dist.device)
+        model.eval().requires_grad_(False)
+        return model
+
+    # ---- public API -------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run the whole domain sequence; returns the summary written to summary.json."""
+        try:
+            if self.progress.stages_done == 0:
+                self._evaluate_stage(0)
+            for task_idx in range(self.progress.task_idx, len(self.order)):
+                self._train_domain(task_idx)
+            return self._finish()
+        finally:
+            self.tracker.close()
+            compute_cleanup()
+
+    def evaluate_task(self, domain_name: str, label: str | None = None) -> EvalSummary:
+        """Evaluate the current policy on a domain's test split (all ranks take part)."""
+        if domain_name not in self.domains:
+            self.domains[domain_name] = load_domain(domain_name, self.config.max_tasks_per_domain)
+        settings = EvalSettings(
+            samples_per_task=self.config.eval_samples_per_task,
+            max_tasks=self.config.eval_max_tasks,
+            episodes_per_batch=self.config.batch_size_per_gpu * self.config.num_samples_per_prompt,
+        )
+        summary, records = evaluate_domain(
+            self.eval_engine, self.domains[domain_name], settings, self.dist.rank, self.dist.world_size,
+            self.reward_fn, self.generator,
+        )
+        if self.dist.is_main and label is not None:
+            self._write_eval_results(domain_name, label, records)
+        return summary
+
+    # ---- the domain loop --------------------------------------------------------------------
+    def _train_domain(self, task_idx: int) -> None:
+        name = self.order[task_idx]
+        domain = self.domains[name]
+        steps = self.config.num_steps_per_task
+        if self.progress.step == 0:
+            self.strategy.before_domain(self, task_idx, name)
+        self.tracker.start_domain(task_idx, name, len(domain.train_tasks), steps, self.progress.step)
+        for step in range(self.progress.step + 1, steps + 1):
+            stats = self._train_step(task_idx, domain, step)
+            self.progress.step = step
+            self.progress.global_step += 1
+            self.tracker.log_train(task_idx, name, step, self.progress.global_step, stats)
+            if self.config.eval_interval and step % self.config.eval_interval == 0 and step < steps:
+                summary = self.evaluate_task(name, label=f"task{task_idx}_step{step}")
+                self.tracker.log_eval(task_idx, step, self.progress.global_step, summary, name)
+            if self.config.save_interval and step % self.config.save_interval == 0 and step < steps:
+                self._save(step_checkpoint_name(self.progress.global_step))
+        self.tracker.end_domain()
+        self.strategy.after_domain(self, task_idx, name)
+        self._evaluate_stage(task_idx + 1)
+        self.progress = Progress(task_idx + 1, 0, self.progress.global_step, task_idx + 2)
+        self._save(domain_checkpoint_name(task_idx))
+
+    def _train_step(self, task_idx: int, domain: Domain, step: int) -> dict:
+        cfg = self.config
+        t0 = time.perf_counter()
+        requests = self.strategy.augment_batch(self, self._step_requests(task_idx, domain, step))
+        trajectories = self.train_engine.run(requests, self.generator)
+        t1 = time.perf_counter()
+        score_trajectories(trajectories, self.domains, self.reward_fn)
+        t2 = time.perf_counter()
+        rewards = torch.tensor([t.train_reward for t in trajectories])
+        advantages = group_advantages(rewards, cfg.num_samples_per_prompt, cfg.advantage_normalization)
+        self.strategy.after_rollout(self, trajectories)
+        stats = self._update(trajectories, advantages.tolist())
+        self.strategy.after_update(self, step)
+        t3 = time.perf_counter()
+        stats.update(self._episode_stats(trajectories, rewards))
+        stats.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2, lr=self.scheduler.get_last_lr()[0])
+        return stats
+
+    def _step_requests(self, task_idx: int, domain: Domain, step: int) -> list[RolloutRequest]:
+        """This rank's disjoint shard of the step's tasks, each repeated num_samples_per_prompt times."""
+        cfg = self.config
+        per_rank, world = cfg.batch_size_per_gpu, self.dist.world_size
+        rng = random.Random(f"{cfg.seed}-{task_idx}-{step}")  # same on every rank; no state to resume
+        pool = list(range(len(domain.train_tasks)))
+        picks: list[int] = []
+        while len(picks) < per_rank * world:
+            picks += rng.sample(pool, min(len(pool), per_rank * world - len(picks)))
+        mine = picks[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
+        return [
+            RolloutRequest(domain, domain.train_tasks[i], group=g)
+            for g, i in enumerate(mine)
+            for _ in range(cfg.num_samples_per_prompt)
+        ]
+
+    # ---- the update -------------------------------------------------------------------------
+    def _update(self, trajectories: list[Trajectory], advantages: list[float]) -> dict:
+        cfg = self.config
+        model = self.policy.model
+        batch = collate(
+            [t.token_ids for t in trajectories], [t.loss_mask for t in trajectories],
+            [t.sampling_logprobs for t in trajectories], advantages,
+            self.policy.tokenizer.pad_token_id, self.dist.device,
+        )
+        micro = split_micro_batches(len(trajectories), cfg.gradient_accumulation_steps)
+        t0 = time.perf_counter()
+        if self.reference is not None:
+            batch.ref_logprobs = reference_logprobs(self.reference, batch, max(len(m) for m in micro), self.compute_dtype)
+        time_ref = time.perf_counter() - t0
+        global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())
+        settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef, self.compute_dtype)
+        model.train()
+        stats: dict = {}
+        for _ in range(cfg.num_updates_per_batch):
+            stats = accumulate_gradients(
+                model, batch, micro, settings, max(global_tokens, 1.0) / self.dist.world_size,
+                extra_loss=lambda: self.strategy.loss_terms(self),
+            )
+            all_reduce_grads_(self.params, self.dist.world_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                self.optimizer.step()
+            else:
+                self.skipped_updates += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            stats["grad_norm"] = float(grad_norm)
+        self.scheduler.step()
+        stats = _token_weighted_across_ranks(stats)
+        stats["time_ref"] = time_ref
+        stats["skipped_updates"] = self.skipped_updates
+        return stats
+
+    def _episode_stats(self, trajectories: list[Trajectory], rewards: torch.Tensor) -> dict:
+        local = [(t.train_reward, t.reward, t.tool_accuracy, t.num_generated_tokens, t.assistant_turns) for t in trajectories]
+        rows = [r for part in all_gather_objects(local) for r in part]
+        train_r = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+        tool = [r[2] for r in rows if r[2] is not None]
+        zero_std = all_gather_objects(zero_std_group_fraction(rewards, self.config.num_samples_per_prompt))
+        return {
+            "reward_mean": float(train_r.mean()),
+            "reward_std": float(train_r.std(unbiased=False)),
+            "tau2_reward_mean": sum(r[1] for r in rows) / len(rows),
+            "tool_accuracy": sum(tool) / len(tool) if tool else None,
+            "completion_tokens_mean": sum(r[3] for r in rows) / len(rows),
+            "turns_mean": sum(r[4] for r in rows) / len(rows),
+            "frac_reward_zero_std": sum(zero_std) / len(zero_std),
+            "num_episodes": len(rows),
+        }
+
+    # ---- evaluation stages ------------------------------------------------------------------
+    def _evaluate_stage(self, stage: int) -> None:
+        """Fill row `stage` of the accuracy matrix: every domain's test split."""
+        label = "before_training" if stage == 0 else f"after_task{stage - 1}"
+        summaries = {name: self.evaluate_task(name, label=label) for name in self.order}
+        for j, name in enumerate(self.order):
+            self.reward_matrix[stage][j] = summaries[name].reward_mean
+            self.pass_matrix[stage][j] = summaries[name].pass_rate
+        step = self.progress.global_step
+        if stage == 0:
+            self.tracker.log_initial_eval(step, summaries)
+        else:
+            task_idx, current = stage - 1, self.order[stage - 1]
+            self.tracker.log_eval(task_idx, self.config.num_steps_per_task, step, summaries[current], current)
+            measures = transfer_metrics(self.reward_matrix, stage)
+            self.tracker.log_transfer(task_idx, step, summaries, self.order[:stage], measures)
+        self.progress.stages_done = stage + 1
+        self.tracker.write_summary(self._summary())
+
+    def _finish(self) -> dict:
+        summary = self._summary()
+        self.tracker.log_final_summary(self.order, self.reward_matrix, summary["final_measures"])
+        self.tracker.write_summary(summary)
+        return summary
+
+    def _summary(self) -> dict:
+        done = self.progress.stages_done - 1  # last filled row
+        measures = transfer_metrics(self.reward_matrix, done) if done >= 1 else {}
+        pass_measures = transfer_metrics(self.pass_matrix, done) if done >= 1 else {}
+        return {
+            "task_order": self.order,
+            "stages_completed": done,
+            "accuracy_matrix": self.reward_matrix,
+            "pass_rate_matrix": self.pass_matrix,
+            "matrix_rows": ["before_training"] + [f"after_{n}" for n in self.order],
+            "final_measures": measures,
+            "final_measures_pass_rate": pass_measures,
+            "global_step": self.progress.global_step,
+            "skipped_updates": self.skipped_updates,
+            "config": self.config.to_dict(),
+        }
+
+    def _write_eval_results(self, domain_name: str, label: str, records: list) -> None:
+        cfg = self.config
+        domain = self.domains[domain_name]
+        tasks = {t.id: t for t in domain.tasks("test")}
+        used = [tasks[tid] for tid in dict.fromkeys(r.task_id for r in records)]
+        write_results(
+            results_path(cfg.log_dir, label, domain_name), domain, used, [r.simulation for r in records],
+            agent_model=cfg.model_name_or_path, user_name=self.eval_engine.user.name,
+            seed=cfg.seed, max_turns=cfg.max_turns,
+        )
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _save(self, name: str) -> None:
+        rng = all_gather_objects(_rng_state(self.generator))
+        if not self.dist.is_main:
+            return
+        state = {
+            "progress": vars(self.progress).copy(),
+            "reward_matrix": self.reward_matrix,
+            "pass_matrix": self.pass_matrix,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "rng": rng,
+            "skipped_updates": self.skipped_updates,
+            "wandb_run_id": self.tracker.wandb_run_id,
+            "config": self.config.to_dict(),
+        }
+        save_checkpoint(Path(self.config.log_dir) / name, self.policy.model, self.policy.tokenizer, state)
+
+    def _resume(self, path: str) -> str | None:
+        ckpt = find_checkpoint(path)
+        state = load_state(ckpt)
+        saved = state["config"]
+        if saved["task_order"] != self.order:
+            raise UserError(f"cannot resume from '{ckpt}': it was trained with task_order {saved['task_order']}.")
+        load_model_weights(self.policy.model, ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.progress = Progress(**state["progress"])
+        self.reward_matrix, self.pass_matrix = state["reward_matrix"], state["pass_matrix"]
+        self.skipped_updates = state["skipped_updates"]
+        rng = state["rng"]
+        if self.dist.rank < len(rng):
+            _set_rng_state(self.generator, rng[self.dist.rank])
+        return state.get("wandb_run_id")
+
+
+def _compute_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype for forward passes (None = plain fp32)."""
+    return DTYPES.get(name) if name in ("bfloat16", "float16") else None
+
+
+def _token_weighted_across_ranks(stats: dict) -> dict:
+    """Combine per-rank loss statistics: token-weighted means; the loss is the mean over ranks."""
+    parts = all_gather_objects(stats)
+    if len(parts) == 1:
+        return stats
+    total = sum(p["num_tokens"] for p in parts) or 1.0
+    out = {k: sum(p[k] * p["num_tokens"] for p in parts) / total for k in stats if k not in ("num_tokens", "loss", "grad_norm")}
+    out["loss"] = sum(p["loss"] for p in parts) / len(parts)
+    out["grad_norm"] = stats.get("grad_norm", 0.0)
+    out["num_tokens"] = total
+    return out
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(generator: torch.Generator, state: dict) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])

@@ -1,0 +1,159 @@
+"""From scored trajectories to gradients: padding, log-prob forwards and the accumulated GRPO loss.
+
+The model-facing half of the update; the maths lives in grpo.py. Log-probs are always computed on
+the trajectories' own token ids (token-in, token-out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tau2cl.grpo import grpo_loss, token_logprobs
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded trajectories; every tensor is (B, T) except `advantages` (B,)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    def rows(self, index: Sequence[int]) -> TokenBatch:
+        sel = torch.as_tensor(list(index), dtype=torch.long)
+        ref = None if self.ref_logprobs is None else self.ref_logprobs[sel]
+        return TokenBatch(
+            self.input_ids[sel], self.attention_mask[sel], self.loss_mask[sel],
+            self.old_logprobs[sel], self.advantages[sel], ref,
+        )
+
+
+def collate(
+    token_ids: Sequence[Sequence[int]],
+    loss_masks: Sequence[Sequence[int]],
+    logprobs: Sequence[Sequence[float]],
+    advantages: Sequence[float],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> TokenBatch:
+    """Right-pad variable-length sequences into a TokenBatch (pads: real id `pad_id`, mask 0)."""
+    width = max(len(ids) for ids in token_ids)
+    batch = len(token_ids)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((batch, width), dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.bool)
+    old = torch.zeros((batch, width), dtype=torch.float32)
+    for row, (seq, m, lp) in enumerate(zip(token_ids, loss_masks, logprobs)):
+        n = len(seq)
+        ids[row, :n] = torch.tensor(seq, dtype=torch.long)
+        attn[row, :n] = 1
+        mask[row, :n] = torch.tensor(m, dtype=torch.bool)
+        old[row, :n] = torch.tensor(lp, dtype=torch.float32)
+    mask[:, 0] = False  # position 0 has no prefix to predict it from
+    adv = torch.tensor(list(advantages), dtype=torch.float32)
+    return TokenBatch(ids.to(device), attn.to(device), mask.to(device), old.to(device), adv.to(device))
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 compute over fp32 master weights; a no-op context for fp32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(B, T) log p(token_t | tokens_<t) under `model` at `temperature`; out[:, 0] = 0."""
+    with autocast_for(input_ids.device, compute_dtype):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
+    return token_logprobs(logits, input_ids, temperature)
+
+
+@torch.no_grad()
+def reference_logprobs(
+    model: torch.nn.Module, batch: TokenBatch, micro_batch_size: int, compute_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """(B, T) log-probs of the batch under a frozen model, computed in micro-batches."""
+    out = []
+    for start in range(0, batch.input_ids.shape[0], micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        out.append(sequence_logprobs(model, batch.input_ids[sl], batch.attention_mask[sl], 1.0, compute_dtype))
+    return torch.cat(out)
+
+
+@dataclass
+class LossSettings:
+    temperature: float
+    clip_low: float
+    clip_high: float
+    kl_coef: float
+    compute_dtype: torch.dtype | None = None
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    micro_batches: list[list[int]],
+    settings: LossSettings,
+    num_tokens_normalizer: float,
+    extra_loss: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, float]:
+    """Backward the GRPO loss over micro-batches (rows of `batch`), summing gradients.
+
+    Each micro-batch divides its token-sum loss by `num_tokens_normalizer` (the whole batch's
+    token count, or global count / world size under data parallelism), so the accumulated
+    gradient equals one full-batch token-mean loss. `extra_loss` terms (a CL penalty) are added
+    once, on the last micro-batch. Returns token-weighted statistics.
+    """
+    totals: dict[str, float] = {}
+    weight = 0
+    loss_sum = 0.0
+    extra_stats: dict[str, float] = {}
+    for i, rows in enumerate(micro_batches):
+        mb = batch.rows(rows)
+        logprobs = sequence_logprobs(model, mb.input_ids, mb.attention_mask, settings.temperature, settings.compute_dtype)
+        loss, stats = grpo_loss(
+            logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
+            ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,
+            clip_low=settings.clip_low, clip_high=settings.clip_high,
+            num_tokens_normalizer=num_tokens_normalizer,
+        )
+        if extra_loss is not None and i == len(micro_batches) - 1:
+            for name, term in extra_loss().items():
+                loss = loss + term
+                extra_stats[name] = float(term.detach())
+        loss.backward()
+        loss_sum += float(loss.detach())
+        n = stats["num_tokens"]
+        weight += n
+        for key, value in stats.items():
+            if key != "num_tokens":
+                totals[key] = totals.get(key, 0.0) + value * n
+    result = {k: v / weight if weight else 0.0 for k, v in totals.items()}
+    result["num_tokens"] = float(weight)
+    result["loss"] = loss_sum
+    result.update(extra_stats)
+    return result
+
+
+def split_micro_batches(num_rows: int, num_micro_batches: int) -> list[list[int]]:
+    """Contiguous, near-equal row groups (fewer groups if there are fewer rows)."""
+    n = max(1, min(num_micro_batches, num_rows))
+    bounds = [round(i * num_rows / n) for i in range(n + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(n) if bounds[i + 1] > bounds[i]]
