@@ -1,7 +1,7 @@
 """Summary statistics of one evaluation run on one domain: plain numbers in, an EvalSummary out.
 
-Kept pure (no I/O, no torch) so the numbers the tracker prints and the trainer puts into the accuracy
-matrix are tested by hand-computed values.
+Kept pure (no I/O, no torch) so the numbers the tracker prints and the trainer puts into the
+accuracy matrix are tested by hand-computed values.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def pass_hat_k_by_task(rewards: list[float], task_ids: list[str]) -> dict[int, f
     if len(num_trials) != 1:
         return {}
     n = num_trials.pop()
-    successes = Counter(tid for tid, r in zip(task_ids, rewards) if is_success(r))
+    successes = Counter(tid for tid, r in zip(task_ids, rewards, strict=True) if is_success(r))
     return {
         k: sum(pass_hat_k(n, successes[tid], k) for tid in trials) / len(trials)
         for k in range(1, n + 1)

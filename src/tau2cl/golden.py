@@ -15,7 +15,9 @@ from __future__ import annotations
 from copy import deepcopy
 from datetime import datetime, timedelta
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tau2cl import tau2_compat  # noqa: F401  (first: quiets tau2's import)
+
+# isort: split
 from tau2.agent.llm_agent import LLMSoloAgent
 from tau2.data_model.message import AssistantMessage, Message, ToolCall, UserMessage
 from tau2.data_model.simulation import TerminationReason
@@ -24,10 +26,12 @@ from tau2.environment.environment import Environment
 from tau2.orchestrator.orchestrator import DEFAULT_FIRST_AGENT_MESSAGE
 from tau2.user.base import STOP
 from tau2.utils.utils import format_time
+
 from tau2cl.domains import Domain
 from tau2cl.tau2_compat import as_list
 
 CLOSING_WITHOUT_INFO = "Your request has been handled."
+CALL_ID_PREFIX = "golden_"  # call ids are CALL_ID_PREFIX + the golden action's index
 
 
 def golden_conversation(
@@ -47,7 +51,7 @@ def golden_conversation(
         messages.append(UserMessage(role="user", content=_reason_for_call(task)))
     for index, action in enumerate(actions):
         if index != drop:
-            messages += _act(env, action, f"golden_{index}", domain.solo_mode)
+            messages += _act(env, action, f"{CALL_ID_PREFIX}{index}", domain.solo_mode)
     if domain.solo_mode:
         messages.append(AssistantMessage(role="assistant", content=LLMSoloAgent.STOP_TOKEN))
         reason = TerminationReason.AGENT_STOP

@@ -7,6 +7,8 @@ taken from the same temperature-scaled distribution the GRPO update recomputes
 
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,11 @@ class Policy:
         self.renderer = ChatRenderer(tokenizer)
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.end_of_turn_text = tokenizer.decode([tokenizer.eos_token_id])
+        self.prefix_caches: dict[tuple, Any] = {}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prompt prefixes; call whenever the weights may have changed."""
+        self.prefix_caches = {}
 
     @property
     def device(self) -> torch.device:
@@ -159,22 +166,75 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _decode_batch(policy: Policy, prompts, max_new_tokens, temperature, top_p, generator) -> list[Generation]:
+_MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a cache
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers renamed `past_key_values` to `cache`; pass whichever this model takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _common_prefix_length(prompts: list[list[int]]) -> int:
+    """Length of the longest common prefix, leaving every prompt at least one token of its own."""
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def _prefix_cache(policy: Policy, prefix: list[int]) -> Any:
+    """The KV cache of a shared prompt prefix (batch 1), computed once per weights version."""
+    key = tuple(prefix)
+    cache = policy.prefix_caches.get(key)
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        ids = torch.tensor([prefix], device=policy.device)
+        policy.model(input_ids=ids, **{_cache_kwarg(policy.model): cache}, use_cache=True)
+        policy.prefix_caches = {key: cache}  # keep one: batches come one domain at a time
+    return copy.deepcopy(cache)
+
+
+def _prefill(policy: Policy, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor, Any]:
+    """Run the prompts; returns (last logits (B, V), attention mask, last positions (B, 1), cache).
+
+    The common prefix of the batch (the system prompt and tool schemas, most of every prompt) is
+    computed once and its KV cache shared; each row's own suffix follows it after left padding:
+    [prefix | pad | suffix] with the pad masked out and positions counting only real tokens.
+    """
     from transformers import DynamicCache
 
+    device, pad_id = policy.device, policy.tokenizer.pad_token_id
+    shared = _common_prefix_length(prompts)
+    if shared >= _MIN_SHARED_PREFIX:
+        cache = _prefix_cache(policy, prompts[0][:shared])
+        cache.batch_repeat_interleave(len(prompts))
+        ids, suffix_mask = _left_pad([p[shared:] for p in prompts], pad_id, device)
+        mask = torch.cat([torch.ones((len(prompts), shared), dtype=torch.long, device=device), suffix_mask], dim=1)
+        positions = (mask.cumsum(-1) - 1)[:, shared:]  # (B, S)
+    else:
+        cache = DynamicCache()
+        ids, mask = _left_pad(prompts, pad_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{_cache_kwarg(policy.model): cache})
+    return out.logits[:, -1], mask, positions[:, -1:], cache
+
+
+def _decode_batch(policy: Policy, prompts, max_new_tokens, temperature, top_p, generator) -> list[Generation]:
     device = policy.device
     pad_id = policy.tokenizer.pad_token_id
-    ids, mask = _left_pad(prompts, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): real tokens count from 0
-    cache = DynamicCache()
-    out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-    logits = out.logits[:, -1]  # (B, V)
+    cache_kw = _cache_kwarg(policy.model)
+    logits, mask, last_pos, cache = _prefill(policy, prompts)  # logits (B, V)
     stop = torch.tensor(policy.stop_ids, device=device)
     batch = len(prompts)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens_out: list[torch.Tensor] = []
     logprobs_out: list[torch.Tensor] = []
-    next_pos = positions[:, -1:] + 1  # (B, 1)
+    next_pos = last_pos + 1  # (B, 1)
     for _ in range(max_new_tokens):
         tokens, logprobs = _sample(logits, temperature, top_p, generator)
         tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
@@ -184,9 +244,8 @@ def _decode_batch(policy: Policy, prompts, max_new_tokens, temperature, top_p, g
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-        out = policy.model(
-            input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
-        )
+        out = policy.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                           **{cache_kw: cache})
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return _collect(tokens_out, logprobs_out, policy.stop_ids, batch)

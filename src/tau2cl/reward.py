@@ -14,10 +14,17 @@ all-or-nothing).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tau2cl import tau2_compat  # noqa: F401  (first: quiets tau2's import)
+
+# isort: split
+import tau2.evaluator.evaluator as tau2_evaluator
 import tau2.evaluator.evaluator_nl_assertions as nl_assertions
 from tau2.data_model.message import Message
 from tau2.data_model.simulation import RewardInfo, SimulationRun, TerminationReason
@@ -25,7 +32,8 @@ from tau2.data_model.tasks import RewardType, Task
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 from tau2.evaluator.evaluator_action import ActionEvaluator
 from tau2.utils.utils import get_now
-from tau2cl.domains import Domain
+
+from tau2cl.domains import Domain, gc_paused
 from tau2cl.errors import UserError
 from tau2cl.tau2_compat import as_list
 
@@ -88,16 +96,54 @@ def compute_reward(
 def _evaluate(domain: Domain, task: Task, simulation: SimulationRun, judge_model: str | None) -> RewardInfo:
     kwargs = dict(simulation=simulation, task=task, solo_mode=domain.solo_mode, domain=domain.name)
     if not _needs_judge(task):
-        return evaluate_simulation(evaluation_type=EvaluationType.ALL, **kwargs)
+        with _environments_from(domain), gc_paused():
+            return evaluate_simulation(evaluation_type=EvaluationType.ALL, **kwargs)
     if judge_model is None:
         raise UserError(f"task {task.id} is scored by natural-language assertions; set a judge model.")
     # tau2 reads its judge model from this module constant; set it for this call only
     default = nl_assertions.DEFAULT_LLM_NL_ASSERTIONS
     nl_assertions.DEFAULT_LLM_NL_ASSERTIONS = judge_model
     try:
-        return evaluate_simulation(evaluation_type=EvaluationType.ALL_WITH_NL_ASSERTIONS, **kwargs)
+        with _environments_from(domain):
+            return evaluate_simulation(evaluation_type=EvaluationType.ALL_WITH_NL_ASSERTIONS, **kwargs)
     finally:
         nl_assertions.DEFAULT_LLM_NL_ASSERTIONS = default
+
+
+# ---- tau2's evaluator, with environments built from memory -----------------------------------
+# evaluate_simulation builds two environments per call through tau2's registry, which reads the
+# domain's database files from disk each time (airline: ~0.2 s a read). While compute_reward runs,
+# the registry the evaluator sees hands out `Domain.base_environment` instead: the same tau2
+# constructor on an in-memory copy of the same data, so the reward is the same number. Anything
+# else that calls tau2 (and compute_reward's callers on other threads) still sees tau2's registry.
+_ACTIVE_DOMAIN: ContextVar[Domain | None] = ContextVar("tau2cl_active_domain", default=None)
+
+
+class _MemoryRegistry:
+    """tau2's registry, except the environments of the domain being scored by this thread."""
+
+    def __init__(self, base: Any):
+        self._base = base
+
+    def get_env_constructor(self, name: str) -> Callable[..., Any]:
+        domain = _ACTIVE_DOMAIN.get()
+        if domain is not None and domain.name == name:
+            return domain.base_environment
+        return self._base.get_env_constructor(name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+
+@contextlib.contextmanager
+def _environments_from(domain: Domain) -> Iterator[None]:
+    if not isinstance(tau2_evaluator.registry, _MemoryRegistry):
+        tau2_evaluator.registry = _MemoryRegistry(tau2_evaluator.registry)
+    token = _ACTIVE_DOMAIN.set(domain)
+    try:
+        yield
+    finally:
+        _ACTIVE_DOMAIN.reset(token)
 
 
 def _needs_judge(task: Task) -> bool:

@@ -149,15 +149,16 @@ class RolloutEngine:
         self.settings = settings
 
     def run(self, requests: list[RolloutRequest], generator: torch.Generator | None = None) -> list[Trajectory]:
+        self.policy.reset_prefix_cache()  # the weights may have changed since the last run
         episodes = [self._start(r) for r in requests]
         while True:
             waiting = [e for e in episodes if e.termination is None and e.awaiting == _POLICY]
             waiting = [e for e in waiting if self._fits_context(e)]
-            if waiting:
-                prompts = [e.token_ids for e in waiting]
+            for group in _by_domain(waiting):  # one domain shares one prompt prefix
+                prompts = [e.token_ids for e in group]
                 s = self.settings
                 generations = self.policy.generate(prompts, s.max_new_tokens, s.temperature, s.top_p, generator)
-                for episode, generation in zip(waiting, generations):
+                for episode, generation in zip(group, generations):
                     self._agent_turn(episode, generation)
             asking = [e for e in episodes if e.termination is None and e.awaiting == _USER]
             if asking:
@@ -260,6 +261,13 @@ class RolloutEngine:
         ids = self.policy.renderer.continuation_ids(episode.last_turn, new_chat, episode.last_end_of_turn)
         episode.add_context(ids)
         episode.awaiting = awaiting
+
+
+def _by_domain(episodes: list[Episode]) -> list[list[Episode]]:
+    groups: dict[str, list[Episode]] = {}
+    for episode in episodes:
+        groups.setdefault(episode.domain.name, []).append(episode)
+    return list(groups.values())
 
 
 def _execute(env: Any, call: ToolCall) -> ToolMessage:

@@ -21,8 +21,19 @@ _handler_id: int | None = None
 
 
 def set_tau2_verbosity(verbose: bool) -> None:
-    """Route tau2's loguru records to stderr (warnings and up) when verbose, else drop them."""
+    """Route tau2's loguru records to stderr (warnings and up) when verbose, else drop them.
+
+    Also quiets transformers' loading/saving progress bars and info logs unless verbose.
+    """
     global _handler_id
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity_warning()
+    else:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     if _handler_id is not None:
         _loguru.remove(_handler_id)
         _handler_id = None

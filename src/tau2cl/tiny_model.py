@@ -34,7 +34,8 @@ TOOL_TAG_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_res
 
 # Upper bound on BPE vocabulary + added tokens; with min_frequency 2, tau2's text stops near 4.4k.
 VOCAB_SIZE = 6144
-TELECOM_TASK_LIMIT = 300  # telecom's tasks.json holds 2285 near-duplicate scenarios; a subset is enough
+# telecom's tasks.json holds 2285 near-duplicate scenarios; a subset is enough.
+TELECOM_TASK_LIMIT = 300
 MODEL_SHAPE = dict(
     hidden_size=128,
     intermediate_size=384,
@@ -48,7 +49,14 @@ MODEL_SHAPE = dict(
 _JSON_PUNCTUATION = (
     '{"name": "", "arguments": {}}\n{"name": "get_user_details", "arguments": {"user_id": ""}}\n'
     '[{}], {"": ""}, {"": 0}, {"": null}, {"": true}, {"": false}, [""], ["", ""], [0, 1]\n'
-    '": "', '", "', '": {"', '"}}', '"}, {"', '": [', "], ", "0123456789 -0.5 1e3 100.00",
+    '": "',
+    '", "',
+    '": {"',
+    '"}}',
+    '"}, {"',
+    '": [',
+    "], ",
+    "0123456789 -0.5 1e3 100.00",
 )
 
 
@@ -153,10 +161,12 @@ def train_tokenizer(texts: list[str]):
 
     tok = Tokenizer(BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     num_added = len(CONTROL_TOKENS) + len(TOOL_TAG_TOKENS)
     trainer = BpeTrainer(
@@ -292,7 +302,8 @@ def resolve_model_path(name_or_path: str) -> str:
                 make_tiny_model(tmp, seed=0)
                 os.replace(tmp, target)
             except OSError:
-                if not target.is_dir():  # lost a race with a process that holds no lock: reuse its build
+                # Lost a race with a process that took no lock (no fcntl): reuse its build.
+                if not target.is_dir():
                     raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

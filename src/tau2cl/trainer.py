@@ -228,7 +228,9 @@ class GRPOTrainer:
         micro = split_micro_batches(len(trajectories), cfg.gradient_accumulation_steps)
         t0 = time.perf_counter()
         if self.reference is not None:
-            batch.ref_logprobs = reference_logprobs(self.reference, batch, max(len(m) for m in micro), self.compute_dtype)
+            batch.ref_logprobs = reference_logprobs(
+                self.reference, batch, max(len(m) for m in micro), cfg.temperature, self.compute_dtype
+            )
         time_ref = time.perf_counter() - t0
         global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())
         settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef, self.compute_dtype)
@@ -283,7 +285,10 @@ class GRPOTrainer:
             self.tracker.log_initial_eval(step, summaries)
         else:
             task_idx, current = stage - 1, self.order[stage - 1]
-            self.tracker.log_eval(task_idx, self.config.num_steps_per_task, step, summaries[current], current)
+            for name, summary in summaries.items():
+                self.tracker.log_eval(
+                    task_idx, self.config.num_steps_per_task, step, summary, current, echo=name == current, stage=stage
+                )
             measures = transfer_metrics(self.reward_matrix, stage)
             self.tracker.log_transfer(task_idx, step, summaries, self.order[:stage], measures)
         self.progress.stages_done = stage + 1

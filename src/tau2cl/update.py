@@ -76,24 +76,48 @@ def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
     temperature: float = 1.0,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """(B, T) log p(token_t | tokens_<t) under `model` at `temperature`; out[:, 0] = 0."""
+    """(B, T) log p(token_t | tokens_<t) at `temperature` where loss_mask is set, 0 elsewhere.
+
+    Only the trained positions go through the LM head: a tool-use context is mostly prompt
+    (system, policy, tool schemas), so (B, T, V) logits would cost far more than they are worth.
+    """
+    body, head = _split_lm(model)
     with autocast_for(input_ids.device, compute_dtype):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
-    return token_logprobs(logits, input_ids, temperature)
+        if body is None:  # an architecture we cannot split: full logits
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return token_logprobs(logits, input_ids, temperature) * loss_mask
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+        rows, cols = loss_mask.nonzero(as_tuple=True)  # targets at (row, col), predicted from col - 1
+        logits = head(hidden[rows, cols - 1])  # (N, V)
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    picked = logprobs.gather(-1, input_ids[rows, cols][:, None]).squeeze(-1)  # (N,)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    return out.index_put((rows, cols), picked)
+
+
+def _split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(transformer body, LM head) of a causal LM when the head is a plain projection."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "model", None)
+    if head is None or body is None or getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    return body, head
 
 
 @torch.no_grad()
 def reference_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, micro_batch_size: int, compute_dtype: torch.dtype | None
+    model: torch.nn.Module, batch: TokenBatch, micro_batch_size: int, temperature: float,
+    compute_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """(B, T) log-probs of the batch under a frozen model, computed in micro-batches."""
     out = []
     for start in range(0, batch.input_ids.shape[0], micro_batch_size):
         sl = slice(start, start + micro_batch_size)
-        out.append(sequence_logprobs(model, batch.input_ids[sl], batch.attention_mask[sl], 1.0, compute_dtype))
+        out.append(sequence_logprobs(model, batch.input_ids[sl], batch.attention_mask[sl], batch.loss_mask[sl], temperature, compute_dtype))
     return torch.cat(out)
 
 
@@ -127,7 +151,9 @@ def accumulate_gradients(
     extra_stats: dict[str, float] = {}
     for i, rows in enumerate(micro_batches):
         mb = batch.rows(rows)
-        logprobs = sequence_logprobs(model, mb.input_ids, mb.attention_mask, settings.temperature, settings.compute_dtype)
+        logprobs = sequence_logprobs(
+            model, mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature, settings.compute_dtype
+        )
         loss, stats = grpo_loss(
             logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
             ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,

@@ -49,8 +49,17 @@ CONVERSATION = [
         "role": "assistant",
         "content": "",
         "tool_calls": [
-            {"type": "function", "function": {"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}}},
-            {"type": "function", "function": {"name": "cancel_reservation", "arguments": '{"reservation_id": "EHGLP3"}'}},
+            {
+                "type": "function",
+                "function": {"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}},
+            },
+            {
+                "type": "function",
+                "function": {
+                    "name": "cancel_reservation",
+                    "arguments": '{"reservation_id": "EHGLP3"}',
+                },
+            },
         ],
     },
     {"role": "tool", "content": '{"name": "Mia Li"}'},
@@ -85,7 +94,10 @@ def test_build_loads_with_auto_classes(tiny_dir, tokenizer):
     assert config.vocab_size == len(tokenizer)
     assert 4000 <= len(tokenizer) <= 8000
     assert config.max_position_embeddings >= 8192
-    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert (
+        model.get_output_embeddings().weight.data_ptr()
+        == model.get_input_embeddings().weight.data_ptr()
+    )
     assert 1_000_000 < sum(p.numel() for p in model.parameters()) < 10_000_000
     assert tokenizer.eos_token == IM_END and tokenizer.pad_token == "<|endoftext|>"
     assert model.generation_config.eos_token_id == im_end
@@ -100,19 +112,29 @@ def test_build_loads_with_auto_classes(tiny_dir, tokenizer):
 def test_same_seed_gives_identical_files_and_other_seed_other_weights(tiny_dir, tmp_path):
     again = make_tiny_model(tmp_path / "again", seed=0)
     other = make_tiny_model(tmp_path / "other", seed=1)
-    weights, weights_again, weights_other = (load_file(d / "model.safetensors") for d in (tiny_dir, again, other))
+    weights, weights_again, weights_other = (
+        load_file(d / "model.safetensors") for d in (tiny_dir, again, other)
+    )
     assert weights.keys() == weights_again.keys() == weights_other.keys()
     assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
-    random_init = [k for k in weights if k.endswith("proj.weight") or "embed" in k]  # not norms, biases
+    random_init = [
+        k for k in weights if k.endswith("proj.weight") or "embed" in k
+    ]  # not norms, biases
     assert random_init and all(not torch.equal(weights[k], weights_other[k]) for k in random_init)
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"):
-        assert (tiny_dir / name).read_bytes() == (again / name).read_bytes() == (other / name).read_bytes()
+        assert (
+            (tiny_dir / name).read_bytes()
+            == (again / name).read_bytes()
+            == (other / name).read_bytes()
+        )
 
 
 def test_loaded_tokenizer_encodes_as_the_trained_bpe(tiny_dir, tokenizer):
     """transformers 5 rebuilds a Qwen2Tokenizer from the saved files; it must equal what was trained."""
     trained = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
-    texts = tiny_model.tau2_corpus()[::50] + ["  tabs\tand ünïcödé 日本 😀 <tool_call>\n{}\n</tool_call>"]
+    texts = tiny_model.tau2_corpus()[::50] + [
+        "  tabs\tand ünïcödé 日本 😀 <tool_call>\n{}\n</tool_call>"
+    ]
     for text in texts:
         ids = tokenizer(text)["input_ids"]
         assert ids == trained.encode(text).ids
@@ -125,7 +147,10 @@ def test_special_tokens_are_single_ids(tokenizer):
     assert len({v[0] for v in ids.values()}) == len(ids)
     text = "<|im_start|>assistant\n<tool_call>\n{}\n</tool_call><|im_end|>"
     # Control tokens go with skip_special_tokens; tool tags stay, so a parser can find them either way.
-    assert tokenizer.decode(tokenizer.encode(text), skip_special_tokens=True) == "assistant\n<tool_call>\n{}\n</tool_call>"
+    assert (
+        tokenizer.decode(tokenizer.encode(text), skip_special_tokens=True)
+        == "assistant\n<tool_call>\n{}\n</tool_call>"
+    )
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
@@ -144,7 +169,10 @@ def test_tools_are_listed_in_the_system_block(tokenizer):
     assert system.startswith("<|im_start|>system\nYou are an airline agent.\n\n# Tools")
     tools_block = system.split("<tools>\n")[1].split("\n</tools>")[0]
     assert [json.loads(line) for line in tools_block.split("\n")] == TOOLS
-    assert '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' in system
+    assert (
+        '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+        in system
+    )
 
 
 def test_default_system_without_tools(tokenizer):
@@ -176,9 +204,13 @@ def test_tool_calls_and_grouped_tool_responses(tokenizer):
 def test_assistant_text_with_tool_call(tokenizer):
     messages = [
         {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Let me look.", "tool_calls": [
-            {"function": {"name": "get_user_details", "arguments": {"user_id": "u1"}}}
-        ]},
+        {
+            "role": "assistant",
+            "content": "Let me look.",
+            "tool_calls": [
+                {"function": {"name": "get_user_details", "arguments": {"user_id": "u1"}}}
+            ],
+        },
     ]
     assert render(tokenizer, messages).endswith(
         '<|im_start|>assistant\nLet me look.\n<tool_call>\n{"name": "get_user_details", '
@@ -217,7 +249,9 @@ def test_resolve_model_path_builds_once_and_reuses(tmp_path, monkeypatch):
     assert first == second == str(tmp_path / "tiny-model-v1-seed0")
     assert calls == [0]
     assert (tmp_path / "tiny-model-v1-seed0" / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tiny-model-")] == []  # no temp left
+    assert [
+        p.name for p in tmp_path.iterdir() if p.name.startswith(".tiny-model-")
+    ] == []  # no temp left
 
 
 def test_resolve_model_path_passes_other_names_through():
