@@ -181,35 +181,31 @@ def _load_domain(name: str, max_tasks: int | None, solo_mode: bool) -> Domain:
     train, test = (official_split(name, split)[:max_tasks] for split in SPLITS)
     source = database_source(name)
     constructor = registry.get_env_constructor(name)
-    env = constructor(**source.copies())
-    solo_policy = None
-    tools: list[Tool] = as_list(env.get_tools())
-    if name in SOLO_DOMAINS:
-        solo_env = constructor(solo_mode=True, **source.copies())  # tau2 validates solo mode here
-        solo_policy = solo_env.get_policy()
-    if solo_mode:
-        tools = _solo_agent_tools(solo_env, solo_policy, train + test)
+    solo_env = None
+    if name in SOLO_DOMAINS:  # tau2's own solo constructor, once: it validates the tool names
+        solo_env = constructor(solo_mode=True, **source.copies())
+    env = solo_env if solo_mode else constructor(**source.copies())
+    tools = _solo_agent_tools(name, env) if solo_mode else as_list(env.get_tools())
     schemas = [tool.openai_schema for tool in tools]
     return Domain(
         name=name,
         solo_mode=solo_mode,
         train_tasks=train,
         test_tasks=test,
-        policy=solo_policy if solo_mode else env.get_policy(),
+        policy=env.get_policy(),
         tool_schemas=schemas,
         tool_names=frozenset(s["function"]["name"] for s in schemas),
         source=source,
-        solo_policy=solo_policy,
+        solo_policy=solo_env.get_policy() if solo_env is not None else None,
     )
 
 
-def _solo_agent_tools(env: Environment, policy: str, tasks: list[Task]) -> list[Tool]:
-    """The tools tau2 gives LLMSoloAgent (as tau2's run_task builds it), `done` included."""
-    task = next((t for t in tasks if LLMSoloAgent.check_valid_task(t)), None)
-    if task is None:
-        raise ValueError(f"no task of {env.get_domain_name()} can run in solo mode")
+def _solo_agent_tools(name: str, env: Environment) -> list[Tool]:
+    """The tools tau2's run_task gives LLMSoloAgent: assistant + user tools, then its `done`."""
+    tasks = official_split(name, "train") + official_split(name, "test")
+    task = next(t for t in tasks if LLMSoloAgent.check_valid_task(t))  # the agent insists on one
     tools = as_list(env.get_tools()) + as_list(env.get_user_tools())
-    return LLMSoloAgent(tools=tools, domain_policy=policy, task=task).tools
+    return LLMSoloAgent(tools=tools, domain_policy=env.get_policy(), task=task).tools
 
 
 def clear_caches() -> None:

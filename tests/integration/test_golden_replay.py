@@ -26,6 +26,8 @@ from tau2.data_model.message import ToolMessage
 from tau2.data_model.simulation import TerminationReason
 from tau2.environment.toolkit import ToolType
 
+pytestmark = pytest.mark.slow  # ~30 s: every train task of every domain through tau2's evaluator
+
 DROPPED_TASKS_PER_DOMAIN = 5
 
 

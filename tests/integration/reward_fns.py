@@ -1,0 +1,11 @@
+"""Custom training rewards used by the end-to-end tests through `--reward_fn reward_fns:<name>`."""
+
+from __future__ import annotations
+
+
+def first_reply_length(domain: str, task, messages) -> float:
+    """Length of the agent's first own message, scaled to [0, 1] (varies within a group)."""
+    agent = [m for m in messages if getattr(m, "role", "") == "assistant" and getattr(m, "raw_data", None)]
+    if not agent:
+        return 0.0
+    return min(1.0, len(agent[0].raw_data.get("text", "")) / 200)
