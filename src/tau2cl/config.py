@@ -26,7 +26,8 @@ DOMAIN_NAMES = ("airline", "retail", "telecom")
 MODEL_DTYPES = ("float32", "float16", "bfloat16", "auto")
 ADVANTAGE_NORMALIZATIONS = ("std", "mean")
 # The strategies the trainer knows; a new CL strategy adds its name here.
-CL_ALGORITHMS = ("sequential", "replay", "ewc", "online_ewc")
+CL_ALGORITHMS = ("sequential", "replay")
+REPLAY_SELECTIONS = ("uniform", "reward")
 
 # Argument groups of `tau2cl train --help`, in the order they are shown.
 GROUPS = {
@@ -165,17 +166,27 @@ class GRPOConfig:
         "sequential",
         "continual learning",
         "Strategy against forgetting: sequential = plain fine-tuning, one domain after another; "
-        "replay = mix earlier domains' tasks into each batch; ewc = Elastic Weight Consolidation "
-        "penalty per earlier domain; online_ewc = one running, decayed EWC penalty.",
+        "replay = part of each batch is earlier domains' tasks, each run in its own domain's "
+        "environment (costs that share of the batch's rollouts).",
         CL_ALGORITHMS,
     )
     replay_buffer_size: int = _option(
-        100, "continual learning", "Tasks kept from earlier domains for replay."
+        100,
+        "continual learning",
+        "Replay: tasks kept per earlier domain (reservoir sampling over the tasks trained on).",
     )
     replay_ratio: float = _option(
         0.25,
         "continual learning",
-        "Fraction of each batch drawn from the replay buffer, in [0, 1].",
+        "Replay: share of each batch's tasks drawn from earlier domains, rounded up (any nonzero "
+        "ratio replays at least one task once an earlier domain exists); in [0, 1].",
+    )
+    replay_selection: str = _option(
+        "uniform",
+        "continual learning",
+        "Replay: which buffered tasks to replay: uniform = any, equally likely; reward = "
+        "proportional to the reward they earned when trained on (revisits what was learned).",
+        REPLAY_SELECTIONS,
     )
     task_order: list[str] = _option(
         list(DOMAIN_NAMES),

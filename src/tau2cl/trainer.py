@@ -196,7 +196,7 @@ class GRPOTrainer:
         stats = self._update(trajectories, advantages.tolist())
         self.strategy.after_update(self, step)
         t3 = time.perf_counter()
-        stats.update(self._episode_stats(trajectories, rewards))
+        stats.update(self._episode_stats(trajectories, rewards, domain.name))
         stats.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2, lr=self.scheduler.get_last_lr()[0])
         return stats
 
@@ -255,13 +255,19 @@ class GRPOTrainer:
         stats["skipped_updates"] = self.skipped_updates
         return stats
 
-    def _episode_stats(self, trajectories: list[Trajectory], rewards: torch.Tensor) -> dict:
-        local = [(t.train_reward, t.reward, t.tool_accuracy, t.num_generated_tokens, t.assistant_turns) for t in trajectories]
+    def _episode_stats(self, trajectories: list[Trajectory], rewards: torch.Tensor, current: str) -> dict:
+        local = [
+            (t.train_reward, t.reward, t.tool_accuracy, t.num_generated_tokens, t.assistant_turns, t.domain != current)
+            for t in trajectories
+        ]
         rows = [r for part in all_gather_objects(local) for r in part]
         train_r = torch.tensor([r[0] for r in rows], dtype=torch.float64)
         tool = [r[2] for r in rows if r[2] is not None]
         zero_std = all_gather_objects(zero_std_group_fraction(rewards, self.config.num_samples_per_prompt))
+        replayed = [r[0] for r in rows if r[5]]
         return {
+            "replay_frac": len(replayed) / len(rows),
+            "replay_reward_mean": sum(replayed) / len(replayed) if replayed else None,
             "reward_mean": float(train_r.mean()),
             "reward_std": float(train_r.std(unbiased=False)),
             "tau2_reward_mean": sum(r[1] for r in rows) / len(rows),

@@ -9,6 +9,7 @@ valid call runs in the episode's own tau2 environment, and that solo telecom sto
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -248,7 +249,7 @@ def test_tau2_tool_errors_go_back_to_the_model(tiny_model, tiny_tokenizer, domai
     assert expected.error and expected.content.startswith("Error: ")  # tau2's own wording
     if name == "no_such_tool":
         assert expected.content == "Error: Tool 'no_such_tool' not found."
-    call = '<tool_call>{"name": "%s", "arguments": %s}</tool_call>' % (name, _json(arguments))
+    call = '<tool_call>{"name": "%s", "arguments": %s}</tool_call>' % (name, json.dumps(arguments))
     policy, traj = _run_scripted(tiny_model, tiny_tokenizer, domain, task, [call, FOLLOW_UP])
     [tool_message] = [m for m in traj.messages if isinstance(m, ToolMessage)]
     assert tool_message.error and tool_message.content == expected.content
@@ -261,7 +262,7 @@ def test_valid_call_runs_in_the_episodes_environment(tiny_model, tiny_tokenizer,
     domain = domains["airline"]
     task = domain.train_tasks[0]
     arguments = {"user_id": _user_id(task)}
-    call = '<tool_call>{"name": "get_user_details", "arguments": %s}</tool_call>' % _json(arguments)
+    call = '<tool_call>{"name": "get_user_details", "arguments": %s}</tool_call>' % json.dumps(arguments)
     policy, traj = _run_scripted(tiny_model, tiny_tokenizer, domain, task, [call, FOLLOW_UP])
     expected = domain.new_environment(task).get_response(
         ToolCall(id="x", name="get_user_details", arguments=arguments)
@@ -287,9 +288,3 @@ def test_solo_done_call_is_an_agent_stop(tiny_model, tiny_tokenizer, domains):
     assert isinstance(traj.messages[-1], AssistantMessage) and traj.messages[-1].content == STOP
     assert traj.token_ids == policy.prompts[0] + policy.outputs[0]
     assert sum(traj.loss_mask) == len(policy.outputs[0])
-
-
-def _json(value) -> str:
-    import json
-
-    return json.dumps(value)
