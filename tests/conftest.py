@@ -41,3 +41,18 @@ def domains():
     from tau2cl.domains import DOMAIN_NAMES, load_domain
 
     return {name: load_domain(name, max_tasks=FIXTURE_MAX_TASKS) for name in DOMAIN_NAMES}
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One intra-op thread for the module's tiny-model work, restored afterwards.
+
+    The tiny model's ops are too small to gain from threads, and on a busy 2-core machine two
+    spinning threads made rollout and training 3-8x slower than one (same numbers either way).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -44,9 +44,36 @@ def _make_tiny_model(argv: list[str]) -> int:
     return 0
 
 
+def _report(argv: list[str]) -> int:
+    parser = ArgumentParser(
+        prog="tau2cl report",
+        description="Report finished or interrupted runs: the accuracy matrix (rows: before "
+        "training, after each domain; '-' where a stage was not reached), ACC/BWT/FWT/forgetting "
+        "of the last completed stage, and the plots accuracy_matrix.png and learning_curves.png "
+        "(plus report.txt). With several LOG_DIRs, also a comparison table, one row per run, "
+        "written as comparison.md.",
+    )
+    parser.add_argument(
+        "log_dirs", nargs="+", metavar="LOG_DIR", help="a run's log_dir (metrics.jsonl, summary.json)"
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="output folder. One run: its files go here (default: the LOG_DIR itself). Several "
+        "runs: each run's files go to DIR/<name of its LOG_DIR> (default: each LOG_DIR itself) "
+        "and comparison.md to DIR (default: the current directory).",
+    )
+    args = parser.parse_args(argv)
+    from tau2cl.report import run_report
+
+    return run_report(args.log_dirs, args.out)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train with GRPO across the tau2 domains (see 'tau2cl train --help')", _train),
     "make-tiny-model": Command("build the tiny offline test model into a folder", _make_tiny_model),
+    "report": Command("tables, CL measures and plots of finished or interrupted runs", _report),
 }
 
 

@@ -26,7 +26,8 @@ DOMAIN_NAMES = ("airline", "retail", "telecom")
 MODEL_DTYPES = ("float32", "float16", "bfloat16", "auto")
 ADVANTAGE_NORMALIZATIONS = ("std", "mean")
 # The strategies the trainer knows; a new CL strategy adds its name here.
-CL_ALGORITHMS = ("sequential", "replay")
+CL_ALGORITHMS = ("sequential", "replay", "ewc", "online_ewc")
+FISHER_NORMALIZATIONS = ("mean", "max", "none")
 REPLAY_SELECTIONS = ("uniform", "reward")
 
 # Argument groups of `tau2cl train --help`, in the order they are shown.
@@ -167,7 +168,10 @@ class GRPOConfig:
         "continual learning",
         "Strategy against forgetting: sequential = plain fine-tuning, one domain after another; "
         "replay = part of each batch is earlier domains' tasks, each run in its own domain's "
-        "environment (costs that share of the batch's rollouts).",
+        "environment (costs that share of the batch's rollouts); ewc = Elastic Weight "
+        "Consolidation, a Fisher-weighted pull towards the weights after each earlier domain "
+        "(2 extra copies of the weights per domain); online_ewc = one running Fisher and anchor "
+        "(2 extra copies in all).",
         CL_ALGORITHMS,
     )
     replay_buffer_size: int = _option(
@@ -187,6 +191,29 @@ class GRPOConfig:
         "Replay: which buffered tasks to replay: uniform = any, equally likely; reward = "
         "proportional to the reward they earned when trained on (revisits what was learned).",
         REPLAY_SELECTIONS,
+    )
+    ewc_lambda: float = _option(
+        100.0,
+        "continual learning",
+        "EWC: strength λ of the penalty (λ/2) Σ F (θ − θ*)², added to the loss at every step.",
+    )
+    ewc_fisher_samples: int = _option(
+        16,
+        "continual learning",
+        "EWC: sampled episodes (over all ranks) on a domain's train tasks used to estimate its "
+        "diagonal Fisher after the domain; each costs one rollout and one backward pass.",
+    )
+    ewc_fisher_normalization: str = _option(
+        "mean",
+        "continual learning",
+        "EWC: scale of each new Fisher: mean = divide by its mean (λ then means the same for any "
+        "model size), max = divide by its maximum, none = raw squared gradients.",
+        FISHER_NORMALIZATIONS,
+    )
+    ewc_gamma: float = _option(
+        0.9,
+        "continual learning",
+        "online_ewc: decay γ of the running Fisher, F ← γF + F_new, in [0, 1].",
     )
     task_order: list[str] = _option(
         list(DOMAIN_NAMES),
@@ -388,6 +415,7 @@ _AT_LEAST_ONE = (
     "gradient_accumulation_steps",
     "num_steps_per_task",
     "replay_buffer_size",
+    "ewc_fisher_samples",
     "eval_samples_per_task",
     "log_interval",
     "max_tasks_per_domain",
@@ -395,6 +423,7 @@ _AT_LEAST_ONE = (
 )
 _NON_NEGATIVE = (
     "kl_coef",
+    "ewc_lambda",
     "learning_rate",
     "weight_decay",
     "warmup_steps",
@@ -436,6 +465,7 @@ def _validate(config: GRPOConfig) -> None:
     )
     _check(config, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
     _check(config, "replay_ratio", lambda v: 0 <= v <= 1, "must be between 0 and 1")
+    _check(config, "ewc_gamma", lambda v: 0 <= v <= 1, "must be between 0 and 1")
     _check(
         config,
         "reward_fn",

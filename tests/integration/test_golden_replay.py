@@ -96,3 +96,14 @@ def test_a_premature_end_scores_zero_and_reasons_may_be_strings():
     domain = load_domain("retail")
     assert compute_reward(domain, task, messages, reason.value).reward == 1.0
     assert compute_reward(domain, task, messages, "max_steps").reward == 0.0
+
+
+def test_telecom_golden_actions_also_score_one_in_conversational_mode():
+    """Without solo mode the user makes the phone actions (UserMessage tool calls), as in tau2."""
+    domain = load_domain("telecom", solo_mode=False)
+    user_calls = 0
+    for task in domain.train_tasks:
+        messages, reason = golden_conversation(domain, task)
+        user_calls += sum(bool(m.role == "user" and getattr(m, "tool_calls", None)) for m in messages)
+        assert compute_reward(domain, task, messages, reason).reward == 1.0, task.id
+    assert user_calls > len(domain.train_tasks)

@@ -1,0 +1,527 @@
+"""Report of finished or interrupted runs: accuracy-matrix table, CL measures, plots, run comparison.
+
+A run's ground truth is its metrics.jsonl (DESIGN.md, "File contract of a run"): every stage evaluation
+is an eval record with `stage` = its accuracy-matrix row, so the matrix can be rebuilt even when the run
+stopped half-way. summary.json is taken as is only when it says every stage was completed; otherwise
+it only fills entries that metrics.jsonl lacks. The plots use matplotlib's object API (Figure + Agg
+canvas), imported lazily, so neither the CLI's start-up nor a trainer's pyplot state is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tau2cl.cl_metrics import transfer_metrics
+from tau2cl.errors import UserError
+from tau2cl.metrics import format_matrix, format_measures
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+MATRIX_PNG = "accuracy_matrix.png"
+CURVES_PNG = "learning_curves.png"
+REPORT_TXT = "report.txt"
+COMPARISON_MD = "comparison.md"
+MEASURE_NAMES = ("average_performance", "backward_transfer", "forward_transfer", "forgetting")
+MEASURE_LABELS = ("ACC", "BWT", "FWT", "forgetting")
+
+Matrix = list[list[float | None]]
+
+
+@dataclass
+class RunData:
+    """Everything a report needs from one log dir."""
+
+    log_dir: Path
+    domains: list[str]  # training order = matrix columns
+    # (T+1, T): row 0 before training, row i after domain i; None where not reached
+    reward_matrix: Matrix
+    pass_matrix: Matrix
+    cl_algorithm: str | None = None
+    global_step: int | None = None
+    # every eval record (stage and periodic) and every train record, deduplicated, by global_step
+    evals: list[dict] = field(default_factory=list)
+    trains: list[dict] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The run's label: `<cl_algorithm> (<dir name>)`, or the dir name if no algorithm is known."""
+        base = self.log_dir.resolve().name
+        return f"{self.cl_algorithm} ({base})" if self.cl_algorithm else base
+
+    @property
+    def last_stage(self) -> int | None:
+        """Last completed stage k >= 1 (its matrix row fully evaluated), or None before that."""
+        done = [k for k in range(1, len(self.reward_matrix)) if _row_full(self.reward_matrix[k])]
+        return done[-1] if done else None
+
+    def measures(self) -> dict[str, float | None]:
+        """ACC/BWT/FWT/forgetting of the reward matrix after the last completed stage (all None
+        before any); a measure needing an entry that is missing is None too."""
+        k = self.last_stage
+        if k is None:
+            return dict.fromkeys(MEASURE_NAMES)
+        return transfer_metrics(self.reward_matrix, k)
+
+    def boundaries(self) -> list[tuple[int, str]]:
+        """(global_step where a domain's training ended, domain) for each finished domain.
+
+        The stage evaluation after domain i carries that step; without it (interrupted during the
+        stage evaluation) a later domain's training proves domain i ended at its last train step.
+        """
+        stage_steps = {r["stage"]: r["global_step"] for r in self.evals if r.get("stage")}
+        trained = {r.get("task_idx") for r in self.trains}
+        result = []
+        for i, name in enumerate(self.domains):
+            step = stage_steps.get(i + 1)
+            if step is None and any(t is not None and t > i for t in trained):
+                steps = [r["global_step"] for r in self.trains if r.get("task_idx") == i]
+                step = max(steps) if steps else None
+            if step is not None:
+                result.append((step, name))
+        return result
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths of the files one run's report wrote."""
+
+    accuracy_matrix: Path  # heatmap PNG
+    learning_curves: Path  # reward over global_step PNG
+    text: Path  # the printed report, as report.txt
+
+
+# ---------------------------------------------------------------- reading a run
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut off by a crash (bad JSON) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _read_summary(path: Path) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _row_full(row: Sequence[float | None]) -> bool:
+    return bool(row) and all(v is not None for v in row)
+
+
+def _infer_domains(records: list[dict]) -> list[str]:
+    """Training order without summary.json: stage 0 evaluates every domain in order; then training."""
+    names: list[str] = []
+    stage0 = [
+        r.get("eval_domain") for r in records if r.get("type") == "eval" and r.get("stage") == 0
+    ]
+    trains = sorted(
+        (r for r in records if r.get("type") == "train"), key=lambda r: r.get("task_idx") or 0
+    )
+    others = [r.get("eval_domain") or r.get("domain") for r in records]
+    for name in [*stage0, *(r.get("domain") for r in trains), *others]:
+        if isinstance(name, str) and name not in names:
+            names.append(name)
+    return names
+
+
+def _dedupe(records: list[dict], key) -> list[dict]:
+    """Last record per key (a resumed run appends repeats of steps), sorted by global_step."""
+    latest = {key(r): r for r in records}
+    return sorted(latest.values(), key=lambda r: r.get("global_step") or 0)
+
+
+def rebuild_matrix(evals: list[dict], domains: Sequence[str], key: str) -> Matrix:
+    """(T+1, T) matrix of `key` from the stage eval records; None where no record exists."""
+    matrix: Matrix = [[None] * len(domains) for _ in range(len(domains) + 1)]
+    for r in evals:
+        stage, name = r.get("stage"), r.get("eval_domain")
+        if isinstance(stage, int) and 0 <= stage <= len(domains) and name in domains:
+            matrix[stage][domains.index(name)] = r.get(key)
+    return matrix
+
+
+def _merge(primary: Matrix, fallback: Any) -> Matrix:
+    """primary's entries, with fallback's (summary.json) where primary has None."""
+    merged = [list(row) for row in primary]
+    if not isinstance(fallback, list):
+        return merged
+    for i, row in enumerate(merged):
+        for j, value in enumerate(row):
+            if value is None and i < len(fallback) and j < len(fallback[i] or []):
+                row[j] = fallback[i][j]
+    return merged
+
+
+def load_run(log_dir: str | os.PathLike) -> RunData:
+    """Read a log dir; UserError if it is missing or holds neither metrics.jsonl nor summary.json."""
+    path = Path(log_dir)
+    if not path.is_dir():
+        raise UserError(f"log dir {path} does not exist; pass the log_dir of a training run.")
+    metrics_path = path / METRICS_FILE
+    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    summary = _read_summary(path / SUMMARY_FILE)
+    if not records and summary is None:
+        raise UserError(
+            f"log dir {path} has no {METRICS_FILE} records and no {SUMMARY_FILE}; "
+            "pass the log_dir of a training run."
+        )
+    summary = summary or {}
+    config = summary.get("config") or {}
+    domains = list(summary.get("task_order") or config.get("task_order") or _infer_domains(records))
+    evals = _dedupe(
+        [r for r in records if r.get("type") == "eval"],
+        lambda r: (r.get("eval_domain"), r.get("stage"), r.get("task_idx"), r.get("global_step")),
+    )
+    trains = _dedupe(
+        [r for r in records if r.get("type") == "train"], lambda r: r.get("global_step")
+    )
+    rewards = rebuild_matrix(evals, domains, "reward_mean")
+    passes = rebuild_matrix(evals, domains, "pass_rate")
+    complete = summary.get("stages_completed") == len(domains)
+    if complete and _shape_ok(
+        summary.get("accuracy_matrix"), domains
+    ):  # a finished run's summary is the trainer's own matrix
+        rewards = [list(row) for row in summary["accuracy_matrix"]]
+        if _shape_ok(summary.get("pass_rate_matrix"), domains):
+            passes = [list(row) for row in summary["pass_rate_matrix"]]
+    else:
+        rewards = _merge(rewards, summary.get("accuracy_matrix"))
+        passes = _merge(passes, summary.get("pass_rate_matrix"))
+    steps = [r.get("global_step") for r in [*records, summary]]
+    return RunData(
+        log_dir=path,
+        domains=domains,
+        reward_matrix=rewards,
+        pass_matrix=passes,
+        cl_algorithm=config.get("cl_algorithm"),
+        global_step=max((s for s in steps if isinstance(s, int)), default=None),
+        evals=evals,
+        trains=trains,
+    )
+
+
+def _shape_ok(matrix: Any, domains: Sequence[str]) -> bool:
+    return (
+        isinstance(matrix, list)
+        and len(matrix) == len(domains) + 1
+        and all(isinstance(row, list) and len(row) == len(domains) for row in matrix)
+    )
+
+
+# ---------------------------------------------------------------- text
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_run_report(run: RunData) -> str:
+    """The per-run text: matrices (rows: stages, columns: domains) and the last stage's measures."""
+    k = run.last_stage
+    total = len(run.domains)
+    stage_text = "none" if k is None else f"{k}/{total} (after {run.domains[k - 1]})"
+    lines = [
+        f"Run: {run.name}  [{run.log_dir}]",
+        f"Stages completed: {stage_text}; global step {_fmt(run.global_step, 'd')}",
+        "",
+        "Mean reward (rows: model after each stage; columns: test domain)",
+        *format_matrix(run.domains, run.reward_matrix),
+    ]
+    if any(v is not None for row in run.pass_matrix for v in row):
+        lines += ["", "Pass rate", *format_matrix(run.domains, run.pass_matrix)]
+    where = "no stage completed" if k is None else f"after stage {k}"
+    lines += ["", f"Transfer measures on mean reward ({where})", *format_measures(run.measures())]
+    return "\n".join(lines)
+
+
+def comparison_rows(runs: Sequence[RunData]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells: run, stages, ACC, BWT, FWT, forgetting, final-stage reward per domain."""
+    domains: list[str] = []
+    for run in runs:
+        domains += [d for d in run.domains if d not in domains]
+    header = ["run", "stages", *MEASURE_LABELS, *domains]
+    rows = []
+    for run in runs:
+        k, measures = run.last_stage, run.measures()
+        final = dict(zip(run.domains, run.reward_matrix[k], strict=True)) if k is not None else {}
+        rows.append(
+            [
+                run.name,
+                f"{k or 0}/{len(run.domains)}",
+                *("n/a" if measures[n] is None else f"{measures[n]:.4f}" for n in MEASURE_NAMES),
+                *(_fmt(final.get(d), ".3f") for d in domains),
+            ]
+        )
+    return header, rows
+
+
+def format_comparison(runs: Sequence[RunData]) -> str:
+    """Markdown table, one row per run; cells padded so it also reads well in a terminal."""
+    header, rows = comparison_rows(runs)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = (
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        return "| " + " | ".join(padded) + " |"
+
+    # Markdown alignment row: run names left, numbers right.
+    rule = (
+        "|"
+        + "|".join(("-" * (w + 2)) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+        + "|"
+    )
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float):
+    """A figure on the Agg canvas without pyplot: no global backend switch, no GUI, no leaks."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=120, layout="constrained")
+
+
+def _row_labels(domains: Sequence[str]) -> list[str]:
+    return ["before"] + [f"after {d}" for d in domains]
+
+
+def _measures_line(run: RunData) -> str:
+    measures = run.measures()
+    cells = (
+        f"{label} {'n/a' if measures[n] is None else format(measures[n], '.3f')}"
+        for label, n in zip(MEASURE_LABELS, MEASURE_NAMES, strict=True)
+    )
+    stage = "no stage completed" if run.last_stage is None else f"after stage {run.last_stage}"
+    return f"{' | '.join(cells)}  ({stage})"
+
+
+def plot_accuracy_matrix(run: RunData, path: Path) -> Path:
+    """Heatmap of the reward matrix, each cell annotated; grey '-' where a stage was not reached."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    values = np.array(
+        [[math.nan if v is None else float(v) for v in row] for row in run.reward_matrix],
+        dtype=float,
+    )  # (T+1, T)
+    finite = values[np.isfinite(values)]
+    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
+    vmax = max(1.0, float(finite.max())) if finite.size else 1.0
+    num_rows, num_cols = values.shape
+    fig = _figure(2.6 + 1.25 * num_cols, 1.6 + 0.55 * num_rows)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    for i in range(num_rows):
+        for j in range(num_cols):
+            value = values[i, j]
+            if math.isnan(value):
+                ax.text(j, i, "-", ha="center", va="center", color="#555555")
+                continue
+            dark = (value - vmin) / (vmax - vmin or 1.0) < 0.6  # viridis is dark at the low end
+            ax.text(
+                j, i, f"{value:.3f}", ha="center", va="center", color="white" if dark else "black"
+            )
+    # Outline R[c+1][c]: each domain right after training on it (the diagonal below row 0).
+    for c in range(min(num_cols, num_rows - 1)):
+        ax.add_patch(Rectangle((c - 0.5, c + 0.5), 1, 1, fill=False, lw=2, ec="red"))
+    ax.set_xticks(range(num_cols), labels=run.domains)
+    ax.set_yticks(range(num_rows), labels=_row_labels(run.domains)[:num_rows])
+    ax.set_xlabel("test domain")
+    ax.set_ylabel("model")
+    ax.set_title(
+        f"{run.name}: mean test reward (red: right after training on the domain)\n"
+        f"{_measures_line(run)}",
+        fontsize=9,
+    )
+    fig.colorbar(image, ax=ax, label="mean reward")
+    fig.savefig(path)
+    return path
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` points, same length as values."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _points(records: list[dict], key: str = "reward_mean") -> tuple[list[int], list[float]]:
+    kept = [
+        r
+        for r in records
+        if isinstance(r.get(key), (int, float)) and isinstance(r.get("global_step"), int)
+    ]
+    return [r["global_step"] for r in kept], [float(r[key]) for r in kept]
+
+
+def _plot_rewards(ax, run: RunData, name: str, color: str) -> list[float]:
+    """The domain's training reward (steps trained on it) and its eval rewards; returns the values."""
+    steps, train = _points([r for r in run.trains if r.get("domain") == name])
+    if steps:
+        ax.plot(steps, train, color="0.6", lw=0.8, alpha=0.7, label="train reward (batch mean)")
+        if len(steps) >= 40:
+            smooth = _moving_average(train, max(2, len(steps) // 20))
+            ax.plot(steps, smooth, color="0.3", lw=1.2, label="train reward (moving mean)")
+    evals = [r for r in run.evals if r.get("eval_domain") == name]
+    steps, rewards = _points(evals)
+    if steps:
+        ax.plot(
+            steps, rewards, color=color, lw=1.5, marker="o", ms=3, label="eval reward (test split)"
+        )
+        stage_steps, stage_rewards = _points([r for r in evals if r.get("stage") is not None])
+        ax.plot(
+            stage_steps,
+            stage_rewards,
+            ls="none",
+            marker="s",
+            ms=7,
+            mfc="none",
+            mec=color,
+            label="stage evaluation",
+        )
+    return train + rewards
+
+
+def _plot_boundaries(ax, run: RunData, name: str, color: str) -> None:
+    """Dashed line where each domain's training ended; the panel's own domain's span shaded."""
+    start = 0
+    for step, domain in run.boundaries():
+        if domain == name:
+            ax.axvspan(start, step, color=color, alpha=0.08, lw=0)
+        ax.axvline(step, color="black", ls="--", lw=0.8)
+        label = f"{domain} done "
+        ax.text(
+            step,
+            0.97,
+            label,
+            rotation=90,
+            ha="right",
+            va="top",
+            fontsize=7,
+            transform=ax.get_xaxis_transform(),
+        )
+        start = step
+
+
+def _plot_domain_panel(ax, run: RunData, name: str, color: str) -> None:
+    values = _plot_rewards(ax, run, name, color)
+    _plot_boundaries(ax, run, name, color)
+    if not values:
+        ax.text(
+            0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes, color="0.5"
+        )
+    ax.set_ylim(min([0.0, *values]) - 0.05, max([1.0, *values]) + 0.05)  # rewards live in [0, 1]
+    ax.set_ylabel(f"{name}\nreward")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def plot_learning_curves(run: RunData, path: Path) -> Path:
+    """One panel per eval domain: reward over global_step, dashed lines where each domain ended."""
+    extra = [r.get("eval_domain") for r in run.evals if r.get("eval_domain")]
+    names = list(dict.fromkeys([*run.domains, *extra])) or ["(no domain)"]
+    fig = _figure(9.0, 0.8 + 2.3 * len(names))
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    for i, (ax, name) in enumerate(zip(axes, names, strict=True)):
+        _plot_domain_panel(ax, run, name, f"C{i}")
+    axes[-1].set_xlabel("global step")
+    fig.suptitle(
+        f"{run.name}: reward during training (shaded: the domain's own training)", fontsize=10
+    )
+    fig.savefig(path)
+    return path
+
+
+# ---------------------------------------------------------------- files and the command
+
+
+def _write_run_files(run: RunData, out_dir: Path) -> ReportFiles:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text_path = out_dir / REPORT_TXT
+    text_path.write_text(format_run_report(run) + "\n", encoding="utf-8")
+    return ReportFiles(
+        accuracy_matrix=plot_accuracy_matrix(run, out_dir / MATRIX_PNG),
+        learning_curves=plot_learning_curves(run, out_dir / CURVES_PNG),
+        text=text_path,
+    )
+
+
+def write_report(
+    log_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None
+) -> ReportFiles:
+    """Write report.txt, accuracy_matrix.png and learning_curves.png of a run into out_dir (default:
+    the log dir). What the trainer calls on rank 0 at the end of training; prints nothing."""
+    run = load_run(log_dir)
+    return _write_run_files(run, Path(out_dir) if out_dir is not None else Path(log_dir))
+
+
+def _run_out_dirs(runs: Sequence[RunData], out: Path | None) -> list[Path]:
+    """Where each run's files go: its log dir; with --out and one run, OUT; with several, OUT/<dir>."""
+    if out is None:
+        return [run.log_dir for run in runs]
+    if len(runs) == 1:
+        return [out]
+    dirs: list[Path] = []
+    for run in runs:
+        base = run.log_dir.resolve().name or "run"
+        candidate, n = out / base, 2
+        while candidate in dirs:
+            candidate, n = out / f"{base}-{n}", n + 1
+        dirs.append(candidate)
+    return dirs
+
+
+def run_report(log_dirs: Sequence[str], out: str | None = None, stream=None) -> int:
+    """The `tau2cl report` command: each run's text and files, then the comparison of several."""
+    stream = stream if stream is not None else sys.stdout
+    # All runs are read first, so a bad dir fails before any file is written.
+    runs = [load_run(d) for d in log_dirs]
+    out_path = Path(out) if out is not None else None
+    for i, (run, out_dir) in enumerate(zip(runs, _run_out_dirs(runs, out_path), strict=True)):
+        files = _write_run_files(run, out_dir)
+        if i:
+            print("", file=stream)
+        print(format_run_report(run), file=stream)
+        print(f"Wrote {files.accuracy_matrix}, {files.learning_curves}, {files.text}", file=stream)
+    if len(runs) > 1:
+        table = format_comparison(runs)
+        md_dir = out_path if out_path is not None else Path.cwd()
+        md_dir.mkdir(parents=True, exist_ok=True)
+        md_path = md_dir / COMPARISON_MD
+        md_path.write_text(f"# Run comparison\n\n{table}\n", encoding="utf-8")
+        print(
+            f"\nComparison (final stage; reward columns = mean test reward)\n{table}", file=stream
+        )
+        print(f"Wrote {md_path}", file=stream)
+    return 0

@@ -1,0 +1,103 @@
+"""Strategies inside real (tiny) training runs: hook order, and EWC holding weights in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tau2cl.trainer as trainer_module
+from tau2cl.config import GRPOConfig
+from tau2cl.policy import load_model
+from tau2cl.strategies.base import CLStrategy
+from tau2cl.trainer import GRPOTrainer
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, **overrides) -> GRPOConfig:
+    values = dict(
+        model_name_or_path="tiny", model_dtype="float32", task_order=["airline", "retail"],
+        max_tasks_per_domain=2, num_steps_per_task=2, batch_size_per_gpu=1, num_samples_per_prompt=2,
+        max_new_tokens=8, max_turns=1, eval_interval=0, eval_max_tasks=1, kl_coef=0.0,
+        use_progress_bar=False, log_dir=str(tmp_path), seed=3,
+    )
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+class Recorder(CLStrategy):
+    name = "recorder"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls: list[str] = []
+
+    def setup(self, trainer):
+        self.calls.append("setup")
+
+    def before_domain(self, trainer, task_idx, domain):
+        self.calls.append(f"before_domain:{domain}")
+
+    def augment_batch(self, trainer, requests):
+        self.calls.append("augment_batch")
+        return requests
+
+    def after_rollout(self, trainer, trajectories):
+        self.calls.append("after_rollout")
+
+    def loss_terms(self, trainer):
+        self.calls.append("loss_terms")
+        return {}
+
+    def after_update(self, trainer, step):
+        self.calls.append("after_update")
+
+    def after_domain(self, trainer, task_idx, domain):
+        self.calls.append(f"after_domain:{domain}")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _run(tmp_path: Path, **overrides) -> tuple[dict, dict]:
+    """Train airline then retail; the weights after each domain."""
+    config = _config(
+        tmp_path, reward_fn="reward_fns:first_reply_length", learning_rate=3e-3, num_steps_per_task=4,
+        max_new_tokens=12, **overrides,
+    )
+    GRPOTrainer(config).train()
+    return _weights(tmp_path / "checkpoint_task_0"), _weights(tmp_path / "checkpoint_task_1")
+
+
+def _distance(before: dict, after: dict, weights: dict | None = None) -> float:
+    """L2 distance, or the Fisher-weighted one Σ F (θ − θ*)² when weights are given."""
+    if weights is None:
+        return sum(float((after[k] - before[k]).pow(2).sum()) for k in before) ** 0.5
+    return sum(float((weights[k] * (after[k] - before[k]).pow(2)).sum()) for k in weights)
+
+
+def test_hooks_run_in_order_and_ewc_holds_the_weights_that_matter(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    # the baseline run: sequential behaviour (every hook a no-op) with each call recorded
+    recorder = Recorder(None)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "build_strategy", lambda config: recorder)
+        seq_before, seq_after = _run(tmp_path / "seq", cl_algorithm="sequential")
+    step = ["augment_batch", "after_rollout", "loss_terms", "after_update"]
+    domain = lambda name: [f"before_domain:{name}", *step * 4, f"after_domain:{name}"]  # noqa: E731
+    assert recorder.calls == ["setup", *domain("airline"), *domain("retail")]
+
+    ewc_before, ewc_after = _run(tmp_path / "ewc", cl_algorithm="ewc", ewc_lambda=1e4, ewc_fisher_samples=4)
+    state = torch.load(tmp_path / "ewc" / "checkpoint_task_1" / "trainer_state.pt", weights_only=False)
+    names = [n for n, p in load_model("tiny", "float32", "cpu").named_parameters() if p.requires_grad]
+    fisher = dict(zip(names, state["strategy"]["fishers"][0]))  # airline's Fisher, in parameter order
+    assert _distance(seq_before, seq_after) > 0
+    assert _distance(ewc_before, ewc_after) < _distance(seq_before, seq_after)
+    weighted_ewc = _distance(ewc_before, ewc_after, fisher)
+    weighted_seq = _distance(seq_before, seq_after, fisher)
+    assert weighted_ewc < 0.5 * weighted_seq, (weighted_ewc, weighted_seq)
+    assert '"ewc_penalty"' in (tmp_path / "ewc" / "metrics.jsonl").read_text()
