@@ -304,7 +304,20 @@ class GRPOTrainer:
         summary = self._summary()
         self.tracker.log_final_summary(self.order, self.reward_matrix, summary["final_measures"])
         self.tracker.write_summary(summary)
+        if self.dist.is_main:
+            self._write_report()
         return summary
+
+    def _write_report(self) -> None:
+        """The transfer report (table + PNGs) beside the run files; a plotting failure only warns."""
+        from tau2cl.report import write_report
+
+        try:
+            files = write_report(self.config.log_dir)
+        except Exception as exc:  # the run's results are already on disk
+            self.tracker.log_message(f"warning: could not write the transfer report: {exc}")
+            return
+        self.tracker.log_message(f"Report: {files.text}, {files.accuracy_matrix}, {files.learning_curves}")
 
     def _summary(self) -> dict:
         done = self.progress.stages_done - 1  # last filled row

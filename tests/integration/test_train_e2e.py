@@ -100,6 +100,7 @@ def test_results_files_are_rescored_identically_by_tau2(full_run):
     log_dir, _ = full_run
     files = sorted((log_dir / "eval_results").glob("*.json"))
     assert len(files) == 4 * 3
+    assert (log_dir / "accuracy_matrix.png").stat().st_size > 0 and (log_dir / "learning_curves.png").exists()
     for path in files[:6]:
         results = Results.load(path)
         tasks = {t.id: t for t in results.tasks}

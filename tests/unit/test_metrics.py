@@ -298,6 +298,7 @@ def test_jsonl_records_have_the_contract_keys(tmp_path):
         "eval_domain": "airline",
         "step": 10,
         "global_step": 20,
+        "stage": None,
         "time": evaluation["time"],
         "reward_mean": 0.423,
         "reward_std": 0.134,
