@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tau2cl import tau2_compat  # noqa: F401  (before any tau2 import: no network, quiet logs)
 from tau2cl.config import GRPOConfig
 
 __all__ = ["GRPOConfig", "GRPOTrainer"]

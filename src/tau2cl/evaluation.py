@@ -58,7 +58,7 @@ def evaluate_domain(
         requests = [RolloutRequest(domain, tasks[i // k], group=i) for i in chunk]
         trajectories = engine.run(requests, generator)
         score_trajectories(trajectories, {domain.name: domain}, reward_fn)
-        records += [_record(i, i % k, t, reward_fn is not None) for i, t in zip(chunk, trajectories)]
+        records += [_record(i, i % k, t, reward_fn is not None) for i, t in zip(chunk, trajectories, strict=True)]
     gathered = sorted((r for part in all_gather_objects(records) for r in part), key=lambda r: r.index)
     summary = summarize(
         domain.name,
@@ -83,9 +83,10 @@ def _record(index: int, trial: int, traj: Trajectory, custom: bool) -> EvalRecor
 
 def to_simulation(traj: Trajectory, index: int, trial: int) -> Any:
     """The trajectory as a tau2 SimulationRun (for tau2 Results files)."""
-    from tau2cl import tau2_compat  # noqa: F401
     from tau2.data_model.simulation import SimulationRun
     from tau2.utils.utils import get_now
+
+    from tau2cl import tau2_compat  # noqa: F401
 
     now = get_now()
     return SimulationRun(

@@ -167,6 +167,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
 
 
 _MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a cache
+_MAX_PREFIX_CACHES = 4  # one per domain of a batch (replay mixes domains)
 
 
 def _cache_kwarg(model: Any) -> str:
@@ -194,7 +195,9 @@ def _prefix_cache(policy: Policy, prefix: list[int]) -> Any:
         cache = DynamicCache()
         ids = torch.tensor([prefix], device=policy.device)
         policy.model(input_ids=ids, **{_cache_kwarg(policy.model): cache}, use_cache=True)
-        policy.prefix_caches = {key: cache}  # keep one: batches come one domain at a time
+        if len(policy.prefix_caches) >= _MAX_PREFIX_CACHES:  # a run mixes a few domains at most
+            policy.prefix_caches.pop(next(iter(policy.prefix_caches)))
+        policy.prefix_caches[key] = cache
     return copy.deepcopy(cache)
 
 

@@ -15,15 +15,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
 from tau2.data_model.message import AssistantMessage, Message, ToolCall, ToolMessage, UserMessage
 from tau2.data_model.simulation import TerminationReason
 from tau2.user.base import STOP
+
+from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
 from tau2cl.chat import assistant_chat_message
 from tau2cl.domains import STOP_TOOL_NAME, Domain
 from tau2cl.policy import Generation, Policy
-from tau2cl.tool_calls import CALL_CLOSE, CALL_OPEN, MalformedCall, ParsedTurn, malformed_call_error, parse_tool_calls
+from tau2cl.tool_calls import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    MalformedCall,
+    ParsedTurn,
+    malformed_call_error,
+    parse_tool_calls,
+)
 from tau2cl.users import UserSimulator, is_stop_message
 
 GREETING = "Hi! How can I help you today?"  # tau2's DEFAULT_FIRST_AGENT_MESSAGE
@@ -158,11 +165,11 @@ class RolloutEngine:
                 prompts = [e.token_ids for e in group]
                 s = self.settings
                 generations = self.policy.generate(prompts, s.max_new_tokens, s.temperature, s.top_p, generator)
-                for episode, generation in zip(group, generations):
+                for episode, generation in zip(group, generations, strict=True):
                     self._agent_turn(episode, generation)
             asking = [e for e in episodes if e.termination is None and e.awaiting == _USER]
             if asking:
-                for episode, reply in zip(asking, self.user.respond(asking)):
+                for episode, reply in zip(asking, self.user.respond(asking), strict=True):
                     self._user_turn(episode, reply)
             if all(e.termination is not None for e in episodes):
                 return [e.to_trajectory() for e in episodes]
@@ -208,12 +215,11 @@ class RolloutEngine:
     def _run_tools(self, episode: Episode, parsed: ParsedTurn, text: str) -> None:
         n = episode.assistant_turns
         calls = [ToolCall(id=f"call_{n}_{i}", name=c.name, arguments=c.arguments) for i, c in enumerate(parsed.calls)]
+        errors = [malformed_call_error(m) for m in parsed.malformed]
+        raw = {"text": text, "malformed_call_errors": errors} if errors else {"text": text}
         episode.messages.append(
             AssistantMessage(
-                role="assistant",
-                content=_content_with_malformed(parsed),
-                tool_calls=calls or None,
-                raw_data={"text": text},
+                role="assistant", content=_content_with_malformed(parsed), tool_calls=calls or None, raw_data=raw
             )
         )
         replies: list[dict] = []

@@ -45,7 +45,13 @@ from tau2cl.rollout import RolloutEngine, RolloutRequest, RolloutSettings, Traje
 from tau2cl.scoring import load_reward_fn, score_trajectories
 from tau2cl.strategies import build_strategy
 from tau2cl.tau2_results import write_results
-from tau2cl.update import LossSettings, accumulate_gradients, collate, reference_logprobs, split_micro_batches
+from tau2cl.update import (
+    LossSettings,
+    accumulate_gradients,
+    collate,
+    reference_logprobs,
+    split_micro_batches,
+)
 from tau2cl.users import build_user
 
 

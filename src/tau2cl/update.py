@@ -54,7 +54,7 @@ def collate(
     attn = torch.zeros((batch, width), dtype=torch.long)
     mask = torch.zeros((batch, width), dtype=torch.bool)
     old = torch.zeros((batch, width), dtype=torch.float32)
-    for row, (seq, m, lp) in enumerate(zip(token_ids, loss_masks, logprobs)):
+    for row, (seq, m, lp) in enumerate(zip(token_ids, loss_masks, logprobs, strict=True)):
         n = len(seq)
         ids[row, :n] = torch.tensor(seq, dtype=torch.long)
         attn[row, :n] = 1

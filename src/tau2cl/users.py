@@ -11,9 +11,10 @@ import re
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
 from tau2.data_model.message import AssistantMessage, UserMessage
 from tau2.user.base import OUT_OF_SCOPE, STOP, TRANSFER
+
+from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
 
 if TYPE_CHECKING:
     from tau2cl.rollout import Episode

@@ -94,7 +94,7 @@ def test_hooks_run_in_order_and_ewc_holds_the_weights_that_matter(tmp_path, monk
     ewc_before, ewc_after = _run(tmp_path / "ewc", cl_algorithm="ewc", ewc_lambda=1e4, ewc_fisher_samples=4)
     state = torch.load(tmp_path / "ewc" / "checkpoint_task_1" / "trainer_state.pt", weights_only=False)
     names = [n for n, p in load_model("tiny", "float32", "cpu").named_parameters() if p.requires_grad]
-    fisher = dict(zip(names, state["strategy"]["fishers"][0]))  # airline's Fisher, in parameter order
+    fisher = dict(zip(names, state["strategy"]["fishers"][0], strict=True))  # airline's Fisher, in parameter order
     assert _distance(seq_before, seq_after) > 0
     assert _distance(ewc_before, ewc_after) < _distance(seq_before, seq_after)
     weighted_ewc = _distance(ewc_before, ewc_after, fisher)

@@ -10,6 +10,7 @@ from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
 from tau2.data_model.message import AssistantMessage, ToolCall, ToolMessage, UserMessage
 from tau2.user.base import STOP, TRANSFER
 
+from tau2cl.domains import load_domain
 from tau2cl.rollout import GREETING, Episode, RolloutRequest
 from tau2cl.users import TRANSFER_TOOL_NAME, ScriptedUser, build_user, is_stop_message
 
@@ -31,6 +32,12 @@ def _exchange(user: ScriptedUser, episode: Episode, agent_text: str) -> str:
     [reply] = user.respond([episode])
     episode.messages.append(UserMessage(role="user", content=reply))
     return reply
+
+
+@pytest.fixture(scope="module")
+def domains():
+    """airline and retail only (telecom's 14 MB task file is not needed here); load_domain caches."""
+    return {name: load_domain(name, max_tasks=2) for name in ("airline", "retail")}
 
 
 def _tasks(domains):

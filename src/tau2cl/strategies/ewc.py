@@ -33,7 +33,7 @@ Tensors = list[torch.Tensor]
 def ewc_penalty(params: Tensors, anchors: Tensors, fisher: Tensors, lam: float) -> torch.Tensor:
     """(λ/2) Σ_i F_i (θ_i − θ*_i)² over all parameter tensors (differentiable in params)."""
     total = params[0].new_zeros((), dtype=torch.float32)
-    for p, a, f in zip(params, anchors, fisher):
+    for p, a, f in zip(params, anchors, fisher, strict=True):
         total = total + (f * (p.float() - a) ** 2).sum()
     return 0.5 * lam * total
 
@@ -51,7 +51,7 @@ def online_update(running: Tensors | None, new: Tensors, gamma: float) -> Tensor
     """F ← γF + F_new (the first Fisher is taken as it is)."""
     if running is None:
         return [f.clone() for f in new]
-    return [gamma * r + f for r, f in zip(running, new)]
+    return [gamma * r + f for r, f in zip(running, new, strict=True)]
 
 
 @register
@@ -78,7 +78,7 @@ class EWC(CLStrategy):
         if not self.fishers or self.config.ewc_lambda == 0:
             return {}
         penalty = sum(
-            ewc_penalty(trainer.params, a, f, self.config.ewc_lambda) for f, a in zip(self.fishers, self.anchors)
+            ewc_penalty(trainer.params, a, f, self.config.ewc_lambda) for f, a in zip(self.fishers, self.anchors, strict=True)
         )
         return {"ewc_penalty": penalty}
 
@@ -128,7 +128,7 @@ def estimate_fisher(trainer: GRPOTrainer, domain_name: str) -> Tensors:
         logprobs = sequence_logprobs(model, ids, torch.ones_like(ids), mask, 1.0, trainer.compute_dtype)
         model.zero_grad(set_to_none=True)
         logprobs.sum().backward()
-        for s, p in zip(sums, trainer.params):
+        for s, p in zip(sums, trainer.params, strict=True):
             if p.grad is not None:
                 s += p.grad.float() ** 2
         count += 1
