@@ -31,11 +31,14 @@ class TokenBatch:
         return int(self.loss_mask.sum().item())
 
     def rows(self, index: Sequence[int]) -> TokenBatch:
-        sel = torch.as_tensor(list(index), dtype=torch.long)
-        ref = None if self.ref_logprobs is None else self.ref_logprobs[sel]
+        """A micro-batch of these rows, with padding trimmed to its own longest row."""
+        sel = torch.as_tensor(list(index), dtype=torch.long, device=self.input_ids.device)
+        width = int(self.attention_mask[sel].sum(dim=1).max())  # right padding: real tokens first
+        cols = slice(0, width)
+        ref = None if self.ref_logprobs is None else self.ref_logprobs[sel, cols]
         return TokenBatch(
-            self.input_ids[sel], self.attention_mask[sel], self.loss_mask[sel],
-            self.old_logprobs[sel], self.advantages[sel], ref,
+            self.input_ids[sel, cols], self.attention_mask[sel, cols], self.loss_mask[sel, cols],
+            self.old_logprobs[sel, cols], self.advantages[sel], ref,
         )
 
 
@@ -110,15 +113,21 @@ def _split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.
 
 @torch.no_grad()
 def reference_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, micro_batch_size: int, temperature: float,
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    micro_batch_size: int,
+    temperature: float,
     compute_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """(B, T) log-probs of the batch under a frozen model, computed in micro-batches."""
-    out = []
-    for start in range(0, batch.input_ids.shape[0], micro_batch_size):
-        sl = slice(start, start + micro_batch_size)
-        out.append(sequence_logprobs(model, batch.input_ids[sl], batch.attention_mask[sl], batch.loss_mask[sl], temperature, compute_dtype))
-    return torch.cat(out)
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for rows in split_micro_batches(batch.input_ids.shape[0], -(-batch.input_ids.shape[0] // micro_batch_size)):
+        mb = batch.rows(rows)
+        width = mb.input_ids.shape[1]
+        out[rows[0] : rows[-1] + 1, :width] = sequence_logprobs(
+            model, mb.input_ids, mb.attention_mask, mb.loss_mask, temperature, compute_dtype
+        )
+    return out
 
 
 @dataclass

@@ -36,7 +36,12 @@ def _script(name: str, *args: str, cwd: Path, timeout: int = 120) -> subprocess.
     env = {**os.environ, "PYTHON": sys.executable}
     return subprocess.run(
         ["bash", str(ROOT / name), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -76,7 +81,7 @@ def test_command_line_flags_override_a_config_file():
     assert config.model_name_or_path == "tiny"  # the rest still comes from the file
 
 
-def test_4gpu_config_is_the_seeds_first_command():
+def test_4gpu_config_has_the_documented_settings():
     config = parse_config(["--config", str(ROOT / "configs" / "qwen2.5-3b-4gpu.yaml")])
     assert config.model_name_or_path == "Qwen/Qwen2.5-3B-Instruct"
     assert config.model_dtype == "bfloat16"
@@ -146,7 +151,9 @@ def test_quick_test_shows_every_part_of_the_output(quick_run):
     for i, domain in enumerate(("airline", "retail", "telecom")):
         assert f"Task {i}: {domain.upper()}" in out
         assert f"Training on 2 tasks from {domain} domain" in out
-        assert re.search(rf"Task {i} \({domain}\): 100%\|.*\| 2/2 \[.*loss: .*, reward: .*, kl: .*\]", out)
+        assert re.search(
+            rf"Task {i} \({domain}\): 100%\|.*\| 2/2 \[.*loss: .*, reward: .*, kl: .*\]", out
+        )
         assert f"[EVAL] Task {i} Step 2 | Reward: " in out
         assert f"Backward Transfer Evaluation (after Task {i})" in out
         assert f"=== Transfer Metrics after Task {i} ===" in out
@@ -166,7 +173,9 @@ def test_quick_test_writes_the_run_files(quick_run):
     assert summary["task_order"] == ["airline", "retail", "telecom"]
     assert summary["stages_completed"] == 3 and summary["config"]["cl_algorithm"] == "sequential"
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    counts = {kind: sum(r["type"] == kind for r in records) for kind in ("train", "eval", "transfer")}
+    counts = {
+        kind: sum(r["type"] == kind for r in records) for kind in ("train", "eval", "transfer")
+    }
     assert counts == {"train": 6, "eval": 12, "transfer": 3}  # 3 domains x 2 steps; 4 stages x 3
     for i in range(3):
         assert (log_dir / f"checkpoint_task_{i}" / "trainer_state.pt").is_file()
@@ -192,7 +201,12 @@ def expected_flag_tables() -> str:
     """The README's flag tables as GRPOConfig defines them (groups in --help order)."""
     lines = []
     for group, about in GROUPS.items():
-        lines += [f"#### {group}: {about}", "", "| flag | default | what it does |", "| --- | --- | --- |"]
+        lines += [
+            f"#### {group}: {about}",
+            "",
+            "| flag | default | what it does |",
+            "| --- | --- | --- |",
+        ]
         for f in fields(GRPOConfig):
             if f.metadata["group"] != group:
                 continue
@@ -235,7 +249,7 @@ def test_readme_strategy_table_is_the_registry():
 
 def test_readme_test_command_is_what_ci_runs():
     assert "python -m pytest -q\n" in README.read_text()
-    assert '-m pytest -q\n' in (ROOT / ".ci" / "run").read_text()
+    assert "-m pytest -q\n" in (ROOT / ".ci" / "run").read_text()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""Micro-batching trims padding without changing any log-prob or gradient."""
+
+from __future__ import annotations
+
+import torch
+
+from tau2cl.update import (
+    LossSettings,
+    accumulate_gradients,
+    collate,
+    reference_logprobs,
+    sequence_logprobs,
+    split_micro_batches,
+)
+
+
+def _batch(pad_id: int):
+    g = torch.Generator().manual_seed(0)
+    lengths = [40, 12, 25]
+    ids = [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths]
+    masks = [[0] * (n // 2) + [1] * (n - n // 2) for n in lengths]
+    logprobs = [[0.0] * n for n in lengths]
+    return collate(ids, masks, logprobs, [1.0, -0.5, 0.25], pad_id)
+
+
+def test_rows_trim_to_their_own_longest_row(tiny_tokenizer):
+    batch = _batch(tiny_tokenizer.pad_token_id)
+    assert batch.input_ids.shape == (3, 40)
+    sub = batch.rows([1, 2])
+    assert sub.input_ids.shape == (2, 25)
+    assert torch.equal(sub.input_ids, batch.input_ids[1:, :25])
+    assert torch.equal(sub.advantages, batch.advantages[1:])
+
+
+def test_reference_logprobs_in_micro_batches_equal_one_full_pass(tiny_model, tiny_tokenizer):
+    batch = _batch(tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = sequence_logprobs(tiny_model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    chunked = reference_logprobs(tiny_model, batch, 1, 1.0, None)
+    assert chunked.shape == full.shape
+    assert torch.allclose(chunked, full, atol=1e-5)
+    assert (chunked[~batch.loss_mask] == 0).all()
+
+
+def test_accumulated_micro_batch_gradients_equal_the_full_batch_gradient(tiny_model, tiny_tokenizer):
+    batch = _batch(tiny_tokenizer.pad_token_id)
+    settings = LossSettings(temperature=1.0, clip_low=0.2, clip_high=0.2, kl_coef=0.0)
+    params = [p for p in tiny_model.parameters()]
+
+    def grads(micro):
+        tiny_model.zero_grad(set_to_none=True)
+        accumulate_gradients(tiny_model, batch, micro, settings, float(batch.num_tokens))
+        return [p.grad.clone() for p in params if p.grad is not None]
+
+    one = grads(split_micro_batches(3, 1))
+    three = grads(split_micro_batches(3, 3))
+    tiny_model.zero_grad(set_to_none=True)
+    assert len(one) == len(three)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one, three, strict=True))
