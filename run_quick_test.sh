@@ -4,10 +4,11 @@
 # in a few minutes on 2 CPU cores. No network, no GPU.
 #     bash run_quick_test.sh [ALG] [extra 'tau2cl train' flags...]
 # ALG defaults to sequential; extra flags override configs/quick_test.yaml (e.g. --log_dir DIR,
-# --verbose --no-use_progress_bar). Environment: PYTHON (default python3).
+# --verbose --no-use_progress_bar). Environment: PYTHON (default python3), DRY_RUN=1 (print the
+# command instead of running it).
 set -euo pipefail
 
-PYTHON="${PYTHON:-python3}"
+SCRIPT=run_quick_test.sh
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
@@ -15,24 +16,15 @@ usage() {
     echo "  ALG: the continual-learning strategy (default sequential), one of: ${VALID:-?}"
 }
 
-if ! VALID="$("$PYTHON" -c 'from tau2cl.strategies import registered_names; print(" ".join(registered_names()))')"; then
-    echo "run_quick_test.sh: error: cannot import tau2cl with $PYTHON; install it first (see README.md)." >&2
-    exit 2
-fi
+# shellcheck source=scripts/common.sh
+source "$HERE/scripts/common.sh"
+load_algorithms
 
 ALG=sequential
 case "${1:-}" in
     -h|--help) usage; exit 0 ;;
     ""|-*) ;;  # no ALG given: only flags (or nothing) follow
-    *)
-        ALG="$1"
-        shift
-        if [[ " $VALID " != *" $ALG "* ]]; then
-            usage >&2
-            echo "run_quick_test.sh: error: unknown ALG '$ALG'; choose one of: $VALID." >&2
-            exit 2
-        fi
-        ;;
+    *) ALG="$1"; shift; check_alg "$ALG" ;;
 esac
 
 # Offline: the tiny model is built locally on first use (into $TAU2CL_CACHE, default
@@ -45,4 +37,4 @@ export CUDA_VISIBLE_DEVICES=""
 # machine competing threads made the run about twice as slow. Set OMP_NUM_THREADS to override.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-exec "$PYTHON" -m tau2cl.train --config "$HERE/configs/quick_test.yaml" --cl_algorithm "$ALG" "$@"
+launch "$PYTHON" -m tau2cl.train --config "$HERE/configs/quick_test.yaml" --cl_algorithm "$ALG" "$@"

@@ -50,10 +50,19 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / STATE_FILE).exists():
         return path
-    candidates = [p for p in path.glob("checkpoint_*") if (p / STATE_FILE).exists()] if path.is_dir() else []
+    candidates = [
+        p for p in (path.glob("checkpoint_*") if path.is_dir() else [])
+        if p.suffix not in (".tmp", ".old") and (p / STATE_FILE).exists()
+    ]
     if not candidates:
         raise UserError(f"no checkpoint found at '{path}' (expected a checkpoint folder or a log_dir holding one).")
-    return max(candidates, key=lambda p: torch.load(p / STATE_FILE, weights_only=False)["global_step"])
+    return max(candidates, key=_position)
+
+
+def _position(checkpoint: Path) -> tuple[int, int]:
+    """How far a checkpoint got: global step, then matrix rows filled (a domain end comes last)."""
+    progress = load_state(checkpoint).get("progress", {})
+    return progress.get("global_step", 0), progress.get("stages_done", 0)
 
 
 def load_state(path: Path) -> dict:

@@ -272,6 +272,12 @@ class GRPOConfig:
         "Training steps between step checkpoints; 0 saves only at the end of each domain "
         "(checkpoint_task_{i}).",
     )
+    save_total_limit: int | None = _option(
+        None,
+        "checkpointing",
+        "Step checkpoints to keep (the oldest are deleted); domain-end checkpoints are always "
+        "kept. None keeps every one.",
+    )
     resume_from: str | None = _option(
         None,
         "checkpointing",
@@ -420,6 +426,7 @@ _AT_LEAST_ONE = (
     "log_interval",
     "max_tasks_per_domain",
     "eval_max_tasks",
+    "save_total_limit",
 )
 _NON_NEGATIVE = (
     "kl_coef",

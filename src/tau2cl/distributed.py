@@ -96,6 +96,13 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place max across ranks (returns the tensor)."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_reduce_grads_(parameters: list[torch.nn.Parameter], world_size: int) -> None:
     """Average gradients across ranks in place, once per optimizer step (not per micro-batch).
 

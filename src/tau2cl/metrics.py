@@ -22,6 +22,7 @@ from tau2cl.errors import UserError
 from tau2cl.eval_stats import EvalSummary
 
 RULE = "=" * 80
+LOG_FILE = "train.log"
 NAME_WIDTH = 10  # domain column of the transfer rows: "airline    | Reward: ..."
 DETAIL_INDENT = " " * 8
 # The seed's bar has no rate field: "100/100 [10:23<00:00, loss: 2.1234, reward: 0.456, kl: ...]".
@@ -285,6 +286,7 @@ class MetricsTracker:
         self._domain, self._num_steps, self._step = None, None, 0
         self._last_kind: str | None = None  # what was printed last; decides blank separator lines
         self._jsonl = None
+        self._log = None
         self._wandb: Any = _NoWandb()
         self._wandb_run_id: str | None = None
         if not is_main:
@@ -294,6 +296,8 @@ class MetricsTracker:
         self._jsonl = open(
             os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1, encoding="utf-8"
         )
+        # Every console line (and the compact train lines, even under the bar) also goes here.
+        self._log = open(os.path.join(log_dir, LOG_FILE), "a", buffering=1, encoding="utf-8")
         if wandb_project:
             self._wandb = _init_wandb(
                 wandb_project, wandb_run_name, wandb_run_id, config_dict, log_dir
@@ -334,7 +338,12 @@ class MetricsTracker:
             text = "\n" + text
         tqdm.write(text, file=self._stream)
         self._stream.flush()
+        self._to_log(text)
         self._last_kind = kind
+
+    def _to_log(self, text: str) -> None:
+        if self._log is not None:
+            self._log.write(text + "\n")
 
     def _record(self, header: dict, figures: Mapping[str, Any]) -> None:
         """Append one metrics.jsonl line: header keys first (they win a clash), then figures."""
@@ -389,8 +398,10 @@ class MetricsTracker:
             self._bar.update(1)
             if self._bar.total is not None and self._bar.n >= self._bar.total:
                 self._close_bar()  # so the domain's last [EVAL] prints below a finished bar
-            if not self.verbose:
-                return  # the bar shows loss, reward and kl; lines only in verbose mode
+            if not self.verbose:  # the bar shows loss, reward and kl; the log file gets the line
+                if step % self.log_interval == 0 or step == self._num_steps:
+                    self._to_log(format_train_line(task_idx, step, self._num_steps, stats))
+                return
         if step % self.log_interval == 0 or step == self._num_steps:
             self._write(format_train_line(task_idx, step, self._num_steps, stats), "train")
             if self.verbose:
@@ -499,6 +510,9 @@ class MetricsTracker:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         self._wandb.finish()
         self._wandb = _NoWandb()
 

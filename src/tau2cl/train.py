@@ -6,6 +6,7 @@ Parsing comes first and the trainer (torch, transformers, tau2) is imported only
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tau2cl.config import parse_config
@@ -17,9 +18,19 @@ def main(argv: list[str] | None = None, prog: str = "tau2cl train") -> int:
 
     def train() -> int:
         config = parse_config(argv, prog=prog)
+        from tau2cl.interrupt import TrainingInterrupted
         from tau2cl.trainer import GRPOTrainer
 
-        GRPOTrainer(config).train()
+        try:
+            GRPOTrainer(config).train()
+        except TrainingInterrupted as stop:
+            if os.environ.get("RANK", "0") == "0":
+                print(
+                    f"tau2cl: {stop}; checkpoint saved to {stop.checkpoint}. Resume with the same flags "
+                    f"plus --resume_from {stop.checkpoint}",
+                    file=sys.stderr,
+                )
+            return stop.exit_code
         return 0
 
     return run_guarded(train)

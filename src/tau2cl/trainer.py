@@ -7,7 +7,9 @@ behaviour lives in the strategy's hooks; the trainer only calls them.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from tau2cl.distributed import (
     DistInfo,
     all_gather_objects,
     all_reduce_grads_,
+    all_reduce_max_,
     all_reduce_sum_,
     compute_cleanup,
     compute_init,
@@ -39,6 +42,7 @@ from tau2cl.errors import UserError
 from tau2cl.eval_stats import EvalSummary
 from tau2cl.evaluation import EvalSettings, evaluate_domain, results_path
 from tau2cl.grpo import group_advantages, zero_std_group_fraction
+from tau2cl.interrupt import StopRequest, TrainingInterrupted
 from tau2cl.metrics import MetricsTracker
 from tau2cl.policy import DTYPES, Policy, load_model, load_tokenizer
 from tau2cl.rollout import RolloutEngine, RolloutRequest, RolloutSettings, Trajectory
@@ -73,6 +77,9 @@ class GRPOTrainer:
         self.dist: DistInfo = compute_init()
         tau2_compat.set_tau2_verbosity(config.verbose)
         self.order = list(config.task_order)
+        if self.dist.is_main:
+            _check_writable(config.log_dir)
+        self.stop_request = StopRequest()
         self.domains: dict[str, Domain] = {n: load_domain(n, config.max_tasks_per_domain) for n in self.order}
         self._check_batch_fits()
         self.compute_dtype = _compute_dtype(config.model_dtype)
@@ -101,6 +108,7 @@ class GRPOTrainer:
         wandb_id = None
         if config.resume_from:
             wandb_id = self._resume(config.resume_from)
+        self.saved_step_checkpoints: list[Path] = []
         self.tracker = MetricsTracker(
             config.log_dir, config.to_dict(), is_main=self.dist.is_main,
             use_progress_bar=config.use_progress_bar, log_interval=config.log_interval,
@@ -137,6 +145,7 @@ class GRPOTrainer:
     # ---- public API -------------------------------------------------------------------------
     def train(self) -> dict:
         """Run the whole domain sequence; returns the summary written to summary.json."""
+        self.stop_request.install()
         try:
             if self.progress.stages_done == 0:
                 self._evaluate_stage(0)
@@ -144,6 +153,7 @@ class GRPOTrainer:
                 self._train_domain(task_idx)
             return self._finish()
         finally:
+            self.stop_request.uninstall()
             self.tracker.close()
             compute_cleanup()
 
@@ -181,7 +191,8 @@ class GRPOTrainer:
                 summary = self.evaluate_task(name, label=f"task{task_idx}_step{step}")
                 self.tracker.log_eval(task_idx, step, self.progress.global_step, summary, name)
             if self.config.save_interval and step % self.config.save_interval == 0 and step < steps:
-                self._save(step_checkpoint_name(self.progress.global_step))
+                self._save_step_checkpoint()
+            self._stop_if_requested(task_idx, name, step)
         self.tracker.end_domain()
         self.strategy.after_domain(self, task_idx, name)
         self._evaluate_stage(task_idx + 1)
@@ -192,14 +203,16 @@ class GRPOTrainer:
         cfg = self.config
         t0 = time.perf_counter()
         requests = self.strategy.augment_batch(self, self._step_requests(task_idx, domain, step))
-        trajectories = self.train_engine.run(requests, self.generator)
+        with _out_of_memory_names_the_knobs("rollout"):
+            trajectories = self.train_engine.run(requests, self.generator)
         t1 = time.perf_counter()
         score_trajectories(trajectories, self.domains, self.reward_fn)
         t2 = time.perf_counter()
         rewards = torch.tensor([t.train_reward for t in trajectories])
         advantages = group_advantages(rewards, cfg.num_samples_per_prompt, cfg.advantage_normalization)
         self.strategy.after_rollout(self, trajectories)
-        stats = self._update(trajectories, advantages.tolist())
+        with _out_of_memory_names_the_knobs("the update"):
+            stats = self._update(trajectories, advantages.tolist())
         self.strategy.after_update(self, step)
         t3 = time.perf_counter()
         stats.update(self._episode_stats(trajectories, rewards, domain.name))
@@ -353,12 +366,38 @@ class GRPOTrainer:
             seed=cfg.seed, max_turns=cfg.max_turns,
         )
 
-    # ---- checkpoints ------------------------------------------------------------------------
-    def _save(self, name: str) -> None:
-        rng = all_gather_objects(_rng_state(self.generator))
-        if not self.dist.is_main:
+    # ---- interruption -----------------------------------------------------------------------
+    def _stop_if_requested(self, task_idx: int, name: str, step: int) -> None:
+        """At a step boundary: if any rank got SIGINT/SIGTERM, all save and stop together."""
+        flag = torch.tensor([float(self.stop_request.signum or 0)], dtype=torch.float64)
+        signum = int(all_reduce_max_(flag).item())
+        if not signum:
             return
+        self.tracker.end_domain()
+        path = self._save_step_checkpoint()
+        where = f"at Task {task_idx} ({name}) step {step}/{self.config.num_steps_per_task}"
+        raise TrainingInterrupted(signum, str(path), where)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _save_step_checkpoint(self) -> Path:
+        path = self._save(step_checkpoint_name(self.progress.global_step))
+        if path in self.saved_step_checkpoints:
+            return path
+        self.saved_step_checkpoints.append(path)
+        limit = self.config.save_total_limit
+        while limit is not None and len(self.saved_step_checkpoints) > limit:
+            old = self.saved_step_checkpoints.pop(0)
+            if self.dist.is_main and old.exists():
+                shutil.rmtree(old)
+        return path
+
+    def _save(self, name: str) -> Path:
+        rng = all_gather_objects(_rng_state(self.generator))
+        path = Path(self.config.log_dir) / name
+        if not self.dist.is_main:
+            return path
         state = {
+            "metrics_lines": _count_lines(Path(self.config.log_dir) / "metrics.jsonl"),
             "progress": vars(self.progress).copy(),
             "reward_matrix": self.reward_matrix,
             "pass_matrix": self.pass_matrix,
@@ -370,14 +409,20 @@ class GRPOTrainer:
             "wandb_run_id": self.tracker.wandb_run_id,
             "config": self.config.to_dict(),
         }
-        save_checkpoint(Path(self.config.log_dir) / name, self.policy.model, self.policy.tokenizer, state)
+        return save_checkpoint(path, self.policy.model, self.policy.tokenizer, state)
 
     def _resume(self, path: str) -> str | None:
         ckpt = find_checkpoint(path)
         state = load_state(ckpt)
         saved = state["config"]
-        if saved["task_order"] != self.order:
-            raise UserError(f"cannot resume from '{ckpt}': it was trained with task_order {saved['task_order']}.")
+        for key in ("task_order", "model_name_or_path", "num_samples_per_prompt"):
+            if saved[key] != getattr(self.config, key):
+                raise UserError(
+                    f"cannot resume from '{ckpt}': it was trained with {key} {saved[key]!r}, "
+                    f"not {getattr(self.config, key)!r}."
+                )
+        if self.dist.is_main:  # drop what was logged after the checkpoint: no step twice
+            _truncate_lines(Path(self.config.log_dir) / "metrics.jsonl", state["metrics_lines"])
         load_model_weights(self.policy.model, ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -389,6 +434,45 @@ class GRPOTrainer:
         if self.dist.rank < len(rng):
             _set_rng_state(self.generator, rng[self.dist.rank])
         return state.get("wandb_run_id")
+
+
+@contextlib.contextmanager
+def _out_of_memory_names_the_knobs(phase: str):
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        knobs = (
+            "--batch_size_per_gpu, --num_samples_per_prompt, --max_new_tokens or --max_context_tokens"
+            if phase == "rollout"
+            else "--gradient_accumulation_steps (raise it), --gradient_checkpointing or --batch_size_per_gpu"
+        )
+        raise UserError(f"out of GPU memory during {phase}; lower the load with {knobs}.") from None
+
+
+def _check_writable(log_dir: str) -> None:
+    path = Path(log_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to log_dir '{log_dir}' ({exc.strerror}); choose another --log_dir.") from None
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    if len(lines) > keep:
+        path.write_bytes(b"".join(lines[:keep]))
 
 
 def _compute_dtype(name: str) -> torch.dtype | None:

@@ -340,7 +340,20 @@ def test_write_summary_is_atomic_json(tmp_path):
     tracker.close()
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text()) == {"task_order": ["airline", "retail"]}
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "summary.json", "train.log"]
+
+
+def test_the_log_file_gets_every_console_line_and_train_lines_under_the_bar(tmp_path):
+    tracker, stream = make_tracker(tmp_path, use_progress_bar=True, log_interval=2)
+    tracker.start_domain(0, "airline", 80, num_steps=2)
+    tracker.log_train(0, "airline", 1, 1, STATS)
+    tracker.log_train(0, "airline", 2, 2, STATS)
+    tracker.log_message("warning: something to keep")
+    tracker.close()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "Task 0: AIRLINE" in log and "warning: something to keep" in log
+    assert "[TRAIN] Task 0 Step 2/2 | loss: " in log and "Step 1/2" not in log
+    assert "[TRAIN]" not in stream.getvalue()  # the console shows the bar instead
 
 
 def test_non_main_tracker_writes_and_prints_nothing(tmp_path):

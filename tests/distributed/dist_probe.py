@@ -1,0 +1,128 @@
+"""Worker script for tests/distributed/test_torchrun.py, launched by `torch.distributed.run`.
+
+It runs tau2cl's own code in-process so that a test can look inside each rank, which the
+`python -m tau2cl.train` entry point alone cannot show (rank 1 writes nothing):
+
+    dist_probe.py train OUT.json [tau2cl train flags...]
+        tau2cl.train.main(flags) with two recorders patched into tau2cl.trainer: every training
+        step's per-episode train rewards and task ids, and a digest of the parameter bytes before
+        and after training. The process group is kept alive past train() (compute_cleanup
+        patched out) so the digests can be gathered; rank 0 writes every rank's record to OUT.
+    dist_probe.py evaluate OUT.json [tau2cl train flags...]
+        GRPOTrainer(config).evaluate_task(d, label="probe") for every domain of task_order;
+        rank 0 writes the summaries (EvalSummary.to_dict()) and the world size to OUT, and the
+        trainer writes the episodes to LOG_DIR/eval_results/probe_<domain>.json (tau2 Results).
+    dist_probe.py skip_collective TIMEOUT_S
+        compute_init(timeout=TIMEOUT_S), then only rank 0 enters all_gather_objects while the
+        other ranks sleep: rank 0 must fail once the collective timeout runs out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from datetime import timedelta
+
+from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import before anything imports tau2)
+
+
+def parameter_digest(model) -> str:
+    """sha256 of every parameter's bytes, in name order: equal digests = bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+
+
+def probe_train(out: str, argv: list[str]) -> int:
+    import tau2cl.trainer as trainer_module
+    from tau2cl import distributed
+    from tau2cl.train import main
+
+    record: dict = {"steps": []}  # steps: one entry per training step of this rank
+    trainers: list = []
+    original_train = trainer_module.GRPOTrainer.train
+    original_score = trainer_module.score_trajectories
+
+    def recording_train(self):
+        trainers.append(self)
+        record["initial_digest"] = parameter_digest(self.policy.model)
+        return original_train(self)
+
+    def recording_score(trajectories, *args, **kwargs):
+        # The trainer's own name for the scorer: training steps only (evaluation imports its own).
+        original_score(trajectories, *args, **kwargs)
+        record["steps"].append(
+            {
+                "rewards": [t.train_reward for t in trajectories],
+                "tasks": [f"{t.domain}/{t.task_id}" for t in trajectories],
+            }
+        )
+
+    trainer_module.GRPOTrainer.train = recording_train
+    trainer_module.score_trajectories = recording_score
+    trainer_module.compute_cleanup = lambda: None  # keep the group for the gather below
+    code = main(argv, prog="dist_probe.py train")
+    if code != 0 or not trainers:
+        return code or 1
+    info = trainers[0].dist
+    record.update(rank=info.rank, world_size=info.world_size)
+    record["final_digest"] = parameter_digest(trainers[0].policy.model)
+    records = distributed.all_gather_objects(record)
+    if info.is_main:
+        _write(out, {"ranks": records})
+    distributed.compute_cleanup()
+    return 0
+
+
+def probe_evaluate(out: str, argv: list[str]) -> int:
+    from tau2cl import distributed
+    from tau2cl.config import parse_config
+    from tau2cl.trainer import GRPOTrainer
+
+    config = parse_config(argv, prog="dist_probe.py evaluate")
+    trainer = GRPOTrainer(config)
+    summaries = {
+        name: trainer.evaluate_task(name, label="probe").to_dict() for name in config.task_order
+    }
+    if trainer.dist.is_main:
+        _write(out, {"world_size": trainer.dist.world_size, "summaries": summaries})
+    trainer.tracker.close()
+    distributed.compute_cleanup()
+    return 0
+
+
+def probe_skip_collective(timeout_s: float) -> int:
+    from tau2cl import distributed
+
+    info = distributed.compute_init(timeout=timedelta(seconds=timeout_s))
+    if info.rank == 0:
+        print(f"rank 0: entering all_gather_objects alone (timeout {timeout_s:g} s)", flush=True)
+        distributed.all_gather_objects("only rank 0 sends this")
+        print("rank 0: all_gather_objects returned although rank 1 never joined", flush=True)
+        return 3
+    time.sleep(600)  # rank 1 skips the collective but stays alive: only a timeout can end rank 0
+    return 0
+
+
+def main(args: list[str]) -> int:
+    mode, rest = args[0], args[1:]
+    if mode == "train":
+        return probe_train(rest[0], rest[1:])
+    if mode == "evaluate":
+        return probe_evaluate(rest[0], rest[1:])
+    if mode == "skip_collective":
+        return probe_skip_collective(float(rest[0]))
+    raise SystemExit(f"dist_probe.py: unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,252 @@
+"""tau2cl under torchrun: two gloo processes on CPU with the tiny model.
+
+The ranks must agree (bit-identical parameters after training), report once (rank 0 prints and
+writes, the others stay silent), reduce metrics over all episodes, evaluate to the same figures as
+one process, and fail in bounded time when one rank skips a collective. Each test launches
+`python -m torch.distributed.run` (what the `torchrun` command runs) on dist_probe.py, a worker that
+runs tau2cl's own code and records what only the inside of each rank can show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = Path(__file__).with_name("dist_probe.py")
+WORLD = 2
+BATCH, SAMPLES, STEPS = 1, 2, 2
+DOMAINS = ("airline", "retail")
+# The tiny settings shared by every run: 2 tasks per split, one short turn per episode, no
+# reference model, and a reward that varies within a group (tau2's is always 0 for the untrained
+# tiny model), so advantages and gradients are not zero and the parameters move.
+TINY = [
+    "--model_name_or_path", "tiny", "--model_dtype", "float32",
+    "--task_order", *DOMAINS, "--max_tasks_per_domain", "2",
+    "--batch_size_per_gpu", str(BATCH), "--num_samples_per_prompt", str(SAMPLES),
+    "--max_new_tokens", "8", "--max_turns", "1", "--eval_max_tasks", "2", "--kl_coef", "0",
+    "--reward_fn", "reward_fns:first_reply_length",
+]  # fmt: skip
+
+
+@dataclass
+class Launch:
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed: float
+
+
+def _env() -> dict[str, str]:
+    """The child's environment: CPU only (gloo), one thread per process, offline, reward_fns."""
+    path = [str(ROOT / "tests" / "integration"), os.environ.get("PYTHONPATH", "")]
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHON": sys.executable,  # the interpreter the wrapper scripts use
+    }
+
+
+def _run(args: list[str], timeout: float, cwd: Path = ROOT) -> Launch:
+    """Run a command in its own process group; on timeout kill the whole group (no stray ranks)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{args[:6]}... still running after {timeout} s:\n{stderr[-3000:]}")
+    return Launch(proc.returncode, stdout, stderr, time.monotonic() - start)
+
+
+def _torchrun(*args: str, nproc: int = WORLD) -> list[str]:
+    # --standalone: a free local port for the rendezvous, so parallel test runs cannot collide.
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *args,
+    ]
+
+
+def _records(log_dir: Path, kind: str) -> list[dict]:
+    lines = (log_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """2 steps on each of 2 domains with 2 processes: (launch, probe record, log_dir, rank logs)."""
+    tmp = tmp_path_factory.mktemp("torchrun_train")
+    out, log_dir, rank_logs = tmp / "probe.json", tmp / "run", tmp / "rank_logs"
+    launch = _run(
+        _torchrun(
+            "--tee", "3", "--log-dir", str(rank_logs),  # console and one file per rank
+            str(PROBE), "train", str(out), *TINY,
+            "--num_steps_per_task", str(STEPS), "--log_dir", str(log_dir),
+            "--no-use_progress_bar", "--log_interval", "1",
+        ),
+        timeout=400,
+    )  # fmt: skip
+    assert launch.returncode == 0, launch.stderr[-4000:]
+    logs = {}
+    for rank in range(WORLD):
+        (folder,) = rank_logs.glob(f"*/attempt_0/{rank}")
+        logs[rank] = {s: (folder / f"{s}.log").read_text() for s in ("stdout", "stderr")}
+    return launch, json.loads(out.read_text()), log_dir, logs
+
+
+def test_two_processes_train_two_domains_and_end_with_bit_identical_parameters(trained):
+    _, probe, _, _ = trained
+    ranks = probe["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == WORLD for r in ranks)
+    assert len({r["initial_digest"] for r in ranks}) == 1  # same start
+    assert ranks[0]["final_digest"] != ranks[0]["initial_digest"], (
+        "training did not change the weights"
+    )
+    assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' parameters diverged"
+
+
+def test_each_rank_trains_its_own_shard_of_each_step(trained):
+    _, probe, _, _ = trained
+    rank0, rank1 = (r["steps"] for r in probe["ranks"])
+    assert len(rank0) == len(rank1) == STEPS * len(DOMAINS)
+    for step, (mine, theirs) in enumerate(zip(rank0, rank1, strict=True)):
+        domain = DOMAINS[step // STEPS]
+        for tasks in (mine["tasks"], theirs["tasks"]):
+            assert len(tasks) == BATCH * SAMPLES and all(t.startswith(f"{domain}/") for t in tasks)
+        assert not set(mine["tasks"]) & set(theirs["tasks"]), f"step {step}: the ranks share tasks"
+
+
+def test_only_rank_0_prints_and_writes(trained):
+    launch, _, log_dir, logs = trained
+    for banner in (
+        "Task 0: AIRLINE",
+        "Task 1: RETAIL",
+        "Evaluation before training",
+        "Final Summary",
+    ):
+        assert launch.stdout.count(banner) == 1, banner  # the console carries both ranks' output
+        assert banner in logs[0]["stdout"]
+    assert logs[1] == {"stdout": "", "stderr": ""}, "rank 1 printed"
+    assert [p.relative_to(log_dir) for p in log_dir.parent.rglob("metrics.jsonl")] == [
+        Path("metrics.jsonl")
+    ]
+    train = _records(log_dir, "train")
+    assert [(r["task_idx"], r["step"]) for r in train] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert len(_records(log_dir, "eval")) == 3 * len(DOMAINS)  # 3 stages x 2 domains, written once
+    assert len(_records(log_dir, "transfer")) == len(DOMAINS)
+
+
+def test_logged_train_reward_is_the_mean_over_all_episodes_of_both_ranks(trained):
+    _, probe, log_dir, _ = trained
+    per_rank = [r["steps"] for r in probe["ranks"]]
+    train = _records(log_dir, "train")
+    assert len(train) == STEPS * len(DOMAINS)
+    for step, record in enumerate(train):
+        episodes = [reward for steps in per_rank for reward in steps[step]["rewards"]]
+        assert record["num_episodes"] == len(episodes) == WORLD * BATCH * SAMPLES
+        assert len(set(episodes)) > 1, "a constant reward cannot tell a mean of means from the mean"
+        assert record["reward_mean"] == pytest.approx(
+            statistics.fmean(episodes), rel=1e-12, abs=1e-12
+        )
+        assert record["reward_std"] == pytest.approx(
+            statistics.pstdev(episodes), rel=1e-9, abs=1e-12
+        )
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _episodes(log_dir: Path, domain: str) -> list[tuple]:
+    """Each evaluated episode as (task, trial, [(role, content, tool calls)]), in file order."""
+    results = json.loads((log_dir / "eval_results" / f"probe_{domain}.json").read_text())
+    return [
+        (
+            s["task_id"],
+            s["trial"],
+            [(m["role"], m["content"], m["tool_calls"]) for m in s["messages"]],
+        )
+        for s in results["simulations"]
+    ]
+
+
+def test_evaluation_with_one_and_two_processes_gives_the_same_figures(tmp_path):
+    """Greedy evaluation (the default) of the untrained tiny model, 2 tasks x 2 samples per domain."""
+    flags = [*TINY, "--eval_samples_per_task", "2"]
+    runs = {}
+    for nproc in (1, 2):
+        out, log_dir = tmp_path / f"eval{nproc}.json", tmp_path / f"run{nproc}"
+        args = [str(PROBE), "evaluate", str(out), *flags, "--log_dir", str(log_dir)]
+        launch = _run([sys.executable, *args] if nproc == 1 else _torchrun(*args), timeout=300)
+        assert launch.returncode == 0, launch.stderr[-4000:]
+        runs[nproc] = json.loads(out.read_text()), log_dir
+    (one, one_dir), (two, two_dir) = runs[1], runs[2]
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert set(one["summaries"]) == set(DOMAINS)
+    for domain in DOMAINS:
+        assert one["summaries"][domain]["num_episodes"] == 4
+        assert two["summaries"][domain] == one["summaries"][domain]  # same episodes, same order
+        assert _episodes(two_dir, domain) == _episodes(one_dir, domain)
+
+
+# ----------------------------------------------------------------------------- timeouts
+
+
+def test_a_skipped_collective_fails_within_the_timeout_instead_of_hanging():
+    """Rank 0 gathers alone while rank 1 sleeps: the 10 s collective timeout must end the job."""
+    launch = _run(_torchrun(str(PROBE), "skip_collective", "10"), timeout=120)
+    assert launch.returncode != 0
+    assert "all_gather_objects returned" not in launch.stdout
+    assert "entering all_gather_objects alone" in launch.stdout  # it did reach the collective
+    assert "timed out" in launch.stderr.lower(), launch.stderr[-3000:]
+    assert launch.elapsed < 90
+
+
+# ----------------------------------------------------------------------------- the wrapper
+
+
+def test_run_multi_gpu_script_trains_with_two_processes(tmp_path):
+    """run_multi_gpu.sh as a user runs it, its defaults overridden for the tiny model on CPU."""
+    log_dir = tmp_path / "run"
+    launch = _run(
+        [
+            "bash", str(ROOT / "run_multi_gpu.sh"), "2", "sequential", *TINY,
+            "--task_order", "airline", "--num_steps_per_task", "1", "--log_dir", str(log_dir),
+        ],
+        timeout=300,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert launch.returncode == 0, launch.stderr[-4000:]
+    assert launch.stdout.count("Task 0: AIRLINE") == 1
+    assert "Task 0 (airline): 100%" in launch.stdout + launch.stderr  # the seed's bar is on
+    (record,) = _records(log_dir, "train")
+    assert record["num_episodes"] == WORLD * BATCH * SAMPLES
+    summary = json.loads((log_dir / "summary.json").read_text())
+    assert summary["config"]["cl_algorithm"] == "sequential" and summary["stages_completed"] == 1
+    assert not (tmp_path / "runs").exists()  # --log_dir given last overrode the script's default
