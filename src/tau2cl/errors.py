@@ -8,6 +8,7 @@ show their traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -25,7 +26,8 @@ def run_guarded(command: Callable[[], int | None]) -> int:
     try:
         return command() or 0
     except UserError as error:
-        print(f"tau2cl: error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"tau2cl: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("tau2cl: interrupted", file=sys.stderr)

@@ -169,8 +169,7 @@ class RolloutEngine:
                     self._agent_turn(episode, generation)
             asking = [e for e in episodes if e.termination is None and e.awaiting == _USER]
             if asking:
-                for episode, reply in zip(asking, self.user.respond(asking), strict=True):
-                    self._user_turn(episode, reply)
+                self._user_turns(asking)
             if all(e.termination is not None for e in episodes):
                 return [e.to_trajectory() for e in episodes]
 
@@ -252,6 +251,17 @@ class RolloutEngine:
             episode.end(TerminationReason.MAX_STEPS, "max_turns")
         else:
             episode.awaiting = _USER
+
+    def _user_turns(self, episodes: list[Episode]) -> None:
+        """Ask the user for every waiting episode; a failing user ends those episodes, not the run."""
+        try:
+            replies = self.user.respond(episodes)
+        except Exception as exc:  # e.g. a remote user that keeps failing
+            for episode in episodes:
+                episode.end(TerminationReason.USER_ERROR, f"user failed: {type(exc).__name__}: {exc}")
+            return
+        for episode, reply in zip(episodes, replies, strict=True):
+            self._user_turn(episode, reply)
 
     def _user_turn(self, episode: Episode, reply: str) -> None:
         episode.messages.append(UserMessage(role="user", content=reply))

@@ -165,7 +165,7 @@ def test_a_non_finite_loss_skips_the_update_and_training_goes_on(tmp_path, monke
         model_name_or_path="tiny", model_dtype="float32", task_order=["airline"], max_tasks_per_domain=2,
         num_steps_per_task=3, batch_size_per_gpu=1, num_samples_per_prompt=2, max_new_tokens=8, max_turns=1,
         eval_max_tasks=1, eval_interval=0, kl_coef=0.0, reward_fn="reward_fns:first_reply_length",
-        learning_rate=1e-3, use_progress_bar=False, log_dir=str(tmp_path),
+        learning_rate=1e-3, use_progress_bar=False, log_dir=str(tmp_path), save_interval=1, save_total_limit=1,
     )
     trainer = GRPOTrainer(config)
     start = [p.detach().clone() for p in trainer.params]
@@ -175,3 +175,5 @@ def test_a_non_finite_loss_skips_the_update_and_training_goes_on(tmp_path, monke
     assert any(not torch.equal(a, p.detach()) for a, p in zip(start, trainer.params, strict=True))
     records = _train_records(tmp_path)
     assert [r["skipped_updates"] for r in records] == [1, 1, 1]
+    # step checkpoints after steps 1 and 2, only the newest kept; the domain-end one always
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == ["checkpoint_step_2", "checkpoint_task_0"]

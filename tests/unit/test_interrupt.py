@@ -1,0 +1,58 @@
+"""The first stop signal is a request; a second one ends the process at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+import tau2cl.interrupt as interrupt
+from tau2cl.interrupt import StopRequest, TrainingInterrupted
+
+
+def test_first_signal_is_recorded_second_exits_immediately(monkeypatch):
+    exits = []
+    monkeypatch.setattr(interrupt.os, "_exit", lambda code: exits.append(code))
+    request = StopRequest()
+    request.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # handled, not a KeyboardInterrupt
+        assert request.signum == signal.SIGINT and exits == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == [128 + signal.SIGTERM]
+    finally:
+        request.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupted_run_reports_where_and_the_shell_exit_code():
+    stop = TrainingInterrupted(signal.SIGTERM, "runs/x/checkpoint_step_5", "at Task 1 (retail) step 2/3")
+    assert stop.exit_code == 143
+    assert str(stop) == "stopped by SIGTERM at Task 1 (retail) step 2/3"
+
+
+class _Episode:
+    termination = None
+    end_note = ""
+
+    def end(self, reason, note=""):
+        self.termination, self.end_note = reason, note
+
+
+def test_a_failing_user_ends_only_its_episodes():
+    from types import SimpleNamespace
+
+    from tau2.data_model.simulation import TerminationReason
+
+    from tau2cl.rollout import RolloutEngine, RolloutSettings
+
+    class BrokenUser:
+        def respond(self, episodes):
+            raise TimeoutError("no answer")
+
+    engine = RolloutEngine(SimpleNamespace(), BrokenUser(), RolloutSettings(2, 8, 100, 1.0))
+    episodes = [_Episode(), _Episode()]
+    engine._user_turns(episodes)
+    assert [e.termination for e in episodes] == [TerminationReason.USER_ERROR] * 2
+    assert episodes[0].end_note == "user failed: TimeoutError: no answer"
