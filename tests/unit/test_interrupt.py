@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import signal
 
-import pytest
-
 import tau2cl.interrupt as interrupt
 from tau2cl.interrupt import StopRequest, TrainingInterrupted
 
