@@ -45,6 +45,13 @@ def compute_init(timeout: timedelta | None = None) -> DistInfo:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            from tau2cl.errors import UserError
+
+            raise UserError(
+                f"process {local_rank} on this machine has no GPU: only {torch.cuda.device_count()} are "
+                "visible; lower --nproc_per_node."
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -282,7 +282,8 @@ class GRPOTrainer:
         rows = [r for part in all_gather_objects(local) for r in part]
         train_r = torch.tensor([r[0] for r in rows], dtype=torch.float64)
         tool = [r[2] for r in rows if r[2] is not None]
-        zero_std = all_gather_objects(zero_std_group_fraction(rewards, self.config.num_samples_per_prompt))
+        groups = len(trajectories) // self.config.num_samples_per_prompt
+        zero_std = all_gather_objects((zero_std_group_fraction(rewards, self.config.num_samples_per_prompt), groups))
         replayed = [r[0] for r in rows if r[5]]
         return {
             "replay_frac": len(replayed) / len(rows),
@@ -293,7 +294,7 @@ class GRPOTrainer:
             "tool_accuracy": sum(tool) / len(tool) if tool else None,
             "completion_tokens_mean": sum(r[3] for r in rows) / len(rows),
             "turns_mean": sum(r[4] for r in rows) / len(rows),
-            "frac_reward_zero_std": sum(zero_std) / len(zero_std),
+            "frac_reward_zero_std": sum(f * n for f, n in zero_std) / max(1, sum(n for _, n in zero_std)),
             "num_episodes": len(rows),
         }
 

@@ -153,10 +153,11 @@ def test_only_rank_0_prints_and_writes(trained):
     ):
         assert launch.stdout.count(banner) == 1, banner  # the console carries both ranks' output
         assert banner in logs[0]["stdout"]
-    assert logs[1] == {"stdout": "", "stderr": ""}, "rank 1 printed"
-    assert [p.relative_to(log_dir) for p in log_dir.parent.rglob("metrics.jsonl")] == [
-        Path("metrics.jsonl")
-    ]
+    assert logs[1] == {"stdout": "", "stderr": ""}, f"rank 1 printed: {logs[1]}"
+    written = [p.relative_to(log_dir.parent) for p in log_dir.parent.rglob("metrics.jsonl")]
+    assert written == [Path("run/metrics.jsonl")]
+    for text_log in log_dir.glob("*.log"):  # a console copy, if any, has rank 0's lines once
+        assert text_log.read_text().count("Task 0: AIRLINE") == 1, text_log.name
     train = _records(log_dir, "train")
     assert [(r["task_idx"], r["step"]) for r in train] == [(0, 1), (0, 2), (1, 1), (1, 2)]
     assert len(_records(log_dir, "eval")) == 3 * len(DOMAINS)  # 3 stages x 2 domains, written once

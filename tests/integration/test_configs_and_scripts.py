@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import fields
@@ -21,7 +22,21 @@ from tau2cl.config import GROUPS, GRPOConfig, field_type, load_config_file, pars
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-SCRIPTS = ("run_single_gpu.sh", "run_quick_test.sh")
+SCRIPTS = (
+    "run_single_gpu.sh",
+    "run_quick_test.sh",
+    "run_multi_gpu.sh",
+    "run_large_batch.sh",
+    "run_experiments.sh",
+)
+# The scripts that take an ALG, with the arguments that come before it.
+ALG_ARGS = {
+    "run_single_gpu.sh": (),
+    "run_quick_test.sh": (),
+    "run_multi_gpu.sh": ("2",),
+    "run_large_batch.sh": ("2",),
+}
+NUM_GPUS_SCRIPTS = ("run_multi_gpu.sh", "run_large_batch.sh", "run_experiments.sh")
 README = ROOT / "README.md"
 
 
@@ -31,9 +46,11 @@ def _registered() -> list[str]:
     return registered_names()
 
 
-def _script(name: str, *args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Run a wrapper script with this interpreter (PYTHON), from `cwd`."""
-    env = {**os.environ, "PYTHON": sys.executable}
+def _script(
+    name: str, *args: str, cwd: Path, timeout: int = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run a wrapper script with this interpreter (PYTHON), from `cwd`; `env` adds variables."""
+    env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
     return subprocess.run(
         ["bash", str(ROOT / name), *args],
         cwd=cwd,
@@ -104,6 +121,35 @@ def test_script_is_strict_executable_bash(name):
     assert syntax.returncode == 0, syntax.stderr
 
 
+def test_shared_script_functions_are_valid_bash():
+    path = ROOT / "scripts" / "common.sh"
+    syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+@pytest.fixture
+def recording_python(tmp_path):
+    """A PYTHON that logs its arguments, then runs this interpreter: (its path, what it started).
+
+    The scripts ask the package for its strategies (`python -c ...`) before they check anything;
+    any other call means a wrong call started something.
+    """
+    log = tmp_path / "python_calls.log"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        f'printf "%s\\n" "$*" >> {shlex.quote(str(log))}\n'
+        f'exec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+
+    def started() -> list[str]:
+        calls = log.read_text().splitlines() if log.exists() else []
+        return [c for c in calls if not c.startswith("-c ")]
+
+    return str(wrapper), started
+
+
 def test_run_single_gpu_without_alg_prints_usage_and_exits_2(tmp_path):
     result = _script("run_single_gpu.sh", cwd=tmp_path)
     assert result.returncode == 2
@@ -112,16 +158,58 @@ def test_run_single_gpu_without_alg_prints_usage_and_exits_2(tmp_path):
     assert not (tmp_path / "runs").exists()  # no run was started
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_unknown_alg_prints_usage_and_valid_names_and_exits_2(name, tmp_path):
+@pytest.mark.parametrize("name", ALG_ARGS)
+def test_unknown_alg_prints_usage_and_valid_names_and_exits_2(name, tmp_path, recording_python):
+    python, started = recording_python
     log_dir = tmp_path / "must_not_exist"
-    result = _script(name, "no_such_strategy", "--log_dir", str(log_dir), cwd=tmp_path)
+    result = _script(
+        name, *ALG_ARGS[name], "no_such_strategy", "--log_dir", str(log_dir),
+        cwd=tmp_path, env={"PYTHON": python},
+    )  # fmt: skip
     assert result.returncode == 2
     assert f"usage: bash {name}" in result.stderr
     assert "unknown ALG 'no_such_strategy'" in result.stderr
     for strategy in _registered():
         assert strategy in result.stderr
+    assert started() == []
     assert not log_dir.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "name, args, error",
+    [
+        ("run_multi_gpu.sh", [], "NUM_GPUS is missing."),
+        ("run_multi_gpu.sh", ["two", "replay"], "NUM_GPUS must be a positive integer, not 'two'."),
+        ("run_multi_gpu.sh", ["0", "replay"], "NUM_GPUS must be a positive integer, not '0'."),
+        ("run_large_batch.sh", ["2.5", "ewc"], "NUM_GPUS must be a positive integer, not '2.5'."),
+        ("run_large_batch.sh", ["2"], "ALG is missing."),
+        ("run_experiments.sh", [], "NUM_GPUS is missing."),
+        ("run_experiments.sh", ["-1"], "NUM_GPUS must be a positive integer, not '-1'."),
+        (
+            "run_experiments.sh",
+            ["2", "--log_dir", "x"],
+            "--log_dir is set by the grid for each run; use EXPERIMENT_DIR or ALGS instead.",
+        ),
+    ],
+)
+def test_a_wrong_call_prints_usage_and_exits_2_without_starting_anything(
+    name, args, error, tmp_path, recording_python
+):
+    python, started = recording_python
+    result = _script(name, *args, cwd=tmp_path, env={"PYTHON": python})
+    assert result.returncode == 2
+    assert f"usage: bash {name} NUM_GPUS" in result.stderr
+    assert result.stderr.rstrip().endswith(f"{name}: error: {error}")
+    assert started() == [] and not (tmp_path / "runs").exists()
+
+
+def test_run_experiments_refuses_an_unknown_strategy_in_algs(tmp_path, recording_python):
+    python, started = recording_python
+    env = {"PYTHON": python, "ALGS": "sequential no_such_strategy"}
+    result = _script("run_experiments.sh", "2", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "unknown ALG 'no_such_strategy'" in result.stderr
+    assert started() == [] and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -130,6 +218,100 @@ def test_help_lists_the_registered_strategies(name, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"usage: bash {name}" in result.stdout
     assert " ".join(_registered()) in result.stdout
+
+
+# ---- what the scripts run (DRY_RUN=1 prints each command instead of running it)
+
+
+def _dry_run(name: str, *args: str, cwd: Path, env: dict | None = None) -> list[list[str]]:
+    """The commands a script would run, split as the shell would; its ==== lines left out."""
+    result = _script(name, *args, cwd=cwd, env={"DRY_RUN": "1", **(env or {})})
+    assert result.returncode == 0, result.stderr
+    assert not (cwd / "runs").exists()  # a dry run creates nothing
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("====")]
+    return [shlex.split(line) for line in lines]
+
+
+def _torchrun_config(argv: list[str], nproc: int) -> GRPOConfig:
+    """The config of a torchrun command line, read by torchrun's own parser and by tau2cl's."""
+    from torch.distributed.run import parse_args
+
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    launcher = parse_args(argv[3:])
+    assert launcher.standalone and launcher.nproc_per_node == str(nproc)
+    assert launcher.module and launcher.training_script == "tau2cl.train"
+    return parse_config(launcher.training_script_args)
+
+
+SEED_SETTINGS = {  # SEED.md's main command, as configs/qwen2.5-3b-4gpu.yaml also writes it
+    "model_name_or_path": "Qwen/Qwen2.5-3B-Instruct",
+    "model_dtype": "bfloat16",
+    "batch_size_per_gpu": 4,
+    "num_steps_per_task": 100,
+    "use_progress_bar": True,
+    "log_interval": 10,
+}
+
+
+def _settings(config: GRPOConfig) -> dict:
+    return {key: getattr(config, key) for key in SEED_SETTINGS}
+
+
+def test_run_single_gpu_runs_the_seed_command_in_one_process(tmp_path):
+    (argv,) = _dry_run("run_single_gpu.sh", "ewc", cwd=tmp_path)
+    assert argv[:3] == [sys.executable, "-m", "tau2cl.train"]
+    config = parse_config(argv[3:])
+    assert _settings(config) == SEED_SETTINGS and config.cl_algorithm == "ewc"
+    assert re.fullmatch(r"runs/ewc-\d{8}-\d{6}", config.log_dir)
+
+
+def test_run_multi_gpu_runs_the_seed_command_under_torchrun(tmp_path):
+    (argv,) = _dry_run("run_multi_gpu.sh", "4", "replay", cwd=tmp_path)
+    config = _torchrun_config(argv, nproc=4)
+    assert _settings(config) == SEED_SETTINGS and config.cl_algorithm == "replay"
+    assert re.fullmatch(r"runs/replay-\d{8}-\d{6}", config.log_dir)
+    file_config = parse_config(["--config", str(ROOT / "configs" / "qwen2.5-3b-4gpu.yaml")])
+    assert _settings(file_config) == SEED_SETTINGS
+
+
+def test_run_large_batch_quadruples_the_episodes_per_step(tmp_path):
+    """Also: MODEL replaces the model, and extra flags come last, so they override the script's."""
+    extra = ["--learning_rate", "2e-6", "--num_steps_per_task", "7", "--log_dir", "mine"]
+    env = {"MODEL": "/models/Qwen2.5-7B-Instruct"}
+    (argv,) = _dry_run("run_large_batch.sh", "8", "online_ewc", *extra, cwd=tmp_path, env=env)
+    assert argv[-len(extra) :] == extra
+    config = _torchrun_config(argv, nproc=8)
+    assert (config.batch_size_per_gpu, config.num_samples_per_prompt) == (8, 8)  # 64 vs 4 x 4
+    assert config.gradient_accumulation_steps == 4 and config.gradient_checkpointing is True
+    assert config.cl_algorithm == "online_ewc" and config.model_dtype == "bfloat16"
+    assert config.model_name_or_path == "/models/Qwen2.5-7B-Instruct"
+    assert (config.learning_rate, config.num_steps_per_task, config.log_dir) == (2e-6, 7, "mine")
+    assert config.use_progress_bar is True and config.log_interval == 10
+
+
+def test_run_experiments_trains_every_strategy_then_writes_one_comparison(tmp_path):
+    exp = tmp_path / "exp"
+    commands = _dry_run(
+        "run_experiments.sh", "2", "--num_steps_per_task", "3",
+        cwd=tmp_path, env={"EXPERIMENT_DIR": str(exp)},
+    )  # fmt: skip
+    *runs, report = commands
+    strategies = _registered()
+    assert len(runs) == len(strategies)
+    for argv, strategy in zip(runs, strategies, strict=True):
+        config = _torchrun_config(argv, nproc=2)
+        assert config.cl_algorithm == strategy and config.log_dir == str(exp / strategy)
+        assert config.num_steps_per_task == 3  # extra flags reach every run
+        assert config.batch_size_per_gpu == 4 and config.model_dtype == "bfloat16"
+    dirs = [str(exp / s) for s in strategies]
+    assert report == [sys.executable, "-m", "tau2cl", "report", *dirs, "--out", str(exp)]
+
+
+def test_run_experiments_runs_the_strategies_named_in_algs(tmp_path):
+    env = {"EXPERIMENT_DIR": str(tmp_path / "exp"), "ALGS": "replay ewc"}
+    *runs, report = _dry_run("run_experiments.sh", "1", cwd=tmp_path, env=env)
+    assert [_torchrun_config(argv, nproc=1).cl_algorithm for argv in runs] == ["replay", "ewc"]
+    assert report[3] == "report" and report[-1] == str(tmp_path / "exp")
 
 
 # ----------------------------------------------------------------------------- the quick test
@@ -233,10 +415,17 @@ def test_readme_flag_tables_match_the_config():
     )
 
 
+def _torchrun_flags() -> set[str]:
+    """torchrun's own options (the README shows multi-node launches), from its parser."""
+    from torch.distributed.run import get_args_parser
+
+    return {s.lstrip("-") for a in get_args_parser()._actions for s in a.option_strings}
+
+
 def test_readme_names_only_real_flags():
     text = README.read_text()
     names = {f.name for f in fields(GRPOConfig)}
-    known = names | {f"no-{n}" for n in names} | {"config", "help", "nproc_per_node", "file", "no-"}
+    known = names | {f"no-{n}" for n in names} | {"config", "help", "file", "no-"} | _torchrun_flags()
     unknown = set(re.findall(r"--([a-zA-Z][\w-]*)", text)) - known
     assert not unknown, f"README.md names flags that do not exist: {sorted(unknown)}"
 

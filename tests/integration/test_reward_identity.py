@@ -1,0 +1,121 @@
+"""compute_reward's shortcut (environments built from the in-memory database) gives tau2's numbers.
+
+compute_reward runs tau2's `evaluate_simulation` with the registry's environment constructors
+swapped for `Domain.base_environment` while it scores; the reward must not move. Each conversation
+of a corpus is scored twice, by compute_reward and by `evaluate_simulation` called plainly (tau2's
+own registry, which reads the database files from disk), and the whole RewardInfo must match:
+reward, reward_breakdown, the DB check, action checks, communication checks.
+
+The corpus, per domain: each task's golden conversation (reward 1.0), the same with its last
+golden action dropped (truncated), and the same with one argument of its last tool call changed
+and the conversation replayed in a fresh environment so that every tool reply is the one tau2's
+replay will see (perturbed). The corpus must contain both full and failing rewards, so the check
+cannot pass on a single outcome.
+"""
+
+from __future__ import annotations
+
+import uuid
+from copy import deepcopy
+
+import pytest
+
+from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+
+# isort: split
+import tau2.evaluator.evaluator as tau2_evaluator
+from tau2.data_model.message import ToolMessage
+from tau2.data_model.simulation import SimulationRun, TerminationReason
+from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
+from tau2.registry import registry
+
+from tau2cl.domains import DOMAIN_NAMES
+from tau2cl.golden import CALL_ID_PREFIX, golden_conversation
+from tau2cl.reward import compute_reward
+from tau2cl.tau2_compat import as_list
+
+pytestmark = pytest.mark.slow  # ~20-40 s: every conversation goes through tau2's evaluator twice
+
+
+def perturbed_conversation(domain, task, messages: list) -> list | None:
+    """The conversation with one argument of its last golden tool call changed, replayed.
+
+    tau2's evaluator replays every call and insists that each reply equals the recorded one, so
+    the replies are recomputed in a fresh environment. None when no call has a str/int argument.
+    """
+    messages = deepcopy(messages)
+    calls = [c for m in messages for c in (getattr(m, "tool_calls", None) or []) if c.id.startswith(CALL_ID_PREFIX)]
+    target = next((c for c in reversed(calls) if _perturbable_key(c.arguments)), None)
+    if target is None:
+        return None
+    key = _perturbable_key(target.arguments)
+    value = target.arguments[key]
+    target.arguments[key] = value + "_x" if isinstance(value, str) else value + 1
+    return _replayed(domain, task, messages)
+
+
+def _perturbable_key(arguments: dict) -> str | None:
+    return next(
+        (k for k, v in arguments.items() if isinstance(v, str | int) and not isinstance(v, bool)), None
+    )
+
+
+def _replayed(domain, task, messages: list) -> list:
+    """Recompute every golden tool reply in order, in a fresh environment of the task."""
+    calls = {c.id: c for m in messages for c in (getattr(m, "tool_calls", None) or [])}
+    env = domain.new_environment(task)
+    for index, message in enumerate(messages):
+        if isinstance(message, ToolMessage) and message.id.startswith(CALL_ID_PREFIX):
+            reply = env.get_response(calls[message.id])
+            reply.timestamp, reply.turn_idx = message.timestamp, message.turn_idx
+            messages[index] = reply
+    return messages
+
+
+def corpus(domain, tasks) -> list[tuple[str, object, list, TerminationReason]]:
+    """(kind, task, messages, termination) for golden, truncated and perturbed conversations."""
+    items = []
+    for task in tasks:
+        messages, reason = golden_conversation(domain, task)
+        items.append(("golden", task, messages, reason))
+        actions = as_list(task.evaluation_criteria.actions) if task.evaluation_criteria else []
+        if actions:
+            truncated, reason_t = golden_conversation(domain, task, drop=len(actions) - 1)
+            items.append(("truncated", task, truncated, reason_t))
+        perturbed = perturbed_conversation(domain, task, messages)
+        if perturbed is not None:
+            items.append(("perturbed", task, perturbed, reason))
+    return items
+
+
+def plain_tau2_reward(domain, task, messages, reason):
+    """tau2's evaluate_simulation as tau2 runs it: its registry, its database files."""
+    simulation = SimulationRun(
+        id=str(uuid.uuid4()), task_id=task.id, start_time=messages[0].timestamp,
+        end_time=messages[-1].timestamp, duration=0.0, termination_reason=reason, messages=list(messages),
+    )
+    return evaluate_simulation(
+        simulation=simulation, task=task, evaluation_type=EvaluationType.ALL,
+        solo_mode=domain.solo_mode, domain=domain.name,
+    )
+
+
+@pytest.mark.parametrize("name", DOMAIN_NAMES)
+def test_compute_reward_equals_plain_tau2_evaluator(domains, name):
+    domain = domains[name]
+    items = corpus(domain, domain.train_tasks + domain.test_tasks)
+    assert {kind for kind, *_ in items} == {"golden", "truncated", "perturbed"}
+    rewards = []
+    for kind, task, messages, reason in items:
+        ours = compute_reward(domain, task, messages, reason)
+        # outside compute_reward the evaluator must see tau2's own constructor again
+        assert tau2_evaluator.registry.get_env_constructor(name) is registry.get_env_constructor(name)
+        theirs = plain_tau2_reward(domain, task, messages, reason)
+        where = f"{name} task {task.id} ({kind})"
+        assert ours.reward == theirs.reward, where
+        assert ours.reward_info.reward_breakdown == theirs.reward_breakdown, where
+        assert ours.breakdown == {k.value: float(v) for k, v in (theirs.reward_breakdown or {}).items()}, where
+        assert ours.reward_info.model_dump() == theirs.model_dump(), where
+        rewards.append((kind, ours.reward))
+    assert all(r == 1.0 for kind, r in rewards if kind == "golden"), rewards
+    assert any(r < 1.0 for _, r in rewards), f"{name}: no failing conversation in the corpus: {rewards}"
