@@ -7,6 +7,7 @@ save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,40 @@ def load_model_weights(model: Any, path: Path) -> None:
     tied = {k for k in missing if k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
         raise UserError(f"checkpoint '{path}' does not match the model (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}).")
+
+
+# ---- run files and random states ---------------------------------------------------------
+def check_writable(log_dir: str) -> None:
+    path = Path(log_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to log_dir '{log_dir}' ({exc.strerror}); choose another --log_dir.") from None
+
+
+def count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def truncate_lines(path: Path, keep: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    if len(lines) > keep:
+        path.write_bytes(b"".join(lines[:keep]))
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(generator: torch.Generator, state: dict) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])

@@ -19,12 +19,17 @@ import torch
 
 from tau2cl import tau2_compat
 from tau2cl.checkpoint import (
+    check_writable,
+    count_lines,
     domain_checkpoint_name,
     find_checkpoint,
     load_model_weights,
     load_state,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     step_checkpoint_name,
+    truncate_lines,
 )
 from tau2cl.cl_metrics import transfer_metrics
 from tau2cl.config import GRPOConfig
@@ -78,7 +83,7 @@ class GRPOTrainer:
         tau2_compat.set_tau2_verbosity(config.verbose)
         self.order = list(config.task_order)
         if self.dist.is_main:
-            _check_writable(config.log_dir)
+            check_writable(config.log_dir)
         self.stop_request = StopRequest()
         self.domains: dict[str, Domain] = {n: load_domain(n, config.max_tasks_per_domain) for n in self.order}
         self._check_batch_fits()
@@ -393,12 +398,12 @@ class GRPOTrainer:
         return path
 
     def _save(self, name: str) -> Path:
-        rng = all_gather_objects(_rng_state(self.generator))
+        rng = all_gather_objects(rng_state(self.generator))
         path = Path(self.config.log_dir) / name
         if not self.dist.is_main:
             return path
         state = {
-            "metrics_lines": _count_lines(Path(self.config.log_dir) / "metrics.jsonl"),
+            "metrics_lines": count_lines(Path(self.config.log_dir) / "metrics.jsonl"),
             "progress": vars(self.progress).copy(),
             "reward_matrix": self.reward_matrix,
             "pass_matrix": self.pass_matrix,
@@ -423,7 +428,7 @@ class GRPOTrainer:
                     f"not {getattr(self.config, key)!r}."
                 )
         if self.dist.is_main:  # drop what was logged after the checkpoint: no step twice
-            _truncate_lines(Path(self.config.log_dir) / "metrics.jsonl", state["metrics_lines"])
+            truncate_lines(Path(self.config.log_dir) / "metrics.jsonl", state["metrics_lines"])
         load_model_weights(self.policy.model, ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -433,7 +438,7 @@ class GRPOTrainer:
         self.skipped_updates = state["skipped_updates"]
         rng = state["rng"]
         if self.dist.rank < len(rng):
-            _set_rng_state(self.generator, rng[self.dist.rank])
+            set_rng_state(self.generator, rng[self.dist.rank])
         return state.get("wandb_run_id")
 
 
@@ -448,32 +453,6 @@ def _out_of_memory_names_the_knobs(phase: str):
             else "--gradient_accumulation_steps (raise it), --gradient_checkpointing or --batch_size_per_gpu"
         )
         raise UserError(f"out of GPU memory during {phase}; lower the load with {knobs}.") from None
-
-
-def _check_writable(log_dir: str) -> None:
-    path = Path(log_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to log_dir '{log_dir}' ({exc.strerror}); choose another --log_dir.") from None
-
-
-def _count_lines(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)
-
-
-def _truncate_lines(path: Path, keep: int) -> None:
-    if not path.exists():
-        return
-    lines = path.read_bytes().splitlines(keepends=True)
-    if len(lines) > keep:
-        path.write_bytes(b"".join(lines[:keep]))
 
 
 def _compute_dtype(name: str) -> torch.dtype | None:
@@ -494,11 +473,3 @@ def _token_weighted_across_ranks(stats: dict) -> dict:
     return out
 
 
-def _rng_state(generator: torch.Generator) -> dict:
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _set_rng_state(generator: torch.Generator, state: dict) -> None:
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
