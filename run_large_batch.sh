@@ -33,12 +33,7 @@ usage() {
 
 # shellcheck source=scripts/common.sh
 source "$HERE/scripts/common.sh"
-load_algorithms
-if wants_help "$@"; then usage; exit 0; fi
-NUM_GPUS="${1:-}"
-check_num_gpus "$NUM_GPUS"
-ALG="${2:-}"
-check_alg "$ALG"
+read_gpus_and_alg "$@"
 shift 2
 
 torchrun_cmd "$NUM_GPUS"

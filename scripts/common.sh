@@ -103,3 +103,13 @@ run() {
     fi
     "$@"
 }
+
+# The wrappers' shared front: --help, then NUM_GPUS and ALG checked (sets both; the caller shifts 2).
+read_gpus_and_alg() {
+    load_algorithms
+    if wants_help "$@"; then usage; exit 0; fi
+    NUM_GPUS="${1:-}"
+    check_num_gpus "$NUM_GPUS"
+    ALG="${2:-}"
+    check_alg "$ALG"
+}
