@@ -52,6 +52,7 @@ from tau2cl import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 # isort: split
 from tau2.data_model.message import AssistantMessage, ToolCall, ToolMessage, UserMessage
 from tau2.data_model.simulation import SimulationRun, TerminationReason
+from tau2.environment.toolkit import ToolType
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 
 from tau2cl.chat import ChatRenderer, assistant_chat_message
@@ -60,11 +61,24 @@ from tau2cl.golden import CALL_ID_PREFIX, golden_conversation
 from tau2cl.grpo import group_advantages
 from tau2cl.policy import Policy, load_model, load_tokenizer, stop_token_ids
 from tau2cl.reward import compute_reward
-from tau2cl.rollout import GREETING, MAX_TOOL_ERRORS, Episode, RolloutEngine, RolloutRequest, RolloutSettings
+from tau2cl.rollout import (
+    GREETING,
+    MAX_TOOL_ERRORS,
+    Episode,
+    RolloutEngine,
+    RolloutRequest,
+    RolloutSettings,
+)
 from tau2cl.scoring import score_trajectories
 from tau2cl.tau2_compat import as_list
 from tau2cl.tool_calls import MalformedCall, malformed_call_error, parse_tool_calls
-from tau2cl.update import LossSettings, accumulate_gradients, collate, reference_logprobs, split_micro_batches
+from tau2cl.update import (
+    LossSettings,
+    accumulate_gradients,
+    collate,
+    reference_logprobs,
+    split_micro_batches,
+)
 from tau2cl.users import ScriptedUser, is_stop_message
 
 ROLLOUT_DOMAINS = ("airline", "retail")
@@ -448,22 +462,34 @@ def reward_corpus(domain: Domain, tasks: list) -> list[tuple[str, Any, list, Ter
 
 
 def perturbed_conversation(domain: Domain, task, messages: list) -> list | None:
-    """One argument of the last golden tool call changed, every tool reply replayed in a fresh env."""
+    """One argument of the last golden write call changed, every tool reply replayed in a fresh env.
+
+    tau2's replay insists that each recorded reply equals the one it gets, hence the replay. A
+    write call is preferred (changing a read rarely changes the score); None when no call has a
+    str/int argument.
+    """
     messages = copy.deepcopy(messages)
     calls = {c.id: c for m in messages for c in (getattr(m, "tool_calls", None) or []) if c.id.startswith(CALL_ID_PREFIX)}
-    target = next((c for c in reversed(list(calls.values())) if _perturbable_key(c.arguments)), None)
+    env = domain.new_environment(task)
+    candidates = [c for c in calls.values() if _perturbable_key(c.arguments)]
+    writes = [c for c in candidates if _is_write(env, c.name)]
+    target = (writes or candidates or [None])[-1]
     if target is None:
         return None
     key = _perturbable_key(target.arguments)
     value = target.arguments[key]
     target.arguments[key] = value + "_x" if isinstance(value, str) else value + 1
-    env = domain.new_environment(task)
     for index, message in enumerate(messages):
         if isinstance(message, ToolMessage) and message.id in calls:
             reply = env.get_response(calls[message.id])
             reply.timestamp, reply.turn_idx = message.timestamp, message.turn_idx
             messages[index] = reply
     return messages
+
+
+def _is_write(env, name: str) -> bool:
+    toolkit = env.user_tools if env.user_tools is not None and env.user_tools.has_tool(name) else env.tools
+    return toolkit.tool_type(name) == ToolType.WRITE
 
 
 def _perturbable_key(arguments: dict) -> str | None:
@@ -488,6 +514,7 @@ class RewardRow:
     project_s: float
     plain_s: float
     rewards: str
+    env_build_ms: float  # one Domain.base_environment(); compute_reward builds two per scored conversation
 
 
 def bench_rewards(domains: dict[str, Domain], s: Settings) -> list[RewardRow]:
@@ -504,9 +531,20 @@ def bench_rewards(domains: dict[str, Domain], s: Settings) -> list[RewardRow]:
             assert a.reward_info.model_dump() == b.model_dump(), f"{name} task {task.id} ({kind}): rewards differ"
         kinds = "/".join(str(sum(k == kind for k, *_ in items)) for kind in ("golden", "truncated", "perturbed"))
         full = sum(r.reward == 1.0 for r in ours)
-        rows.append(RewardRow(name, len(items), kinds, t1 - t0, t2 - t1, f"{full} at 1.0, {len(items) - full} below"))
+        rows.append(RewardRow(name, len(items), kinds, t1 - t0, t2 - t1, f"{full} at 1.0, {len(items) - full} below",
+                              env_build_ms(domain)))
         print(f"[b] {name}: {len(items)} conversations, identical rewards", flush=True)
     return rows
+
+
+def env_build_ms(domain: Domain) -> float:
+    """Median milliseconds of one in-memory environment (what compute_reward builds twice)."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        domain.base_environment(solo_mode=domain.solo_mode)
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[1]
 
 
 # ---- (c) one GRPO step ---------------------------------------------------------------------------
@@ -522,6 +560,8 @@ class StepResult:
     ref_flops: float
     update_flops: float  # forward x 3 (backward ~ 2 x forward)
     micro_batches: int
+    unscored: int  # episodes tau2 scores 0 without evaluating them (cut by max_turns)
+    one_row_s: float  # forward + backward again with one row per micro-batch (no padding)
 
     @property
     def tokens_per_s(self) -> float:
@@ -560,8 +600,22 @@ def bench_step(model, tokenizer, rollouts: ModelRollouts, domains, s: Settings) 
     optimizer_s = time.perf_counter() - t1
     counter.remove()
     total = sum(int(batch.rows(m).attention_mask.sum()) for m in micro)
+    one_row_s = time_update(policy_model, batch, split_micro_batches(len(trajectories), len(trajectories)), s)
+    unscored = sum(t.termination_reason not in (TerminationReason.AGENT_STOP, TerminationReason.USER_STOP)
+                   for t in trajectories)
     return StepResult(rollouts.engine.seconds, reward_s, ref_s, t1 - t0, optimizer_s, batch.num_tokens, total,
-                      ref_counter.flops, 3 * counter.flops, len(micro))
+                      ref_counter.flops, 3 * counter.flops, len(micro), unscored, one_row_s)
+
+
+def time_update(model, batch, micro: list[list[int]], s: Settings) -> float:
+    """Seconds of accumulate_gradients over these micro-batches (gradients discarded)."""
+    sync(s.device)
+    t0 = time.perf_counter()
+    accumulate_gradients(model, batch, micro, LossSettings(1.0, 0.2, 0.2, 0.04), max(batch.num_tokens, 1))
+    sync(s.device)
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds
 
 
 # ---- tables --------------------------------------------------------------------------------------
@@ -591,32 +645,44 @@ def print_rollouts(results: list[ModelRollouts], s: Settings) -> None:
     for m in results:
         if m.note:
             print(f"{m.name}:{m.note}; one episode at a time, so its rate does not depend on the count")
+    for m in results:
+        e, n = m.engine, m.naive
+        print(f"{m.name}: LM-head rows per episode: engine {e.head_rows / e.episodes:,.0f} (full logits over each "
+              f"prefill), naive {n.head_rows / n.episodes:,.0f} (generate keeps the last position)")
 
 
 def print_rewards(rows: list[RewardRow]) -> float:
     out = [[r.domain, r.conversations, r.kinds, r.rewards, f"{r.project_s:.2f}", f"{r.plain_s:.2f}",
             f"{1000 * r.project_s / r.conversations:.0f}", f"{1000 * r.plain_s / r.conversations:.0f}",
-            f"{r.plain_s / r.project_s:.1f}x"] for r in rows]
+            f"{r.plain_s / r.project_s:.1f}x", f"{2 * r.env_build_ms:.0f}"] for r in rows]
     ours, plain = sum(r.project_s for r in rows), sum(r.plain_s for r in rows)
     n = sum(r.conversations for r in rows)
     out.append(["all", n, "", "", f"{ours:.2f}", f"{plain:.2f}", f"{1000 * ours / n:.0f}", f"{1000 * plain / n:.0f}",
-                f"{plain / ours:.1f}x"])
+                f"{plain / ours:.1f}x", ""])
     table("(b) rewards: compute_reward vs tau2 evaluate_simulation from scratch (identical RewardInfo asserted)",
           ["domain", "conversations", "golden/trunc/pert", "rewards", "project s", "tau2 s", "project ms/conv",
-           "tau2 ms/conv", "speedup"], out)
+           "tau2 ms/conv", "speedup", "2 env builds ms"], out)
     return plain / ours
 
 
-def print_step(step: StepResult) -> None:
+def print_step(step: StepResult, reward_rows: list[RewardRow]) -> None:
     parts = [("rollout (engine, 16 episodes)", step.rollout_s), ("reward (compute_reward)", step.reward_s),
              ("reference log-probs", step.ref_s), ("update forward+backward", step.backward_s),
              ("update clip + AdamW step", step.optimizer_s)]
     total = sum(t for _, t in parts)
     rows = [[name, f"{t:.2f}", f"{100 * t / total:.0f}%"] for name, t in parts] + [["step", f"{total:.2f}", "100%"]]
-    table(f"(c) one GRPO step of the tiny model ({step.micro_batches} micro-batches, fp32)", ["part", "s", "share"], rows)
+    table(f"(c) one GRPO step of the tiny model (16 episodes, {step.micro_batches} micro-batches, fp32, "
+          f"kl_coef 0.04)", ["part", "s", "share"], rows)
+    if step.unscored:
+        per_conv = {r.domain: r.project_s / r.conversations for r in reward_rows}
+        estimate = 16 * sum(per_conv[d] for d in ROLLOUT_DOMAINS) / len(ROLLOUT_DOMAINS)
+        print(f"reward: {step.unscored} of 16 episodes were cut by max_turns, which tau2 scores 0 without "
+              f"evaluating; 16 finished airline/retail episodes would take ~{estimate:.1f}s at (b)'s rate")
     print(f"update: {step.trained_tokens:,} trained tokens, {step.total_tokens:,} tokens through forward+backward "
           f"in {step.backward_s:.2f}s = {step.trained_tokens / step.backward_s:,.0f} trained tok/s, "
           f"{step.tokens_per_s:,.0f} tok/s")
+    print(f"update with 16 micro-batches of 1 row (no padding, so no attention mask): {step.one_row_s:.2f}s = "
+          f"{step.total_tokens / step.one_row_s:,.0f} tok/s ({step.backward_s / step.one_row_s:.2f}x the padded speed)")
 
 
 def print_limit(results: list[ModelRollouts], step: StepResult, tiny_weights: int, peak: float) -> None:
@@ -664,7 +730,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print_rollouts(results, s)
     reward_speedup = print_rewards(reward_rows)
-    print_step(step)
+    print_step(step, reward_rows)
     print_limit(results, step, results[0].weights, peak)
     print(f"\nwall time {time.perf_counter() - start:.0f}s | load average at end: {load_text()}")
     print(f"rollout_speedup={results[-1].speedup:.2f} reward_speedup={reward_speedup:.2f} "

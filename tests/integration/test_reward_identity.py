@@ -7,7 +7,7 @@ own registry, which reads the database files from disk), and the whole RewardInf
 reward, reward_breakdown, the DB check, action checks, communication checks.
 
 The corpus, per domain: each task's golden conversation (reward 1.0), the same with its last
-golden action dropped (truncated), and the same with one argument of its last tool call changed
+golden action dropped (truncated), and the same with one argument of its last write call changed
 and the conversation replayed in a fresh environment so that every tool reply is the one tau2's
 replay will see (perturbed). The corpus must contain both full and failing rewards, so the check
 cannot pass on a single outcome.
@@ -26,6 +26,7 @@ from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
 import tau2.evaluator.evaluator as tau2_evaluator
 from tau2.data_model.message import ToolMessage
 from tau2.data_model.simulation import SimulationRun, TerminationReason
+from tau2.environment.toolkit import ToolType
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 from tau2.registry import registry
 
@@ -38,38 +39,40 @@ pytestmark = pytest.mark.slow  # ~20-40 s: every conversation goes through tau2'
 
 
 def perturbed_conversation(domain, task, messages: list) -> list | None:
-    """The conversation with one argument of its last golden tool call changed, replayed.
+    """The conversation with one argument of its last golden write call changed, replayed.
 
     tau2's evaluator replays every call and insists that each reply equals the recorded one, so
-    the replies are recomputed in a fresh environment. None when no call has a str/int argument.
+    the replies are recomputed in a fresh environment. A write call is preferred (changing a read
+    rarely changes the score); None when no call has a str/int argument.
     """
     messages = deepcopy(messages)
-    calls = [c for m in messages for c in (getattr(m, "tool_calls", None) or []) if c.id.startswith(CALL_ID_PREFIX)]
-    target = next((c for c in reversed(calls) if _perturbable_key(c.arguments)), None)
+    calls = {c.id: c for m in messages for c in (getattr(m, "tool_calls", None) or []) if c.id.startswith(CALL_ID_PREFIX)}
+    env = domain.new_environment(task)
+    candidates = [c for c in calls.values() if _perturbable_key(c.arguments)]
+    writes = [c for c in candidates if _is_write(env, c.name)]
+    target = (writes or candidates or [None])[-1]
     if target is None:
         return None
     key = _perturbable_key(target.arguments)
     value = target.arguments[key]
     target.arguments[key] = value + "_x" if isinstance(value, str) else value + 1
-    return _replayed(domain, task, messages)
+    for index, message in enumerate(messages):
+        if isinstance(message, ToolMessage) and message.id in calls:
+            reply = env.get_response(calls[message.id])
+            reply.timestamp, reply.turn_idx = message.timestamp, message.turn_idx
+            messages[index] = reply
+    return messages
+
+
+def _is_write(env, name: str) -> bool:
+    toolkit = env.user_tools if env.user_tools is not None and env.user_tools.has_tool(name) else env.tools
+    return toolkit.tool_type(name) == ToolType.WRITE
 
 
 def _perturbable_key(arguments: dict) -> str | None:
     return next(
         (k for k, v in arguments.items() if isinstance(v, str | int) and not isinstance(v, bool)), None
     )
-
-
-def _replayed(domain, task, messages: list) -> list:
-    """Recompute every golden tool reply in order, in a fresh environment of the task."""
-    calls = {c.id: c for m in messages for c in (getattr(m, "tool_calls", None) or [])}
-    env = domain.new_environment(task)
-    for index, message in enumerate(messages):
-        if isinstance(message, ToolMessage) and message.id.startswith(CALL_ID_PREFIX):
-            reply = env.get_response(calls[message.id])
-            reply.timestamp, reply.turn_idx = message.timestamp, message.turn_idx
-            messages[index] = reply
-    return messages
 
 
 def corpus(domain, tasks) -> list[tuple[str, object, list, TerminationReason]]:
