@@ -52,12 +52,11 @@ from tau2cl import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 # isort: split
 from tau2.data_model.message import AssistantMessage, ToolCall, ToolMessage, UserMessage
 from tau2.data_model.simulation import SimulationRun, TerminationReason
-from tau2.environment.toolkit import ToolType
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 
 from tau2cl.chat import ChatRenderer, assistant_chat_message
 from tau2cl.domains import DOMAIN_NAMES, Domain, load_domain
-from tau2cl.golden import CALL_ID_PREFIX, golden_conversation
+from tau2cl.golden import golden_conversation, perturbed_conversation
 from tau2cl.grpo import group_advantages
 from tau2cl.policy import Policy, load_model, load_tokenizer, stop_token_ids
 from tau2cl.reward import compute_reward
@@ -461,41 +460,6 @@ def reward_corpus(domain: Domain, tasks: list) -> list[tuple[str, Any, list, Ter
     return items
 
 
-def perturbed_conversation(domain: Domain, task, messages: list) -> list | None:
-    """One argument of the last golden write call changed, every tool reply replayed in a fresh env.
-
-    tau2's replay insists that each recorded reply equals the one it gets, hence the replay. A
-    write call is preferred (changing a read rarely changes the score); None when no call has a
-    str/int argument.
-    """
-    messages = copy.deepcopy(messages)
-    calls = {c.id: c for m in messages for c in (getattr(m, "tool_calls", None) or []) if c.id.startswith(CALL_ID_PREFIX)}
-    env = domain.new_environment(task)
-    candidates = [c for c in calls.values() if _perturbable_key(c.arguments)]
-    writes = [c for c in candidates if _is_write(env, c.name)]
-    target = (writes or candidates or [None])[-1]
-    if target is None:
-        return None
-    key = _perturbable_key(target.arguments)
-    value = target.arguments[key]
-    target.arguments[key] = value + "_x" if isinstance(value, str) else value + 1
-    for index, message in enumerate(messages):
-        if isinstance(message, ToolMessage) and message.id in calls:
-            reply = env.get_response(calls[message.id])
-            reply.timestamp, reply.turn_idx = message.timestamp, message.turn_idx
-            messages[index] = reply
-    return messages
-
-
-def _is_write(env, name: str) -> bool:
-    toolkit = env.user_tools if env.user_tools is not None and env.user_tools.has_tool(name) else env.tools
-    return toolkit.tool_type(name) == ToolType.WRITE
-
-
-def _perturbable_key(arguments: dict) -> str | None:
-    return next((k for k, v in arguments.items() if isinstance(v, str | int) and not isinstance(v, bool)), None)
-
-
 def plain_tau2_reward(domain: Domain, task, messages: list, reason: TerminationReason):
     """tau2's evaluate_simulation from scratch: its registry builds both environments from the files."""
     simulation = SimulationRun(
@@ -561,7 +525,7 @@ class StepResult:
     update_flops: float  # forward x 3 (backward ~ 2 x forward)
     micro_batches: int
     unscored: int  # episodes tau2 scores 0 without evaluating them (cut by max_turns)
-    one_row_s: float  # forward + backward again with one row per micro-batch (no padding)
+    padded_vs_rows: tuple[float, float, int]  # first micro-batch's forward + backward: padded, row by row; tokens
 
     @property
     def tokens_per_s(self) -> float:
@@ -600,11 +564,13 @@ def bench_step(model, tokenizer, rollouts: ModelRollouts, domains, s: Settings) 
     optimizer_s = time.perf_counter() - t1
     counter.remove()
     total = sum(int(batch.rows(m).attention_mask.sum()) for m in micro)
-    one_row_s = time_update(policy_model, batch, split_micro_batches(len(trajectories), len(trajectories)), s)
+    first = micro[0]  # the same rows once as one padded micro-batch, once one row at a time (no padding)
+    padded_vs_rows = (time_update(policy_model, batch, [first], s), time_update(policy_model, batch, [[r] for r in first], s),
+                      int(batch.rows(first).attention_mask.sum()))
     unscored = sum(t.termination_reason not in (TerminationReason.AGENT_STOP, TerminationReason.USER_STOP)
                    for t in trajectories)
     return StepResult(rollouts.engine.seconds, reward_s, ref_s, t1 - t0, optimizer_s, batch.num_tokens, total,
-                      ref_counter.flops, 3 * counter.flops, len(micro), unscored, one_row_s)
+                      ref_counter.flops, 3 * counter.flops, len(micro), unscored, padded_vs_rows)
 
 
 def time_update(model, batch, micro: list[list[int]], s: Settings) -> float:
@@ -681,8 +647,9 @@ def print_step(step: StepResult, reward_rows: list[RewardRow]) -> None:
     print(f"update: {step.trained_tokens:,} trained tokens, {step.total_tokens:,} tokens through forward+backward "
           f"in {step.backward_s:.2f}s = {step.trained_tokens / step.backward_s:,.0f} trained tok/s, "
           f"{step.tokens_per_s:,.0f} tok/s")
-    print(f"update with 16 micro-batches of 1 row (no padding, so no attention mask): {step.one_row_s:.2f}s = "
-          f"{step.total_tokens / step.one_row_s:,.0f} tok/s ({step.backward_s / step.one_row_s:.2f}x the padded speed)")
+    padded, by_row, tokens = step.padded_vs_rows
+    print(f"update, first micro-batch again: padded {tokens / padded:,.0f} tok/s ({padded:.2f}s) vs one row at a time "
+          f"(no padding, no attention mask) {tokens / by_row:,.0f} tok/s ({by_row:.2f}s): {padded / by_row:.2f}x")
 
 
 def print_limit(results: list[ModelRollouts], step: StepResult, tiny_weights: int, peak: float) -> None:

@@ -19,10 +19,11 @@ from tau2cl import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 
 # isort: split
 from tau2.agent.llm_agent import LLMSoloAgent
-from tau2.data_model.message import AssistantMessage, Message, ToolCall, UserMessage
+from tau2.data_model.message import AssistantMessage, Message, ToolCall, ToolMessage, UserMessage
 from tau2.data_model.simulation import TerminationReason
 from tau2.data_model.tasks import Action, Task
 from tau2.environment.environment import Environment
+from tau2.environment.toolkit import ToolType
 from tau2.orchestrator.orchestrator import DEFAULT_FIRST_AGENT_MESSAGE
 from tau2.user.base import STOP
 from tau2.utils.utils import format_time
@@ -86,3 +87,40 @@ def _stamp(messages: list[Message]) -> None:
     for index, message in enumerate(messages):
         message.timestamp = format_time(start + timedelta(milliseconds=index))
         message.turn_idx = index
+
+
+def perturbed_conversation(domain, task, messages: list) -> list | None:
+    """The conversation with one argument of its last golden write call changed, replayed.
+
+    tau2's evaluator replays every call and insists that each reply equals the recorded one, so
+    the replies are recomputed in a fresh environment. A write call is preferred (changing a read
+    rarely changes the score); None when no call has a str/int argument.
+    """
+    messages = deepcopy(messages)
+    calls = {c.id: c for m in messages for c in (getattr(m, "tool_calls", None) or []) if c.id.startswith(CALL_ID_PREFIX)}
+    env = domain.new_environment(task)
+    candidates = [c for c in calls.values() if _perturbable_key(c.arguments)]
+    writes = [c for c in candidates if _is_write(env, c.name)]
+    target = (writes or candidates or [None])[-1]
+    if target is None:
+        return None
+    key = _perturbable_key(target.arguments)
+    value = target.arguments[key]
+    target.arguments[key] = value + "_x" if isinstance(value, str) else value + 1
+    for index, message in enumerate(messages):
+        if isinstance(message, ToolMessage) and message.id in calls:
+            reply = env.get_response(calls[message.id])
+            reply.timestamp, reply.turn_idx = message.timestamp, message.turn_idx
+            messages[index] = reply
+    return messages
+
+
+def _is_write(env, name: str) -> bool:
+    toolkit = env.user_tools if env.user_tools is not None and env.user_tools.has_tool(name) else env.tools
+    return toolkit.tool_type(name) == ToolType.WRITE
+
+
+def _perturbable_key(arguments: dict) -> str | None:
+    return next(
+        (k for k, v in arguments.items() if isinstance(v, str | int) and not isinstance(v, bool)), None
+    )

@@ -16,7 +16,6 @@ cannot pass on a single outcome.
 from __future__ import annotations
 
 import uuid
-from copy import deepcopy
 
 import pytest
 
@@ -24,55 +23,16 @@ from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
 
 # isort: split
 import tau2.evaluator.evaluator as tau2_evaluator
-from tau2.data_model.message import ToolMessage
 from tau2.data_model.simulation import SimulationRun, TerminationReason
-from tau2.environment.toolkit import ToolType
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 from tau2.registry import registry
 
 from tau2cl.domains import DOMAIN_NAMES
-from tau2cl.golden import CALL_ID_PREFIX, golden_conversation
+from tau2cl.golden import golden_conversation, perturbed_conversation
 from tau2cl.reward import compute_reward
 from tau2cl.tau2_compat import as_list
 
 pytestmark = pytest.mark.slow  # ~20-40 s: every conversation goes through tau2's evaluator twice
-
-
-def perturbed_conversation(domain, task, messages: list) -> list | None:
-    """The conversation with one argument of its last golden write call changed, replayed.
-
-    tau2's evaluator replays every call and insists that each reply equals the recorded one, so
-    the replies are recomputed in a fresh environment. A write call is preferred (changing a read
-    rarely changes the score); None when no call has a str/int argument.
-    """
-    messages = deepcopy(messages)
-    calls = {c.id: c for m in messages for c in (getattr(m, "tool_calls", None) or []) if c.id.startswith(CALL_ID_PREFIX)}
-    env = domain.new_environment(task)
-    candidates = [c for c in calls.values() if _perturbable_key(c.arguments)]
-    writes = [c for c in candidates if _is_write(env, c.name)]
-    target = (writes or candidates or [None])[-1]
-    if target is None:
-        return None
-    key = _perturbable_key(target.arguments)
-    value = target.arguments[key]
-    target.arguments[key] = value + "_x" if isinstance(value, str) else value + 1
-    for index, message in enumerate(messages):
-        if isinstance(message, ToolMessage) and message.id in calls:
-            reply = env.get_response(calls[message.id])
-            reply.timestamp, reply.turn_idx = message.timestamp, message.turn_idx
-            messages[index] = reply
-    return messages
-
-
-def _is_write(env, name: str) -> bool:
-    toolkit = env.user_tools if env.user_tools is not None and env.user_tools.has_tool(name) else env.tools
-    return toolkit.tool_type(name) == ToolType.WRITE
-
-
-def _perturbable_key(arguments: dict) -> str | None:
-    return next(
-        (k for k, v in arguments.items() if isinstance(v, str | int) and not isinstance(v, bool)), None
-    )
 
 
 def corpus(domain, tasks) -> list[tuple[str, object, list, TerminationReason]]:
