@@ -56,7 +56,7 @@ from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 
 from tau2cl.chat import ChatRenderer, assistant_chat_message
 from tau2cl.domains import DOMAIN_NAMES, Domain, load_domain
-from tau2cl.golden import golden_conversation, perturbed_conversation
+from tau2cl.golden import reward_corpus
 from tau2cl.grpo import group_advantages
 from tau2cl.policy import Policy, load_model, load_tokenizer, stop_token_ids
 from tau2cl.reward import compute_reward
@@ -444,22 +444,6 @@ def bench_rollouts(name, model, tokenizer, requests, naive_count, s: Settings) -
 
 
 # ---- (b) rewards ---------------------------------------------------------------------------------
-def reward_corpus(domain: Domain, tasks: list) -> list[tuple[str, Any, list, TerminationReason]]:
-    """(kind, task, messages, termination): golden, truncated (last action dropped), perturbed."""
-    items = []
-    for task in tasks:
-        messages, reason = golden_conversation(domain, task)
-        items.append(("golden", task, messages, reason))
-        actions = as_list(task.evaluation_criteria.actions) if task.evaluation_criteria else []
-        if actions:
-            truncated, reason_t = golden_conversation(domain, task, drop=len(actions) - 1)
-            items.append(("truncated", task, truncated, reason_t))
-        perturbed = perturbed_conversation(domain, task, messages)
-        if perturbed is not None:
-            items.append(("perturbed", task, perturbed, reason))
-    return items
-
-
 def plain_tau2_reward(domain: Domain, task, messages: list, reason: TerminationReason):
     """tau2's evaluate_simulation from scratch: its registry builds both environments from the files."""
     simulation = SimulationRun(

@@ -124,3 +124,19 @@ def _perturbable_key(arguments: dict) -> str | None:
     return next(
         (k for k, v in arguments.items() if isinstance(v, str | int) and not isinstance(v, bool)), None
     )
+
+
+def reward_corpus(domain, tasks: list) -> list[tuple[str, Task, list, TerminationReason]]:
+    """(kind, task, messages, termination): golden, truncated (last action dropped), perturbed."""
+    items = []
+    for task in tasks:
+        messages, reason = golden_conversation(domain, task)
+        items.append(("golden", task, messages, reason))
+        actions = as_list(task.evaluation_criteria.actions) if task.evaluation_criteria else []
+        if actions:
+            truncated, reason_t = golden_conversation(domain, task, drop=len(actions) - 1)
+            items.append(("truncated", task, truncated, reason_t))
+        perturbed = perturbed_conversation(domain, task, messages)
+        if perturbed is not None:
+            items.append(("perturbed", task, perturbed, reason))
+    return items

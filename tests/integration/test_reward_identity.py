@@ -23,32 +23,15 @@ from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
 
 # isort: split
 import tau2.evaluator.evaluator as tau2_evaluator
-from tau2.data_model.simulation import SimulationRun, TerminationReason
+from tau2.data_model.simulation import SimulationRun
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 from tau2.registry import registry
 
 from tau2cl.domains import DOMAIN_NAMES
-from tau2cl.golden import golden_conversation, perturbed_conversation
+from tau2cl.golden import reward_corpus
 from tau2cl.reward import compute_reward
-from tau2cl.tau2_compat import as_list
 
 pytestmark = pytest.mark.slow  # ~20-40 s: every conversation goes through tau2's evaluator twice
-
-
-def corpus(domain, tasks) -> list[tuple[str, object, list, TerminationReason]]:
-    """(kind, task, messages, termination) for golden, truncated and perturbed conversations."""
-    items = []
-    for task in tasks:
-        messages, reason = golden_conversation(domain, task)
-        items.append(("golden", task, messages, reason))
-        actions = as_list(task.evaluation_criteria.actions) if task.evaluation_criteria else []
-        if actions:
-            truncated, reason_t = golden_conversation(domain, task, drop=len(actions) - 1)
-            items.append(("truncated", task, truncated, reason_t))
-        perturbed = perturbed_conversation(domain, task, messages)
-        if perturbed is not None:
-            items.append(("perturbed", task, perturbed, reason))
-    return items
 
 
 def plain_tau2_reward(domain, task, messages, reason):
@@ -66,7 +49,7 @@ def plain_tau2_reward(domain, task, messages, reason):
 @pytest.mark.parametrize("name", DOMAIN_NAMES)
 def test_compute_reward_equals_plain_tau2_evaluator(domains, name):
     domain = domains[name]
-    items = corpus(domain, domain.train_tasks + domain.test_tasks)
+    items = reward_corpus(domain, domain.train_tasks + domain.test_tasks)
     assert {kind for kind, *_ in items} == {"golden", "truncated", "perturbed"}
     rewards = []
     for kind, task, messages, reason in items:
