@@ -6,6 +6,7 @@ save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -17,6 +18,7 @@ import torch
 from tau2cl.errors import UserError
 
 STATE_FILE = "trainer_state.pt"
+PROGRESS_FILE = "progress.json"
 
 
 def domain_checkpoint_name(task_idx: int) -> str:
@@ -37,6 +39,8 @@ def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / STATE_FILE)
+    # the position alone, so finding the latest checkpoint never loads optimizer states
+    (tmp / PROGRESS_FILE).write_text(json.dumps(state.get("progress", {})))
     old = path.with_name(path.name + ".old")
     if path.exists():
         os.replace(path, old)
@@ -62,7 +66,8 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def _position(checkpoint: Path) -> tuple[int, int]:
     """How far a checkpoint got: global step, then matrix rows filled (a domain end comes last)."""
-    progress = load_state(checkpoint).get("progress", {})
+    small = checkpoint / PROGRESS_FILE
+    progress = json.loads(small.read_text()) if small.exists() else load_state(checkpoint).get("progress", {})
     return progress.get("global_step", 0), progress.get("stages_done", 0)
 
 
