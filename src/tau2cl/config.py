@@ -29,6 +29,7 @@ ADVANTAGE_NORMALIZATIONS = ("std", "mean")
 CL_ALGORITHMS = ("sequential", "replay", "ewc", "online_ewc")
 FISHER_NORMALIZATIONS = ("mean", "max", "none")
 REPLAY_SELECTIONS = ("uniform", "reward")
+PARALLELISMS = ("ddp", "fsdp")
 
 # Argument groups of `tau2cl train --help`, in the order they are shown.
 GROUPS = {
@@ -38,6 +39,7 @@ GROUPS = {
     "optimization": "optimizer, batch and schedule",
     "continual learning": "the domain sequence and the strategy against forgetting",
     "evaluation": "test-split evaluation during and after each domain",
+    "distributed": "training with several processes under torchrun",
     "logging": "console output, metrics files and wandb",
     "checkpointing": "saving and resuming",
 }
@@ -245,6 +247,24 @@ class GRPOConfig:
         "Cap on the test tasks per domain used for evaluation; none uses the whole test split.",
     )
 
+    # --- distributed ---
+    parallelism: str = _option(
+        "ddp",
+        "distributed",
+        "How the policy is trained across torchrun processes: ddp = every process holds the "
+        "whole model and gradients are averaged (DistributedDataParallel); fsdp = PyTorch FSDP2 "
+        "(fully_shard) shards parameters, gradients and optimizer state across processes, for "
+        "models whose weights plus optimizer state do not fit one GPU, while rollouts use a full "
+        "copy of the weights gathered after every update. Ignored in a single process.",
+        PARALLELISMS,
+    )
+    dist_timeout_minutes: float = _option(
+        30.0,
+        "distributed",
+        "Minutes a collective may wait for the other processes before the run fails (a rank "
+        "that died or hangs ends the job instead of blocking it forever).",
+    )
+
     # --- logging ---
     log_dir: str = _option(
         "runs/tau2cl",
@@ -438,7 +458,7 @@ _NON_NEGATIVE = (
     "save_interval",
     "eval_temperature",
 )
-_POSITIVE = ("clip_range", "clip_range_high", "max_grad_norm")
+_POSITIVE = ("clip_range", "clip_range_high", "max_grad_norm", "dist_timeout_minutes")
 _NON_EMPTY = ("model_name_or_path", "log_dir")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -480,6 +500,11 @@ def _validate(config: GRPOConfig) -> None:
         "must be tau2 or a module:function import path such as my_pkg.rewards:score",
     )
     _validate_task_order(config.task_order)
+    if config.parallelism == "fsdp" and config.cl_algorithm in ("ewc", "online_ewc"):
+        _fail(
+            f"--cl_algorithm {config.cl_algorithm} needs --parallelism ddp: its Fisher comes from "
+            "per-episode gradients of the whole model, which FSDP shards across processes."
+        )
 
 
 def _check(config: GRPOConfig, name: str, ok: typing.Callable[[Any], bool], rule: str) -> None:

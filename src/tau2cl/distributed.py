@@ -2,11 +2,17 @@
 
 Rank, local rank and world size come from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE),
 never from counting GPUs. A plain `python -m tau2cl.train` runs as one process with no group.
+Besides the collectives, this module wraps a module for data-parallel training (DDP or FSDP2's
+`fully_shard`), switches gradient synchronisation per micro-batch, and moves full state dicts in
+and out of a sharded module.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -110,16 +116,93 @@ def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_grads_(parameters: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average gradients across ranks in place, once per optimizer step (not per micro-batch).
+# ----------------------------------------------------------------------------- data parallel
 
-    A parameter without a gradient on this rank takes part with zeros, so every rank issues the
-    same collectives in the same order whatever its batch held.
+
+def wrap_data_parallel(module: torch.nn.Module, info: DistInfo, parallelism: str) -> torch.nn.Module:
+    """`module` ready for data-parallel training; unchanged in a single process.
+
+    ddp: DistributedDataParallel, which averages gradients across ranks during the backward of
+    the last micro-batch (buffers are not broadcast: the model's only buffers are constants).
+    fsdp: FSDP2, each of the model's repeated blocks (its `_no_split_modules`, e.g. the decoder
+    layers) and then the root get `fully_shard`, so a rank keeps 1/N of the parameters,
+    gradients and optimizer state and gathers a block's weights only while it runs.
     """
-    if not _active():
-        return
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(world_size)
+    if not info.is_distributed:
+        return module
+    if parallelism == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        for block in _repeated_blocks(module):
+            fully_shard(block, mesh=mesh)
+        return fully_shard(module, mesh=mesh)
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    # newer torch names the switch forward_sync_buffers (buffers are still synced once at init)
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=device_ids, **no_sync)
+
+
+def _repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a Hugging Face model (the classes it names as unsplittable)."""
+    names: set[str] = set()
+    for sub in module.modules():
+        names.update(getattr(sub, "_no_split_modules", None) or [])
+    return [sub for sub in module.modules() if type(sub).__name__ in names]
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Forward + backward inside this context synchronise gradients across ranks only if `enabled`.
+
+    Gradient accumulation syncs on the last micro-batch alone: DDP's `no_sync`, FSDP2's
+    `set_requires_gradient_sync`; a module that is not wrapped needs nothing.
+    """
+    if is_sharded(module):
+        module.set_requires_gradient_sync(enabled)
+        yield
+        module.set_requires_gradient_sync(True)
+    elif not enabled and hasattr(module, "no_sync"):
+        with module.no_sync():
+            yield
+    else:
+        yield
+
+
+def as_local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (e.g. the total norm of sharded gradients); others unchanged."""
+    full = getattr(value, "full_tensor", None)
+    return full() if callable(full) else value
+
+
+def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Shard full tensors (present on every rank) into a sharded module."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A sharded module's optimizer state, whole, on rank 0 (empty elsewhere); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def load_full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Shard a whole optimizer state (read by every rank) into a sharded module's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)

@@ -12,6 +12,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,9 @@ from tau2cl.config import GRPOConfig
 from tau2cl.distributed import (
     DistInfo,
     all_gather_objects,
-    all_reduce_grads_,
     all_reduce_max_,
     all_reduce_sum_,
+    as_local_tensor,
     compute_cleanup,
     compute_init,
 )
@@ -54,6 +55,7 @@ from tau2cl.rollout import RolloutEngine, RolloutRequest, RolloutSettings, Traje
 from tau2cl.scoring import load_reward_fn, score_trajectories
 from tau2cl.strategies import build_strategy
 from tau2cl.tau2_results import write_results
+from tau2cl.training_model import TrainingModel
 from tau2cl.update import (
     LossSettings,
     accumulate_gradients,
@@ -79,7 +81,7 @@ class GRPOTrainer:
 
     def __init__(self, config: GRPOConfig):
         self.config = config
-        self.dist: DistInfo = compute_init()
+        self.dist: DistInfo = compute_init(timeout=timedelta(minutes=config.dist_timeout_minutes))
         tau2_compat.set_tau2_verbosity(config.verbose)
         self.order = list(config.task_order)
         if self.dist.is_main:
@@ -90,7 +92,8 @@ class GRPOTrainer:
         self.compute_dtype = _compute_dtype(config.model_dtype)
         self.policy = self._load_policy()
         self.reference = self._load_reference()
-        self.params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        self.training = TrainingModel(self.policy.model, self.dist, config.parallelism)
+        self.params = self.training.params
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -243,7 +246,6 @@ class GRPOTrainer:
     # ---- the update -------------------------------------------------------------------------
     def _update(self, trajectories: list[Trajectory], advantages: list[float]) -> dict:
         cfg = self.config
-        model = self.policy.model
         batch = collate(
             [t.token_ids for t in trajectories], [t.loss_mask for t in trajectories],
             [t.sampling_logprobs for t in trajectories], advantages,
@@ -258,15 +260,15 @@ class GRPOTrainer:
         time_ref = time.perf_counter() - t0
         global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())
         settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef, self.compute_dtype)
-        model.train()
+        self.training.module.train()
         stats: dict = {}
         for _ in range(cfg.num_updates_per_batch):
+            # DDP/FSDP average the gradients over ranks in the last micro-batch's backward
             stats = accumulate_gradients(
-                model, batch, micro, settings, max(global_tokens, 1.0) / self.dist.world_size,
+                self.training.module, batch, micro, settings, max(global_tokens, 1.0) / self.dist.world_size,
                 extra_loss=lambda: self.strategy.loss_terms(self),
             )
-            all_reduce_grads_(self.params, self.dist.world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            grad_norm = as_local_tensor(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             if torch.isfinite(grad_norm):
                 self.optimizer.step()
             else:
@@ -274,6 +276,7 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             stats["grad_norm"] = float(grad_norm)
         self.scheduler.step()
+        self.training.refresh_rollout_model()
         stats = _token_weighted_across_ranks(stats)
         stats["time_ref"] = time_ref
         stats["skipped_updates"] = self.skipped_updates
@@ -399,6 +402,7 @@ class GRPOTrainer:
 
     def _save(self, name: str) -> Path:
         rng = all_gather_objects(rng_state(self.generator))
+        optimizer_state = self.training.optimizer_state(self.optimizer)  # a collective when sharded
         path = Path(self.config.log_dir) / name
         if not self.dist.is_main:
             return path
@@ -407,7 +411,8 @@ class GRPOTrainer:
             "progress": vars(self.progress).copy(),
             "reward_matrix": self.reward_matrix,
             "pass_matrix": self.pass_matrix,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
+            "optimizer_sharded": self.training.sharded,
             "scheduler": self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
             "rng": rng,
@@ -427,10 +432,18 @@ class GRPOTrainer:
                     f"cannot resume from '{ckpt}': it was trained with {key} {saved[key]!r}, "
                     f"not {getattr(self.config, key)!r}."
                 )
+        if state.get("optimizer_sharded", False) != self.training.sharded:
+            raise UserError(
+                f"cannot resume from '{ckpt}': its optimizer state was saved "
+                f"{'with' if state.get('optimizer_sharded') else 'without'} FSDP sharding; resume with "
+                f"the --parallelism and process count it was trained with (it used --parallelism "
+                f"{saved.get('parallelism', 'ddp')})."
+            )
         if self.dist.is_main:  # drop what was logged after the checkpoint: no step twice
             truncate_lines(Path(self.config.log_dir) / "metrics.jsonl", state["metrics_lines"])
         load_model_weights(self.policy.model, ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.training.load_from_rollout_model()
+        self.training.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.strategy.load_state_dict(state["strategy"])
         self.progress = Progress(**state["progress"])

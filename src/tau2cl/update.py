@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tau2cl.distributed import gradient_sync
 from tau2cl.grpo import grpo_loss, token_logprobs
 
 
@@ -102,6 +103,35 @@ def sequence_logprobs(
     return out.index_put((rows, cols), picked)
 
 
+class TrainedLogprobs(torch.nn.Module):
+    """A causal LM whose forward is the update's: `sequence_logprobs` at the trained positions.
+
+    The update's forward goes through this module's `forward`, so a data-parallel wrapper around
+    it (DDP, FSDP2) sees every training forward it has to hook, even though the log-probs call
+    the LM's body and head separately.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        temperature: float = 1.0,
+        compute_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        return sequence_logprobs(self.lm, input_ids, attention_mask, loss_mask, temperature, compute_dtype)
+
+
+def as_trained_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` if it already computes trained-position log-probs (possibly wrapped), else a wrapper."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel keeps the module here
+    return model if isinstance(inner, TrainedLogprobs) else TrainedLogprobs(model)
+
+
 def _split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
     """(transformer body, LM head) of a causal LM when the head is a plain projection."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -149,31 +179,33 @@ def accumulate_gradients(
 ) -> dict[str, float]:
     """Backward the GRPO loss over micro-batches (rows of `batch`), summing gradients.
 
-    Each micro-batch divides its token-sum loss by `num_tokens_normalizer` (the whole batch's
+    `model` is a causal LM or a (DDP/FSDP-wrapped) `TrainedLogprobs`; a wrapped model syncs
+    gradients across ranks on the last micro-batch only. Each micro-batch divides its token-sum loss by `num_tokens_normalizer` (the whole batch's
     token count, or global count / world size under data parallelism), so the accumulated
     gradient equals one full-batch token-mean loss. `extra_loss` terms (a CL penalty) are added
     once, on the last micro-batch. Returns token-weighted statistics.
     """
+    forward = as_trained_forward(model)
     totals: dict[str, float] = {}
     weight = 0
     loss_sum = 0.0
     extra_stats: dict[str, float] = {}
     for i, rows in enumerate(micro_batches):
         mb = batch.rows(rows)
-        logprobs = sequence_logprobs(
-            model, mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature, settings.compute_dtype
-        )
-        loss, stats = grpo_loss(
-            logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
-            ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,
-            clip_low=settings.clip_low, clip_high=settings.clip_high,
-            num_tokens_normalizer=num_tokens_normalizer,
-        )
-        if extra_loss is not None and i == len(micro_batches) - 1:
-            for name, term in extra_loss().items():
-                loss = loss + term
-                extra_stats[name] = float(term.detach())
-        loss.backward()
+        last = i == len(micro_batches) - 1
+        with gradient_sync(forward, enabled=last):
+            logprobs = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature, settings.compute_dtype)
+            loss, stats = grpo_loss(
+                logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
+                ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,
+                clip_low=settings.clip_low, clip_high=settings.clip_high,
+                num_tokens_normalizer=num_tokens_normalizer,
+            )
+            if extra_loss is not None and last:
+                for name, term in extra_loss().items():
+                    loss = loss + term
+                    extra_stats[name] = float(term.detach())
+            loss.backward()
         loss_sum += float(loss.detach())
         n = stats["num_tokens"]
         weight += n

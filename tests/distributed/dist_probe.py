@@ -7,7 +7,8 @@ It runs tau2cl's own code in-process so that a test can look inside each rank, w
         tau2cl.train.main(flags) with two recorders patched into tau2cl.trainer: every training
         step's per-episode train rewards and task ids, and a digest of the parameter bytes before
         and after training. The process group is kept alive past train() (compute_cleanup
-        patched out) so the digests can be gathered; rank 0 writes every rank's record to OUT.
+        patched out) so the digests can be gathered; rank 0 writes every rank's record to OUT
+        and its final parameters to OUT with the suffix .pt.
     dist_probe.py evaluate OUT.json [tau2cl train flags...]
         GRPOTrainer(config).evaluate_task(d, label="probe") for every domain of task_order;
         rank 0 writes the summaries (EvalSummary.to_dict()) and the world size to OUT, and the
@@ -24,6 +25,9 @@ import json
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
+
+import torch
 
 from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import before anything imports tau2)
 
@@ -79,6 +83,8 @@ def probe_train(out: str, argv: list[str]) -> int:
     records = distributed.all_gather_objects(record)
     if info.is_main:
         _write(out, {"ranks": records})
+        state = {k: v.detach().cpu() for k, v in trainers[0].policy.model.named_parameters()}
+        torch.save(state, str(Path(out).with_suffix(".pt")))
     distributed.compute_cleanup()
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +39,7 @@ TINY = [
     "--task_order", *DOMAINS, "--max_tasks_per_domain", "2",
     "--batch_size_per_gpu", str(BATCH), "--num_samples_per_prompt", str(SAMPLES),
     "--max_new_tokens", "8", "--max_turns", "1", "--eval_max_tasks", "2", "--kl_coef", "0",
-    "--reward_fn", "reward_fns:first_reply_length",
+    "--reward_fn", "reward_fns:first_reply_length", "--gradient_accumulation_steps", "2",
 ]  # fmt: skip
 
 
@@ -99,17 +102,15 @@ def _records(log_dir: Path, kind: str) -> list[dict]:
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def _train_with_probe(tmp: Path, *extra: str) -> tuple[Launch, dict, Path, dict]:
     """2 steps on each of 2 domains with 2 processes: (launch, probe record, log_dir, rank logs)."""
-    tmp = tmp_path_factory.mktemp("torchrun_train")
     out, log_dir, rank_logs = tmp / "probe.json", tmp / "run", tmp / "rank_logs"
     launch = _run(
         _torchrun(
             "--tee", "3", "--log-dir", str(rank_logs),  # console and one file per rank
             str(PROBE), "train", str(out), *TINY,
             "--num_steps_per_task", str(STEPS), "--log_dir", str(log_dir),
-            "--no-use_progress_bar", "--log_interval", "1",
+            "--no-use_progress_bar", "--log_interval", "1", *extra,
         ),
         timeout=400,
     )  # fmt: skip
@@ -119,6 +120,22 @@ def trained(tmp_path_factory):
         (folder,) = rank_logs.glob(f"*/attempt_0/{rank}")
         logs[rank] = {s: (folder / f"{s}.log").read_text() for s in ("stdout", "stderr")}
     return launch, json.loads(out.read_text()), log_dir, logs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """DDP (the default), with 2 micro-batches per step: gradients sync on the last one only."""
+    return _train_with_probe(tmp_path_factory.mktemp("torchrun_train"))
+
+
+@pytest.fixture(scope="module")
+def trained_fsdp(tmp_path_factory):
+    """The same run with the policy sharded by FSDP2."""
+    return _train_with_probe(tmp_path_factory.mktemp("torchrun_fsdp"), "--parallelism", "fsdp")
+
+
+def _final_parameters(log_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(log_dir.parent / "probe.pt", weights_only=True)
 
 
 def test_two_processes_train_two_domains_and_end_with_bit_identical_parameters(trained):
@@ -179,6 +196,44 @@ def test_logged_train_reward_is_the_mean_over_all_episodes_of_both_ranks(trained
         assert record["reward_std"] == pytest.approx(
             statistics.pstdev(episodes), rel=1e-9, abs=1e-12
         )
+
+
+# ----------------------------------------------------------------------------- FSDP
+
+
+def test_fsdp_trains_the_same_weights_as_ddp_and_its_ranks_agree(trained, trained_fsdp):
+    _, ddp_probe, ddp_dir, _ = trained
+    launch, probe, fsdp_dir, logs = trained_fsdp
+    ranks = probe["ranks"]
+    assert ranks[0]["initial_digest"] == ddp_probe["ranks"][0]["initial_digest"]
+    assert ranks[0]["final_digest"] != ranks[0]["initial_digest"], "FSDP did not train"
+    assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' rollout weights differ"
+    ddp, fsdp = _final_parameters(ddp_dir), _final_parameters(fsdp_dir)
+    assert ddp.keys() == fsdp.keys()
+    for name in ddp:  # same maths; only the reduction order of the gradients may differ
+        torch.testing.assert_close(fsdp[name], ddp[name], rtol=0, atol=1e-6, msg=name)
+    assert launch.stdout.count("Task 1: RETAIL") == 1 and logs[1] == {"stdout": "", "stderr": ""}
+
+
+def test_fsdp_resumes_from_a_domain_checkpoint_to_the_same_weights(trained_fsdp, tmp_path):
+    """The sharded optimizer state is saved whole and re-sharded: resuming is exact."""
+    _, _, fsdp_dir, _ = trained_fsdp
+    log_dir = tmp_path / "resumed"
+    log_dir.mkdir()
+    shutil.copytree(fsdp_dir / "checkpoint_task_0", log_dir / "checkpoint_task_0")
+    launch = _run(
+        _torchrun(
+            "-m", "tau2cl.train", *TINY, "--num_steps_per_task", str(STEPS), "--parallelism", "fsdp",
+            "--log_dir", str(log_dir), "--resume_from", str(log_dir), "--no-use_progress_bar",
+        ),
+        timeout=400,
+    )  # fmt: skip
+    assert launch.returncode == 0, launch.stderr[-4000:]
+    assert "Task 0: AIRLINE" not in launch.stdout and launch.stdout.count("Task 1: RETAIL") == 1
+    resumed = load_file(log_dir / "checkpoint_task_1" / "model.safetensors")
+    straight = load_file(fsdp_dir / "checkpoint_task_1" / "model.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
 # ----------------------------------------------------------------------------- evaluation

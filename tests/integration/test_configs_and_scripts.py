@@ -2,7 +2,7 @@
 
 The README's flag tables are compared with GRPOConfig itself, so a new, renamed or re-defaulted flag
 fails here until the README says the same; `python tests/integration/test_configs_and_scripts.py`
-prints the tables as they should read.
+prints the tables as they should read, and with `--write` puts them into the README.
 """
 
 from __future__ import annotations
@@ -443,5 +443,16 @@ def test_readme_test_command_is_what_ci_runs():
     assert "-m pytest -q\n" in (ROOT / ".ci" / "run").read_text()
 
 
+def write_flag_tables(readme: Path = README) -> None:
+    """Replace the README's flag tables with the ones GRPOConfig defines."""
+    text = readme.read_text()
+    old = _section(text, "## Flags")
+    tables = old[old.index("#### ") :].strip()
+    readme.write_text(text.replace(tables, expected_flag_tables().strip()))
+
+
 if __name__ == "__main__":
-    print(expected_flag_tables())
+    if sys.argv[1:] == ["--write"]:
+        write_flag_tables()
+    else:
+        print(expected_flag_tables())

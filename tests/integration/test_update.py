@@ -6,7 +6,9 @@ import torch
 
 from tau2cl.update import (
     LossSettings,
+    TrainedLogprobs,
     accumulate_gradients,
+    as_trained_forward,
     collate,
     reference_logprobs,
     sequence_logprobs,
@@ -57,3 +59,16 @@ def test_accumulated_micro_batch_gradients_equal_the_full_batch_gradient(tiny_mo
     tiny_model.zero_grad(set_to_none=True)
     assert len(one) == len(three)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one, three, strict=True))
+
+
+def test_the_trained_forward_module_is_sequence_logprobs_and_wraps_once(tiny_model, tiny_tokenizer):
+    """What DDP/FSDP wrap: its forward is the update's log-prob forward, and it is never wrapped twice."""
+    batch = _batch(tiny_tokenizer.pad_token_id)
+    forward = as_trained_forward(tiny_model)
+    assert isinstance(forward, TrainedLogprobs) and forward.lm is tiny_model
+    assert as_trained_forward(forward) is forward
+    with torch.no_grad():
+        direct = sequence_logprobs(tiny_model, batch.input_ids, batch.attention_mask, batch.loss_mask, 0.7)
+        wrapped = forward(batch.input_ids, batch.attention_mask, batch.loss_mask, 0.7)
+    assert torch.equal(direct, wrapped)
+

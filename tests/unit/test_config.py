@@ -78,6 +78,7 @@ def test_every_default_matches_the_documented_value():
     assert config.task_order == ["airline", "retail", "telecom"]
     assert (config.eval_interval, config.eval_temperature, config.save_interval) == (50, 0.0, 0)
     assert config.log_dir == "runs/tau2cl" and config.wandb_project is None
+    assert (config.parallelism, config.dist_timeout_minutes) == ("ddp", 30.0)
 
 
 def test_default_task_order_is_not_shared_between_instances():
@@ -245,6 +246,12 @@ BAD_VALUES = [
     (["--replay_ratio", "1.5"], "--replay_ratio must be between 0 and 1"),
     (["--replay_ratio", "-0.1"], "--replay_ratio must be between 0 and 1"),
     (["--max_grad_norm", "0"], "--max_grad_norm must be greater than 0"),
+    (["--parallelism", "zero3"], "--parallelism must be one of ddp, fsdp"),
+    (["--dist_timeout_minutes", "0"], "--dist_timeout_minutes must be greater than 0"),
+    (
+        ["--parallelism", "fsdp", "--cl_algorithm", "online_ewc"],
+        "--cl_algorithm online_ewc needs --parallelism ddp",
+    ),
     (["--reward_fn", "my_reward"], "--reward_fn must be tau2 or a module:function import path"),
     (["--reward_fn", "pkg:"], "--reward_fn must be tau2 or a module:function import path"),
     (["--model_name_or_path", " "], "--model_name_or_path must not be empty"),
