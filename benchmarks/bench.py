@@ -597,8 +597,8 @@ def print_rollouts(results: list[ModelRollouts], s: Settings) -> None:
             print(f"{m.name}:{m.note}; one episode at a time, so its rate does not depend on the count")
     for m in results:
         e, n = m.engine, m.naive
-        print(f"{m.name}: LM-head rows per episode: engine {e.head_rows / e.episodes:,.0f} (full logits over each "
-              f"prefill), naive {n.head_rows / n.episodes:,.0f} (generate keeps the last position)")
+        print(f"{m.name}: LM-head rows per episode: engine {e.head_rows / e.episodes:,.0f}, naive "
+              f"{n.head_rows / n.episodes:,.0f} (both project only the last position of a prefill)")
 
 
 def print_rewards(rows: list[RewardRow]) -> float:
