@@ -14,8 +14,10 @@ a. Rollouts. The project's RolloutEngine (every live episode of a domain in one 
    Qwen2.5-0.5B's shape (no Qwen tokenizer offline: it is paired with the tiny tokenizer and its
    vocabulary cut to that tokenizer's size; --quick also keeps fewer layers and runs the naive loop
    on fewer episodes, whose rate does not depend on their number since they run one at a time).
-b. Rewards. compute_reward against tau2's evaluate_simulation called plainly (tau2's registry
-   reads the database files for each call), on golden, truncated (last golden action dropped) and
+b. Rewards. compute_reward (environments copied from memory, each task's gold environment built
+   and hashed once: the first of its conversations pays for it, the timing starts with none
+   recorded) against tau2's evaluate_simulation called plainly (tau2's registry reads the
+   database files for each call), on golden, truncated (last golden action dropped) and
    perturbed (an argument of the last tool call changed, replies replayed) conversations of the
    three domains; the two must give identical RewardInfo (asserted here and in
    tests/integration/test_reward_identity.py).
@@ -25,10 +27,15 @@ c. One GRPO step of the tiny model on the rollouts of (a): the split rollout / r
 d. The limit: FLOPs counted from every forward's shapes (2 x linear weights per token, plus
    attention 4 x layers x width x context; the update x3 for the backward) against a large fp32
    matmul timed on this machine, as achieved / peak.
+e. On a CUDA device only (skipped, and said so, on a CPU-only machine): a Qwen2.5-3B-shaped model
+   in bf16 autocast at batch_size_per_gpu 4 x 4 samples: decode tokens/s, the update's tokens/s
+   and peak memory with and without gradient checkpointing, SDPA and FlashAttention-2 when
+   installed (gpu_bench.py).
 
 Everything is seeded. The last line is `rollout_speedup=<x> reward_speedup=<y> update_tokens_per_s=<z>`:
 the rollout speedup of the Qwen2.5-0.5B-shaped model (engine tokens/s / naive tokens/s), the reward
-speedup over the whole corpus, and all tokens through the update's forward + backward per second.
+speedup over the whole corpus on its first pass (each task's gold state built on its first
+conversation; the table also shows a second pass), and all tokens through the update's forward + backward per second.
 Torch runs one intra-op thread by default (--threads): on a shared 2-core machine two threads made
 the tiny model 3x slower, and the peak matmul is timed with the same setting.
 """
@@ -54,6 +61,7 @@ from tau2.data_model.message import AssistantMessage, ToolCall, ToolMessage, Use
 from tau2.data_model.simulation import SimulationRun, TerminationReason
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 
+from tau2cl import gold_state
 from tau2cl.chat import ChatRenderer, assistant_chat_message
 from tau2cl.domains import DOMAIN_NAMES, Domain, load_domain
 from tau2cl.golden import reward_corpus
@@ -100,6 +108,8 @@ class Settings:
     reward_tasks: int  # per domain
     micro_batches: int  # of the GRPO update (gradient_accumulation_steps)
     matmul_size: int
+    gpu_seq_len: int  # (e): tokens of each of the 16 sequences
+    gpu_new_tokens: int  # (e): tokens sampled per prompt
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -110,6 +120,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--qwen_layers", type=int, default=None, help="layers of the 0.5B-shaped model")
     parser.add_argument("--naive_episodes", type=int, default=None, help="naive episodes of the 0.5B-shaped model")
+    parser.add_argument("--gpu_seq_len", type=int, default=None,
+                        help="(e, CUDA only) tokens per sequence of the 3B-shaped model (default 1024 quick, 4096 full)")
     args = parser.parse_args(argv)
     quick = args.quick
     return Settings(
@@ -118,6 +130,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         qwen_layers=args.qwen_layers or (2 if quick else QWEN05_SHAPE["num_hidden_layers"]),
         naive_episodes_qwen=args.naive_episodes or (2 if quick else 16),
         reward_tasks=4 if quick else 10, micro_batches=4, matmul_size=2048 if quick else 4096,
+        gpu_seq_len=args.gpu_seq_len or (1024 if quick else 4096), gpu_new_tokens=64 if quick else 256,
     )
 
 
@@ -156,11 +169,11 @@ def print_machine(s: Settings) -> None:
     print(f"load average at start (1/5/15 min): {load_text()}")
 
 
-def matmul_peak(s: Settings) -> float:
-    """Best FLOP/s of an fp32 n x n matmul on this device and thread count."""
+def matmul_peak(s: Settings, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of an n x n matmul in `dtype` on this device and thread count."""
     n = s.matmul_size
-    a = torch.randn(n, n, device=s.device)
-    b = torch.randn(n, n, device=s.device)
+    a = torch.randn(n, n, device=s.device, dtype=dtype)
+    b = torch.randn(n, n, device=s.device, dtype=dtype)
     for _ in range(2):
         a @ b
     best = float("inf")
@@ -462,7 +475,9 @@ class RewardRow:
     project_s: float
     plain_s: float
     rewards: str
-    env_build_ms: float  # one Domain.base_environment(); compute_reward builds two per scored conversation
+    env_build_ms: float  # one Domain.base_environment(): the predicted side of each scored conversation
+    gold_recorded: int  # tasks whose gold environment compute_reward built and hashed (once each)
+    recorded_s: float  # compute_reward over the same corpus again, every gold state recorded
 
 
 def bench_rewards(domains: dict[str, Domain], s: Settings) -> list[RewardRow]:
@@ -470,23 +485,28 @@ def bench_rewards(domains: dict[str, Domain], s: Settings) -> list[RewardRow]:
     for name in DOMAIN_NAMES:
         domain = domains[name]
         items = reward_corpus(domain, domain.train_tasks[: s.reward_tasks])
+        gold_state.clear()  # every task's first conversation pays for its gold environment
         t0 = time.perf_counter()
         ours = [compute_reward(domain, task, messages, reason) for _, task, messages, reason in items]
         t1 = time.perf_counter()
         theirs = [plain_tau2_reward(domain, task, messages, reason) for _, task, messages, reason in items]
         t2 = time.perf_counter()
-        for (kind, task, *_), a, b in zip(items, ours, theirs, strict=True):
-            assert a.reward_info.model_dump() == b.model_dump(), f"{name} task {task.id} ({kind}): rewards differ"
+        again = [compute_reward(domain, task, messages, reason) for _, task, messages, reason in items]
+        t3 = time.perf_counter()
+        for (kind, task, *_), a, b, c in zip(items, ours, theirs, again, strict=True):
+            assert a.reward_info.model_dump() == b.model_dump() == c.reward_info.model_dump(), \
+                f"{name} task {task.id} ({kind}): rewards differ"
         kinds = "/".join(str(sum(k == kind for k, *_ in items)) for kind in ("golden", "truncated", "perturbed"))
         full = sum(r.reward == 1.0 for r in ours)
         rows.append(RewardRow(name, len(items), kinds, t1 - t0, t2 - t1, f"{full} at 1.0, {len(items) - full} below",
-                              env_build_ms(domain)))
+                              env_build_ms(domain), gold_state.recorded_count(), t3 - t2))
         print(f"[b] {name}: {len(items)} conversations, identical rewards", flush=True)
     return rows
 
 
 def env_build_ms(domain: Domain) -> float:
-    """Median milliseconds of one in-memory environment (what compute_reward builds twice)."""
+    """Median milliseconds of one in-memory environment (compute_reward builds one per conversation,
+    and one more the first time it scores a task: its gold environment)."""
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -597,21 +617,25 @@ def print_rollouts(results: list[ModelRollouts], s: Settings) -> None:
             print(f"{m.name}:{m.note}; one episode at a time, so its rate does not depend on the count")
     for m in results:
         e, n = m.engine, m.naive
-        print(f"{m.name}: LM-head rows per episode: engine {e.head_rows / e.episodes:,.0f} (full logits over each "
-              f"prefill), naive {n.head_rows / n.episodes:,.0f} (generate keeps the last position)")
+        print(f"{m.name}: LM-head rows per episode: engine {e.head_rows / e.episodes:,.0f}, naive "
+              f"{n.head_rows / n.episodes:,.0f} (both project only the last position of a prefill)")
 
 
 def print_rewards(rows: list[RewardRow]) -> float:
     out = [[r.domain, r.conversations, r.kinds, r.rewards, f"{r.project_s:.2f}", f"{r.plain_s:.2f}",
             f"{1000 * r.project_s / r.conversations:.0f}", f"{1000 * r.plain_s / r.conversations:.0f}",
-            f"{r.plain_s / r.project_s:.1f}x", f"{2 * r.env_build_ms:.0f}"] for r in rows]
+            f"{r.plain_s / r.project_s:.1f}x", f"{r.gold_recorded}", f"{1000 * r.recorded_s / r.conversations:.0f}",
+            f"{r.plain_s / r.recorded_s:.1f}x", f"{r.env_build_ms:.0f}"] for r in rows]
     ours, plain = sum(r.project_s for r in rows), sum(r.plain_s for r in rows)
+    recorded = sum(r.recorded_s for r in rows)
     n = sum(r.conversations for r in rows)
     out.append(["all", n, "", "", f"{ours:.2f}", f"{plain:.2f}", f"{1000 * ours / n:.0f}", f"{1000 * plain / n:.0f}",
-                f"{plain / ours:.1f}x", ""])
+                f"{plain / ours:.1f}x", "", f"{1000 * recorded / n:.0f}", f"{plain / recorded:.1f}x", ""])
     table("(b) rewards: compute_reward vs tau2 evaluate_simulation from scratch (identical RewardInfo asserted)",
           ["domain", "conversations", "golden/trunc/pert", "rewards", "project s", "tau2 s", "project ms/conv",
-           "tau2 ms/conv", "speedup", "2 env builds ms"], out)
+           "tau2 ms/conv", "speedup", "gold states built", "again ms/conv", "again speedup", "env build ms"], out)
+    print("again: the same corpus scored a second time, every task's gold state recorded (a training run scores "
+          "each task num_samples_per_prompt times a step, and draws its tasks again on later steps)")
     return plain / ours
 
 
@@ -653,6 +677,19 @@ def print_limit(results: list[ModelRollouts], step: StepResult, tiny_weights: in
                                        "achieved/peak", "in-model/peak"], rows)
 
 
+# ---- (e) the 3B-shaped model on a GPU ------------------------------------------------------------
+def run_gpu_section(tokenizer, s: Settings) -> None:
+    """Section (e) when the device is a CUDA GPU; on any other device, say that it was skipped."""
+    if not s.device.startswith("cuda"):
+        print("\n(e) GPU section skipped: no CUDA device (bf16, SDPA/flash attention, gradient checkpointing, "
+              "peak memory and Qwen2.5-3B-shaped tokens/s are measured only on a GPU)")
+        return
+    import gpu_bench
+
+    peak = matmul_peak(s, torch.bfloat16)
+    gpu_bench.run(tokenizer, s.device, s.gpu_seq_len, s.gpu_new_tokens, FlopCounter, peak, table)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     s = parse_settings(argv)
@@ -683,6 +720,7 @@ def main(argv: list[str] | None = None) -> None:
     reward_speedup = print_rewards(reward_rows)
     print_step(step, reward_rows)
     print_limit(results, step, results[0].weights, peak)
+    run_gpu_section(tokenizer, s)
     print(f"\nwall time {time.perf_counter() - start:.0f}s | load average at end: {load_text()}")
     print(f"rollout_speedup={results[-1].speedup:.2f} reward_speedup={reward_speedup:.2f} "
           f"update_tokens_per_s={step.tokens_per_s:.0f}")

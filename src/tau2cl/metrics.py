@@ -85,7 +85,7 @@ def format_train_detail(stats: Mapping[str, Any]) -> str:
 
     return (
         f"{DETAIL_INDENT}time rollout {secs('time_rollout')} reward {secs('time_reward')}"
-        f" update {secs('time_update')}"
+        f" ref {secs('time_ref')} update {secs('time_update')}"
         f" | clip {_num(stats.get('clip_frac'), '.3f')}"
         f" | grad_norm {_num(stats.get('grad_norm'), '.3f')}"
         f" | lr {_num(stats.get('lr'), '.1e')}"

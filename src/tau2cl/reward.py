@@ -33,6 +33,7 @@ from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 from tau2.evaluator.evaluator_action import ActionEvaluator
 from tau2.utils.utils import get_now
 
+from tau2cl import gold_state
 from tau2cl.domains import Domain, gc_paused
 from tau2cl.errors import UserError
 from tau2cl.tau2_compat import as_list
@@ -96,7 +97,7 @@ def compute_reward(
 def _evaluate(domain: Domain, task: Task, simulation: SimulationRun, judge_model: str | None) -> RewardInfo:
     kwargs = dict(simulation=simulation, task=task, solo_mode=domain.solo_mode, domain=domain.name)
     if not _needs_judge(task):
-        with _environments_from(domain), gc_paused():
+        with _environments_from(domain, task), gc_paused():
             return evaluate_simulation(evaluation_type=EvaluationType.ALL, **kwargs)
     if judge_model is None:
         raise UserError(f"task {task.id} is scored by natural-language assertions; set a judge model.")
@@ -104,7 +105,7 @@ def _evaluate(domain: Domain, task: Task, simulation: SimulationRun, judge_model
     default = nl_assertions.DEFAULT_LLM_NL_ASSERTIONS
     nl_assertions.DEFAULT_LLM_NL_ASSERTIONS = judge_model
     try:
-        with _environments_from(domain):
+        with _environments_from(domain, task):
             return evaluate_simulation(evaluation_type=EvaluationType.ALL_WITH_NL_ASSERTIONS, **kwargs)
     finally:
         nl_assertions.DEFAULT_LLM_NL_ASSERTIONS = default
@@ -114,9 +115,19 @@ def _evaluate(domain: Domain, task: Task, simulation: SimulationRun, judge_model
 # evaluate_simulation builds two environments per call through tau2's registry, which reads the
 # domain's database files from disk each time (airline: ~0.2 s a read). While compute_reward runs,
 # the registry the evaluator sees hands out `Domain.base_environment` instead: the same tau2
-# constructor on an in-memory copy of the same data, so the reward is the same number. Anything
-# else that calls tau2 (and compute_reward's callers on other threads) still sees tau2's registry.
-_ACTIVE_DOMAIN: ContextVar[Domain | None] = ContextVar("tau2cl_active_domain", default=None)
+# constructor on an in-memory copy of the same data, so the reward is the same number; and the
+# gold environment (the task's golden actions replayed) is built and hashed once per task
+# (gold_state.py). Anything else that calls tau2 (and compute_reward's callers on other threads)
+# still sees tau2's registry.
+@dataclass(frozen=True)
+class _Scoring:
+    """What the evaluator is scoring on this thread: the domain and the task."""
+
+    domain: Domain
+    task: Task
+
+
+_ACTIVE: ContextVar[_Scoring | None] = ContextVar("tau2cl_active_scoring", default=None)
 
 
 class _MemoryRegistry:
@@ -126,9 +137,9 @@ class _MemoryRegistry:
         self._base = base
 
     def get_env_constructor(self, name: str) -> Callable[..., Any]:
-        domain = _ACTIVE_DOMAIN.get()
-        if domain is not None and domain.name == name:
-            return domain.base_environment
+        scoring = _ACTIVE.get()
+        if scoring is not None and scoring.domain.name == name:
+            return gold_state.gold_aware_constructor(scoring.domain.base_environment, name, scoring.task)
         return self._base.get_env_constructor(name)
 
     def __getattr__(self, name: str) -> Any:
@@ -136,14 +147,14 @@ class _MemoryRegistry:
 
 
 @contextlib.contextmanager
-def _environments_from(domain: Domain) -> Iterator[None]:
+def _environments_from(domain: Domain, task: Task) -> Iterator[None]:
     if not isinstance(tau2_evaluator.registry, _MemoryRegistry):
         tau2_evaluator.registry = _MemoryRegistry(tau2_evaluator.registry)
-    token = _ACTIVE_DOMAIN.set(domain)
+    token = _ACTIVE.set(_Scoring(domain, task))
     try:
         yield
     finally:
-        _ACTIVE_DOMAIN.reset(token)
+        _ACTIVE.reset(token)
 
 
 def _needs_judge(task: Task) -> bool:

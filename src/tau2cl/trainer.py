@@ -224,7 +224,9 @@ class GRPOTrainer:
         self.strategy.after_update(self, step)
         t3 = time.perf_counter()
         stats.update(self._episode_stats(trajectories, rewards, domain.name))
-        stats.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2, lr=self.scheduler.get_last_lr()[0])
+        # disjoint parts: the reference model's log-probs (time_ref, timed in _update) are not update time
+        stats.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2 - stats["time_ref"],
+                     lr=self.scheduler.get_last_lr()[0])
         return stats
 
     def _step_requests(self, task_idx: int, domain: Domain, step: int) -> list[RolloutRequest]:

@@ -11,6 +11,11 @@ golden action dropped (truncated), and the same with one argument of its last wr
 and the conversation replayed in a fresh environment so that every tool reply is the one tau2's
 replay will see (perturbed). The corpus must contain both full and failing rewards, so the check
 cannot pass on a single outcome.
+
+compute_reward also builds and hashes a task's gold environment once and reuses its hashes
+(gold_state.py). The corpus starts with no gold state recorded, so each task's first conversation
+records it and its other conversations reuse it; each conversation is then scored a second time,
+which must reuse the recorded gold state (one environment built, not two) and give the same RewardInfo.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
 
 # isort: split
 import tau2.evaluator.evaluator as tau2_evaluator
-from tau2.data_model.simulation import SimulationRun
+from tau2.data_model.simulation import SimulationRun, TerminationReason
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 from tau2.registry import registry
 
+from tau2cl import gold_state
 from tau2cl.domains import DOMAIN_NAMES
 from tau2cl.golden import reward_corpus
 from tau2cl.reward import compute_reward
@@ -46,11 +52,22 @@ def plain_tau2_reward(domain, task, messages, reason):
     )
 
 
+def uses_gold_environment(task, reason) -> bool:
+    """Whether tau2's evaluator builds a gold environment for this conversation."""
+    criteria = task.evaluation_criteria
+    finished = reason in (TerminationReason.AGENT_STOP, TerminationReason.USER_STOP)
+    return finished and criteria is not None and (criteria.actions is not None or criteria.env_assertions is not None)
+
+
 @pytest.mark.parametrize("name", DOMAIN_NAMES)
-def test_compute_reward_equals_plain_tau2_evaluator(domains, name):
+def test_compute_reward_equals_plain_tau2_evaluator(domains, name, monkeypatch):
     domain = domains[name]
     items = reward_corpus(domain, domain.train_tasks + domain.test_tasks)
     assert {kind for kind, *_ in items} == {"golden", "truncated", "perturbed"}
+    built = []
+    build = domain.base_environment
+    monkeypatch.setattr(domain, "base_environment", lambda **kwargs: built.append(kwargs) or build(**kwargs))
+    gold_state.clear()
     rewards = []
     for kind, task, messages, reason in items:
         ours = compute_reward(domain, task, messages, reason)
@@ -62,6 +79,13 @@ def test_compute_reward_equals_plain_tau2_evaluator(domains, name):
         assert ours.reward_info.reward_breakdown == theirs.reward_breakdown, where
         assert ours.breakdown == {k.value: float(v) for k, v in (theirs.reward_breakdown or {}).items()}, where
         assert ours.reward_info.model_dump() == theirs.model_dump(), where
+        built.clear()
+        again = compute_reward(domain, task, messages, reason)
+        assert again.reward_info.model_dump() == theirs.model_dump(), f"{where}, gold state reused"
+        if uses_gold_environment(task, reason):
+            assert gold_state.recorded(gold_state.gold_key(name, task)) is not None, where
+            assert built == [{"solo_mode": domain.solo_mode}], f"{where}: only the predicted environment is built"
         rewards.append((kind, ours.reward))
     assert all(r == 1.0 for kind, r in rewards if kind == "golden"), rewards
     assert any(r < 1.0 for _, r in rewards), f"{name}: no failing conversation in the corpus: {rewards}"
+    assert gold_state.recorded_count() > 0, f"{name}: no conversation reached the gold environment"

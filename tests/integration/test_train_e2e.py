@@ -56,8 +56,9 @@ def test_metrics_jsonl_has_train_eval_and_transfer_records(full_run):
     assert [(r["task_idx"], r["step"]) for r in train] == [(i, s) for i in range(3) for s in (1, 2)]
     assert [r["global_step"] for r in train] == list(range(1, 7))
     for key in ("loss", "reward_mean", "reward_std", "kl", "clip_frac", "grad_norm", "lr",
-                "time_rollout", "time_reward", "time_update"):
+                "time_rollout", "time_reward", "time_ref", "time_update"):
         assert all(key in r for r in train), key
+    assert all(r[key] >= 0 for r in train for key in ("time_rollout", "time_reward", "time_ref", "time_update"))
     evals = [r for r in records if r["type"] == "eval"]
     assert len(evals) == 4 * 3  # rows 0..3 of the matrix, every domain
     assert len([r for r in records if r["type"] == "transfer"]) == 3

@@ -36,6 +36,7 @@ STATS = {
     "lr": 1e-6,
     "time_rollout": 3.21,
     "time_reward": 0.4,
+    "time_ref": 0.25,
     "time_update": 1.1,
     "num_tokens": 1234,
 }
@@ -55,6 +56,7 @@ TRAIN_KEYS = {
     "lr",
     "time_rollout",
     "time_reward",
+    "time_ref",
     "time_update",
     "num_tokens",
 }
@@ -130,7 +132,7 @@ def test_train_line_and_detail():
         "[TRAIN] Task 0 Step 10/100 | loss: 2.1234 | reward: 0.456±0.120 | kl: 0.0123"
     )
     assert format_train_detail(STATS) == (
-        "        time rollout 3.21s reward 0.40s update 1.10s | clip 0.012 | grad_norm 0.532"
+        "        time rollout 3.21s reward 0.40s ref 0.25s update 1.10s | clip 0.012 | grad_norm 0.532"
         " | lr 1.0e-06 | tokens 1234"
     )
     # a missing figure reads n/a instead of crashing a long run

@@ -1,0 +1,179 @@
+"""Section (e) of bench.py, on a CUDA device only: a Qwen2.5-3B-shaped model as the trainer runs it.
+
+A random-init Qwen2 with Qwen2.5-3B-Instruct's sizes (its full 151,936-token vocabulary), fp32
+master weights with bf16 autocast (the trainer's `--model_dtype bfloat16`), on one GPU's share of
+the seed's large run: batch_size_per_gpu 4 x num_samples_per_prompt 4 = 16 sequences.
+
+- decode: the project's Policy.generate on 16 prompts that share a system-prompt-like prefix
+  (prefix KV cache, one batch), sampled tokens/s;
+- update: the project's accumulate_gradients + AdamW step on 16 sequences of `seq_len` tokens (a
+  quarter of them trained, like a tool-use conversation), in 4 micro-batches, for each attention
+  implementation available (SDPA always; FlashAttention-2 when `flash_attn` is installed), with and
+  without gradient checkpointing: tokens/s and peak memory (torch.cuda.max_memory_allocated, weights,
+  gradients and AdamW states included). A configuration that runs out of memory says so.
+
+FLOPs are counted from every forward's shapes by bench.py's FlopCounter (the update as 3 x its
+forward; recomputation under gradient checkpointing is not counted, as model-FLOPs utilisation
+conventionally does not) and compared with a bf16 matmul timed on the same GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tau2cl.grpo import group_advantages
+from tau2cl.policy import Policy
+from tau2cl.update import LossSettings, accumulate_gradients, collate, split_micro_batches
+
+QWEN3B_SHAPE = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                    intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0)
+TASKS_PER_GPU, SAMPLES_PER_TASK = 4, 4  # batch_size_per_gpu x num_samples_per_prompt
+MICRO_BATCHES = 4
+TRAINED_SHARE = 4  # 1 in 4 tokens of a sequence is the policy's own
+
+
+@dataclass
+class GpuRow:
+    phase: str  # "decode" or "update"
+    attention: str
+    checkpointing: bool | None  # None: not applicable (decode)
+    tokens: int  # decode: sampled tokens; update: all tokens through forward + backward
+    seconds: float
+    flops: float
+    peak_gib: float
+    error: str = ""  # "out of memory" when the configuration did not fit
+
+
+def attention_implementations() -> list[str]:
+    """SDPA always; FlashAttention-2 when the flash_attn package is installed."""
+    return ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+
+
+def shaped_model(shape: dict, attention: str, device: str) -> Any:
+    """Random-init Qwen2 of the given sizes, fp32, built directly on the device."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(max_position_embeddings=32768, attn_implementation=attention, **shape)
+    with torch.device(device):
+        return Qwen2ForCausalLM(config)
+
+
+def peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_decode(model, tokenizer, attention: str, prompt_len: int, new_tokens: int, device: str,
+                 counter) -> GpuRow:
+    """16 prompts sharing 3/4 of their tokens, one batch through Policy.generate."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = len(tokenizer)
+    shared = torch.randint(0, vocab, (prompt_len * 3 // 4,), generator=gen).tolist()
+    prompts = [shared + torch.randint(0, vocab, (prompt_len - len(shared),), generator=gen).tolist()
+               for _ in range(TASKS_PER_GPU * SAMPLES_PER_TASK)]
+    policy = Policy(model, tokenizer, compute_dtype=torch.bfloat16)
+    policy.generate(prompts[:2], max_new_tokens=2)  # warm-up (kernels, allocator)
+    policy.reset_prefix_cache()
+    sampler = torch.Generator(device=device).manual_seed(0)
+    counter.reset()
+    reset_peak(device)
+    t0 = time.perf_counter()
+    generations = policy.generate(prompts, max_new_tokens=new_tokens, temperature=1.0, generator=sampler)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(g.token_ids) for g in generations)
+    return GpuRow("decode", attention, None, tokens, seconds, counter.flops, peak_gib(device))
+
+
+def random_batch(tokenizer, seq_len: int, device: str):
+    """16 sequences of seq_len tokens; the last quarter of each is trained, advantages from 0/1 rewards."""
+    gen = torch.Generator().manual_seed(1)
+    rows = TASKS_PER_GPU * SAMPLES_PER_TASK
+    ids = torch.randint(0, len(tokenizer), (rows, seq_len), generator=gen).tolist()
+    trained_from = seq_len - seq_len // TRAINED_SHARE
+    masks = [[int(i >= trained_from) for i in range(seq_len)] for _ in range(rows)]
+    logprobs = [[-8.0] * seq_len for _ in range(rows)]
+    rewards = torch.randint(0, 2, (rows,), generator=gen).float()
+    advantages = group_advantages(rewards, SAMPLES_PER_TASK, "std").tolist()
+    return collate(ids, masks, logprobs, advantages, tokenizer.pad_token_id, device)
+
+
+def bench_update(model, optimizer, batch, attention: str, checkpointing: bool, device: str, counter) -> GpuRow:
+    """One warm-up and one timed optimizer step; peak memory of the timed one."""
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    model.train()
+    micro = split_micro_batches(batch.input_ids.shape[0], MICRO_BATCHES)
+    settings = LossSettings(1.0, 0.2, 0.2, 0.0, torch.bfloat16)
+    total = int(batch.attention_mask.sum())
+    try:
+        for _ in range(2):  # a warm-up step, then the timed one
+            counter.reset()
+            reset_peak(device)
+            t0 = time.perf_counter()
+            accumulate_gradients(model, batch, micro, settings, max(batch.num_tokens, 1))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            seconds = time.perf_counter() - t0
+        return GpuRow("update", attention, checkpointing, total, seconds, 3 * counter.flops, peak_gib(device))
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return GpuRow("update", attention, checkpointing, total, float("nan"), 0.0, peak_gib(device), "out of memory")
+
+
+def run(tokenizer, device: str, seq_len: int, new_tokens: int, flop_counter: Callable[[Any], Any],
+        peak_flops: float, table: Callable[..., None], shape: dict = QWEN3B_SHAPE) -> list[GpuRow]:
+    """Every configuration of section (e), printed with bench.py's `table`; one model per attention."""
+    rows = []
+    for attention in attention_implementations():
+        print(f"[e] qwen2.5-3b-shape, {attention}", flush=True)
+        model = shaped_model(shape, attention, device)
+        counter = flop_counter(model)
+        rows.append(bench_decode(model, tokenizer, attention, seq_len, new_tokens, device, counter))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        batch = random_batch(tokenizer, seq_len, device)
+        for checkpointing in (True, False):
+            rows.append(bench_update(model, optimizer, batch, attention, checkpointing, device, counter))
+        counter.remove()
+        del model, optimizer, batch
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print_rows(rows, seq_len, new_tokens, peak_flops, device, table)
+    return rows
+
+
+def print_rows(rows: list[GpuRow], seq_len: int, new_tokens: int, peak_flops: float, device: str, table) -> None:
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    out = []
+    for r in rows:
+        ckpt = "" if r.checkpointing is None else ("on" if r.checkpointing else "off")
+        if r.error:
+            out.append([r.phase, r.attention, ckpt, r.tokens, r.error, "", "", "", f"{r.peak_gib:.1f}"])
+            continue
+        out.append([r.phase, r.attention, ckpt, r.tokens, f"{r.seconds:.2f}", f"{r.tokens / r.seconds:,.0f}",
+                    f"{r.flops / r.seconds / 1e12:.1f}", f"{r.flops / r.seconds / peak_flops:.3f}", f"{r.peak_gib:.1f}"])
+    table(f"(e) Qwen2.5-3B-shaped model (random init) on {name}: fp32 weights + bf16 autocast, "
+          f"{TASKS_PER_GPU}x{SAMPLES_PER_TASK} sequences; decode {seq_len}-token prompts + {new_tokens} new tokens; "
+          f"update {seq_len} tokens each, {MICRO_BATCHES} micro-batches, AdamW; bf16 matmul peak "
+          f"{peak_flops / 1e12:.1f} TFLOP/s",
+          ["phase", "attention", "grad ckpt", "tokens", "s", "tok/s", "TFLOP/s", "achieved/peak", "peak GiB"], out)
