@@ -83,6 +83,7 @@ from tau2cl.update import (
     LossSettings,
     accumulate_gradients,
     collate,
+    micro_batches_by_length,
     reference_logprobs,
     split_micro_batches,
 )
@@ -530,6 +531,7 @@ class StepResult:
     micro_batches: int
     unscored: int  # episodes tau2 scores 0 without evaluating them (cut by max_turns)
     padded_vs_rows: tuple[float, float, int]  # first micro-batch's forward + backward: padded, row by row; tokens
+    grouping: tuple[float, float, int, int]  # update s in batch order, by length; padded token slots of each
 
     @property
     def tokens_per_s(self) -> float:
@@ -548,10 +550,10 @@ def bench_step(model, tokenizer, rollouts: ModelRollouts, domains, s: Settings) 
     advantages = group_advantages(rewards, SAMPLES_PER_TASK, "std")
     batch = collate([t.token_ids for t in trajectories], [t.loss_mask for t in trajectories],
                     [t.sampling_logprobs for t in trajectories], advantages.tolist(), tokenizer.pad_token_id, s.device)
-    micro = split_micro_batches(len(trajectories), s.micro_batches)
+    micro = micro_batches_by_length([len(t.token_ids) for t in trajectories], s.micro_batches)
     ref_counter = FlopCounter(reference)
     t0 = time.perf_counter()
-    batch.ref_logprobs = reference_logprobs(reference, batch, max(len(m) for m in micro), 1.0, None)
+    batch.ref_logprobs = reference_logprobs(reference, batch, micro, 1.0, None)
     sync(s.device)
     ref_s = time.perf_counter() - t0
     ref_counter.remove()
@@ -568,13 +570,17 @@ def bench_step(model, tokenizer, rollouts: ModelRollouts, domains, s: Settings) 
     optimizer_s = time.perf_counter() - t1
     counter.remove()
     total = sum(int(batch.rows(m).attention_mask.sum()) for m in micro)
+    in_order = split_micro_batches(len(trajectories), s.micro_batches)  # the same rows, grouped in batch order
+    grouping = (time_update(policy_model, batch, in_order, s), time_update(policy_model, batch, micro, s),
+                sum(int(batch.rows(m).attention_mask.numel()) for m in in_order),
+                sum(int(batch.rows(m).attention_mask.numel()) for m in micro))
     first = micro[0]  # the same rows once as one padded micro-batch, once one row at a time (no padding)
     padded_vs_rows = (time_update(policy_model, batch, [first], s), time_update(policy_model, batch, [[r] for r in first], s),
                       int(batch.rows(first).attention_mask.sum()))
     unscored = sum(t.termination_reason not in (TerminationReason.AGENT_STOP, TerminationReason.USER_STOP)
                    for t in trajectories)
     return StepResult(rollouts.engine.seconds, reward_s, ref_s, t1 - t0, optimizer_s, batch.num_tokens, total,
-                      ref_counter.flops, 3 * counter.flops, len(micro), unscored, padded_vs_rows)
+                      ref_counter.flops, 3 * counter.flops, len(micro), unscored, padded_vs_rows, grouping)
 
 
 def time_update(model, batch, micro: list[list[int]], s: Settings) -> float:
@@ -655,6 +661,9 @@ def print_step(step: StepResult, reward_rows: list[RewardRow]) -> None:
     print(f"update: {step.trained_tokens:,} trained tokens, {step.total_tokens:,} tokens through forward+backward "
           f"in {step.backward_s:.2f}s = {step.trained_tokens / step.backward_s:,.0f} trained tok/s, "
           f"{step.tokens_per_s:,.0f} tok/s")
+    in_order, by_length, slots_in_order, slots_by_length = step.grouping
+    print(f"update, micro-batches in batch order {in_order:.2f}s ({slots_in_order:,} padded token slots) vs grouped "
+          f"by length (the trainer's) {by_length:.2f}s ({slots_by_length:,} slots): {in_order / by_length:.2f}x")
     padded, by_row, tokens = step.padded_vs_rows
     print(f"update, first micro-batch again: padded {tokens / padded:,.0f} tok/s ({padded:.2f}s) vs one row at a time "
           f"(no padding, no attention mask) {tokens / by_row:,.0f} tok/s ({by_row:.2f}s): {padded / by_row:.2f}x")

@@ -60,8 +60,8 @@ from tau2cl.update import (
     LossSettings,
     accumulate_gradients,
     collate,
+    micro_batches_by_length,
     reference_logprobs,
-    split_micro_batches,
 )
 from tau2cl.users import build_user
 
@@ -253,11 +253,11 @@ class GRPOTrainer:
             [t.sampling_logprobs for t in trajectories], advantages,
             self.policy.tokenizer.pad_token_id, self.dist.device,
         )
-        micro = split_micro_batches(len(trajectories), cfg.gradient_accumulation_steps)
+        micro = micro_batches_by_length([len(t.token_ids) for t in trajectories], cfg.gradient_accumulation_steps)
         t0 = time.perf_counter()
         if self.reference is not None:
             batch.ref_logprobs = reference_logprobs(
-                self.reference, batch, max(len(m) for m in micro), cfg.temperature, self.compute_dtype
+                self.reference, batch, micro, cfg.temperature, self.compute_dtype
             )
         time_ref = time.perf_counter() - t0
         global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())

@@ -10,6 +10,7 @@ from tau2cl.update import (
     accumulate_gradients,
     as_trained_forward,
     collate,
+    micro_batches_by_length,
     reference_logprobs,
     sequence_logprobs,
     split_micro_batches,
@@ -38,7 +39,7 @@ def test_reference_logprobs_in_micro_batches_equal_one_full_pass(tiny_model, tin
     batch = _batch(tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         full = sequence_logprobs(tiny_model, batch.input_ids, batch.attention_mask, batch.loss_mask)
-    chunked = reference_logprobs(tiny_model, batch, 1, 1.0, None)
+    chunked = reference_logprobs(tiny_model, batch, [[2], [0], [1]], 1.0, None)
     assert chunked.shape == full.shape
     assert torch.allclose(chunked, full, atol=1e-5)
     assert (chunked[~batch.loss_mask] == 0).all()
@@ -56,9 +57,21 @@ def test_accumulated_micro_batch_gradients_equal_the_full_batch_gradient(tiny_mo
 
     one = grads(split_micro_batches(3, 1))
     three = grads(split_micro_batches(3, 3))
+    by_length = grads(micro_batches_by_length([40, 12, 25], 2))
     tiny_model.zero_grad(set_to_none=True)
     assert len(one) == len(three)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one, three, strict=True))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one, by_length, strict=True))
+
+
+def test_micro_batches_by_length_group_similar_rows_and_cover_each_row_once():
+    lengths = [50, 7, 33, 8, 49, 30]
+    groups = micro_batches_by_length(lengths, 3)
+    assert groups == [[1, 3], [5, 2], [4, 0]]
+    assert sorted(r for g in groups for r in g) == list(range(6))
+    padded = sum(len(g) * max(lengths[r] for r in g) for g in groups)
+    in_order = sum(len(g) * max(lengths[r] for r in g) for g in split_micro_batches(6, 3))
+    assert (padded, in_order) == (2 * 8 + 2 * 33 + 2 * 50, 2 * 50 + 2 * 33 + 2 * 49)
 
 
 def test_the_trained_forward_module_is_sequence_logprobs_and_wraps_once(tiny_model, tiny_tokenizer):
