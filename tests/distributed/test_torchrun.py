@@ -208,6 +208,8 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_its_ranks_agree(trained, traine
     assert ranks[0]["initial_digest"] == ddp_probe["ranks"][0]["initial_digest"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"], "FSDP did not train"
     assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' rollout weights differ"
+    for mine, theirs in zip(ranks, ddp_probe["ranks"], strict=True):  # same seed and N: same episodes
+        assert mine["steps"] == theirs["steps"]
     ddp, fsdp = _final_parameters(ddp_dir), _final_parameters(fsdp_dir)
     assert ddp.keys() == fsdp.keys()
     for name in ddp:  # same maths; only the reduction order of the gradients may differ
