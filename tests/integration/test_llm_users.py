@@ -275,3 +275,42 @@ def test_a_user_stuck_calling_tools_is_cut_off(tiny_model, tiny_tokenizer, telec
     assert traj.termination_reason == TerminationReason.USER_ERROR and traj.end_note == "user_tool_loop"
     assert sum(isinstance(m, ToolMessage) for m in traj.messages) == MAX_USER_TOOL_TURNS
     assert traj.assistant_turns == 0
+
+
+# ---------------------------------------------------------------- inside a training run
+
+
+@pytest.mark.slow  # ~20 s: a one-step tiny run with evaluation and a checkpoint
+def test_training_with_a_litellm_user_never_writes_its_key(tmp_path, capsys, single_torch_thread):
+    """A run whose user fails on half the tasks completes its step, and the API key is in no file
+    and no printed line (summary.json, checkpoint state, train.log, metrics, tau2 results)."""
+    from tau2cl.trainer import GRPOTrainer
+
+    key = "sk-never-written-7f3a"
+    failing = load_domain("telecom", max_tasks=2, solo_mode=False).train_tasks[1]
+
+    def reply(request):
+        if request["messages"][0]["content"].endswith(str(failing.user_scenario) + "\n</scenario>"):
+            return FAIL
+        return OPENING if _turns_of(request) == 0 else STOP
+
+    with ChatServer(reply) as server:
+        config = GRPOConfig(
+            model_name_or_path="tiny", model_dtype="float32", task_order=["telecom"], max_tasks_per_domain=2,
+            num_steps_per_task=1, batch_size_per_gpu=2, num_samples_per_prompt=2, max_new_tokens=8, max_turns=2,
+            eval_interval=0, eval_max_tasks=1, kl_coef=0.0, use_progress_bar=False, log_dir=str(tmp_path),
+            user_model=f"litellm:{MODEL}", user_api_base=server.api_base, user_api_key=key,
+            user_max_retries=0, user_timeout=10.0,
+        )
+        trainer = GRPOTrainer(config)
+        assert not trainer.domains["telecom"].solo_mode and trainer.reference is None
+        summary = trainer.train()
+    assert summary["global_step"] == 1 and summary["config"]["user_api_key"] is None
+    assert len(server.requests) >= 4  # the user was asked in training and evaluation
+    train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["num_episodes"] for r in train if r["type"] == "train"] == [4]
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "summary.json" for p in written) and any("checkpoint_task_0" in str(p) for p in written)
+    for path in written:
+        assert key.encode() not in path.read_bytes(), path
+    assert key not in capsys.readouterr().out
