@@ -160,8 +160,8 @@ class GRPOConfig:
         None,
         "user simulator",
         "litellm model that judges tau2's natural-language assertions in tasks whose reward basis "
-        "uses them (reached through litellm's environment variables, e.g. OPENAI_API_KEY); none "
-        "scores such tasks without them, as tau2's default evaluation does.",
+        "uses them (reached through litellm's environment variables, e.g. OPENAI_API_KEY); a failed "
+        "judge call scores its episode 0. None: such a task stops the run with a message.",
     )
 
     # --- grpo ---

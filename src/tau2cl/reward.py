@@ -35,6 +35,7 @@ from tau2.evaluator.evaluator_action import ActionEvaluator
 from tau2.utils.utils import get_now
 
 from tau2cl.domains import Domain, gc_paused
+from tau2cl.errors import UserError
 from tau2cl.tau2_compat import as_list
 
 
@@ -85,9 +86,9 @@ def compute_reward(
 ) -> RewardResult:
     """Score a full conversation with tau2's evaluator (see the module note on `messages`).
 
-    With `judge_model` (a litellm model; `judge_args` are extra litellm arguments such as
-    api_base), tasks whose reward basis has NL_ASSERTION are judged by it; without one they are
-    scored as tau2's default evaluation does, without the assertions.
+    Tasks whose reward basis has NL_ASSERTION are judged by `judge_model` (a litellm model;
+    `judge_args` are extra litellm arguments such as api_base); without a judge they cannot be
+    scored (a UserError), and a judge that fails gives reward 0 with the error in `info`.
     """
     simulation = make_simulation(task, messages, termination_reason)
     info = _evaluate(domain, task, simulation, judge_model, judge_args or {})
@@ -103,17 +104,17 @@ def _evaluate(
     domain: Domain, task: Task, simulation: SimulationRun, judge_model: str | None, judge_args: dict
 ) -> RewardInfo:
     kwargs = dict(simulation=simulation, task=task, solo_mode=domain.solo_mode, domain=domain.name)
-    if judge_model is None or not _needs_judge(task):
+    if not _needs_judge(task):
         with _environments_from(domain), gc_paused():
             return evaluate_simulation(evaluation_type=EvaluationType.ALL, **kwargs)
+    if judge_model is None:
+        raise UserError(f"task {task.id} is scored by natural-language assertions; set --judge_model.")
     try:
         with _environments_from(domain), _judge(judge_model, judge_args):
             return evaluate_simulation(evaluation_type=EvaluationType.ALL_WITH_NL_ASSERTIONS, **kwargs)
-    except Exception as exc:  # the judge's API failed: score without it and say so
-        with _environments_from(domain), gc_paused():
-            info = evaluate_simulation(evaluation_type=EvaluationType.ALL, **kwargs)
-        info.info = {**(info.info or {}), "judge_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        return info
+    except Exception as exc:  # the judge's API failed: this episode scores 0, the run goes on
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return RewardInfo(reward=0.0, info={"note": "the NL-assertion judge failed", "judge_error": error})
 
 
 _JUDGE_LOCK = threading.Lock()

@@ -287,25 +287,29 @@ def test_training_with_a_litellm_user_never_writes_its_key(tmp_path, capsys, sin
     from tau2cl.trainer import GRPOTrainer
 
     key = "sk-never-written-7f3a"
-    failing = load_domain("telecom", max_tasks=2, solo_mode=False).train_tasks[1]
+    failing = load_domain("airline", max_tasks=2).train_tasks[1]
+
+    def is_failing(request) -> bool:
+        return request["messages"][0]["content"].endswith(str(failing.user_scenario) + "\n</scenario>")
 
     def reply(request):
-        if request["messages"][0]["content"].endswith(str(failing.user_scenario) + "\n</scenario>"):
+        if is_failing(request):
             return FAIL
         return OPENING if _turns_of(request) == 0 else STOP
 
     with ChatServer(reply) as server:
         config = GRPOConfig(
-            model_name_or_path="tiny", model_dtype="float32", task_order=["telecom"], max_tasks_per_domain=2,
-            num_steps_per_task=1, batch_size_per_gpu=2, num_samples_per_prompt=2, max_new_tokens=8, max_turns=2,
+            model_name_or_path="tiny", model_dtype="float32", task_order=["airline"], max_tasks_per_domain=2,
+            num_steps_per_task=1, batch_size_per_gpu=2, num_samples_per_prompt=2, max_new_tokens=4, max_turns=2,
             eval_interval=0, eval_max_tasks=1, kl_coef=0.0, use_progress_bar=False, log_dir=str(tmp_path),
             user_model=f"litellm:{MODEL}", user_api_base=server.api_base, user_api_key=key,
             user_max_retries=0, user_timeout=10.0,
         )
         trainer = GRPOTrainer(config)
-        assert not trainer.domains["telecom"].solo_mode and trainer.reference is None
+        assert trainer.reference is None and not trainer._load_domain("telecom").solo_mode
         summary = trainer.train()
     assert summary["global_step"] == 1 and summary["config"]["user_api_key"] is None
+    assert sum(map(is_failing, server.requests)) == 2  # the step's two failing episodes, no retries
     assert len(server.requests) >= 4  # the user was asked in training and evaluation
     train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["num_episodes"] for r in train if r["type"] == "train"] == [4]
