@@ -318,3 +318,20 @@ def test_training_with_a_litellm_user_never_writes_its_key(tmp_path, capsys, sin
     for path in written:
         assert key.encode() not in path.read_bytes(), path
     assert key not in capsys.readouterr().out
+
+
+def test_a_run_with_the_reference_user_loads_the_reference_once_even_without_kl(tmp_path):
+    from tau2cl.trainer import GRPOTrainer
+
+    config = GRPOConfig(
+        model_name_or_path="tiny", model_dtype="float32", task_order=["telecom"], max_tasks_per_domain=2,
+        batch_size_per_gpu=1, num_samples_per_prompt=2, kl_coef=0.0, use_progress_bar=False,
+        log_dir=str(tmp_path), user_model="reference",
+    )
+    trainer = GRPOTrainer(config)
+    assert isinstance(trainer.user, LocalModelUser) and trainer.user.policy.model is trainer.reference
+    assert trainer.reference is not trainer.policy.model and not trainer.reference.training
+    assert not any(p.requires_grad for p in trainer.reference.parameters())
+    assert trainer.train_engine.user is trainer.eval_engine.user is trainer.user
+    assert not trainer.domains["telecom"].solo_mode and trainer.domains["telecom"].user_tool_schemas
+    trainer.tracker.close()
