@@ -59,8 +59,6 @@ class UserSimulator(ABC):
     """The interface every user (scripted or LLM-backed) implements."""
 
     name: str = "user"
-    # an LLM user plays telecom's full setting (it holds the phone); the scripted user cannot
-    plays_full_telecom: bool = True
 
     @abstractmethod
     def respond(self, episodes: list[Episode]) -> list[UserReply]:
@@ -95,8 +93,7 @@ class ScriptedUser(UserSimulator):
     transferred it to a human. Cost: none beyond string handling.
     """
 
-    name = "scripted"
-    plays_full_telecom = False  # it has no phone: telecom runs tau2's solo (ticket) mode
+    name = "scripted"  # it has no phone: with it, telecom runs tau2's solo (ticket) mode
 
     def __init__(self, max_turns: int = 8):
         self.max_turns = max_turns
