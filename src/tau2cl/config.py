@@ -119,7 +119,7 @@ class GRPOConfig:
         "user simulator",
         "Who plays the customer. none = the scripted user (offline, free, replays the task's "
         "instructions); reference = the frozen reference model with tau2's user prompt (no extra "
-        "weights; loaded once even when kl_coef is 0); a hub id, local folder or .gguf file = that "
+        "weights when kl_coef > 0; with kl_coef 0 the reference is loaded for the user alone); a hub id, local folder or .gguf file = that "
         "model, run locally and batched like the agent (one more model in memory); "
         "litellm:<model> = tau2's own user simulator through litellm, e.g. litellm:gpt-4.1-mini "
         "(one API call per user turn) or litellm:openai/<served-name> with --user_api_base for a "
