@@ -356,6 +356,7 @@ class NaiveRollout:
         episode = Episode(request=request, env=domain.new_environment(task), messages=history)
         episode.messages.append(AssistantMessage(role="assistant", content=GREETING))
         episode.messages.append(UserMessage(role="user", content=self.user.opening(episode)))
+        episode.user_turns = 1
         chat = [{"role": "system", "content": domain.system_prompt(task)}] + [_chat_dict(m) for m in episode.messages]
         sampled = 0
         for turn in range(1, self.s.max_turns + 1):
@@ -407,7 +408,8 @@ class NaiveRollout:
         chat.append({"role": "assistant", "content": parsed.content})
         if turn >= self.s.max_turns:
             return False
-        reply = self.user.respond([episode])[0]
+        reply = self.user.respond([episode])[0].content
+        episode.user_turns += 1
         episode.messages.append(UserMessage(role="user", content=reply))
         chat.append({"role": "user", "content": reply})
         return not is_stop_message(reply)

@@ -144,3 +144,13 @@ def assistant_chat_message(content: str, calls: list[tuple[str, dict]]) -> dict:
     if calls:
         message["tool_calls"] = [_chat_call(n, a) for n, a in calls]
     return message
+
+
+def chat_dict(message: Any) -> dict:
+    """The chat dict of a tau2 message (user, assistant with optional calls, or tool result)."""
+    if message.role == "tool":
+        return {"role": "tool", "content": message.content or ""}
+    calls = [(c.name, c.arguments) for c in (message.tool_calls or [])]
+    if message.role == "assistant":
+        return assistant_chat_message(message.content or "", calls)
+    return {"role": message.role, "content": message.content or ""}

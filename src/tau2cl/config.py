@@ -23,6 +23,8 @@ from typing import Any
 from tau2cl.errors import ArgumentParser, UserError
 
 DOMAIN_NAMES = ("airline", "retail", "telecom")
+USER_API_KEY_ENV = "TAU2CL_USER_API_KEY"  # read when --user_api_key is not given
+LITELLM_PREFIX = "litellm:"  # --user_model litellm:<model> selects tau2's litellm user
 MODEL_DTYPES = ("float32", "float16", "bfloat16", "auto")
 ADVANTAGE_NORMALIZATIONS = ("std", "mean")
 # The strategies the trainer knows; a new CL strategy adds its name here.
@@ -35,6 +37,7 @@ PARALLELISMS = ("ddp", "fsdp")
 GROUPS = {
     "model": "which model is trained and how it is loaded",
     "rollout": "how training episodes are sampled",
+    "user simulator": "who plays the customer, and the judge of tau2's natural-language assertions",
     "grpo": "the GRPO objective",
     "optimization": "optimizer, batch and schedule",
     "continual learning": "the domain sequence and the strategy against forgetting",
@@ -45,14 +48,24 @@ GROUPS = {
 }
 
 
-def _option(default: Any, group: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with its help text and argument group in metadata (TRL style)."""
-    metadata: dict[str, Any] = {"group": group, "help": help}
+def _option(
+    default: Any,
+    group: str,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+) -> Any:
+    """A dataclass field with its help text and argument group in metadata (TRL style).
+
+    A secret field (an API key) is left out of `repr` and written as none by `to_dict`, so no
+    config dump (summary.json, checkpoints, wandb, logs) ever holds its value.
+    """
+    metadata: dict[str, Any] = {"group": group, "help": help, "secret": secret}
     if choices is not None:
         metadata["choices"] = choices
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=default, repr=not secret, metadata=metadata)
 
 
 @dataclass
@@ -101,8 +114,56 @@ class GRPOConfig:
         "rollout",
         "Most tokens in an episode's context; the episode ends when its context would exceed it.",
     )
+
+    # --- user simulator ---
+    user_model: str | None = _option(
+        None,
+        "user simulator",
+        "Who plays the customer. none = the scripted user (offline, free, replays the task's "
+        "instructions); reference = the frozen reference model with tau2's user prompt (no extra "
+        "weights when kl_coef > 0; with kl_coef 0 the reference is loaded for the user alone); a hub id, local folder or .gguf file = that "
+        "model, run locally and batched like the agent (one more model in memory); "
+        "litellm:<model> = tau2's own user simulator through litellm, e.g. litellm:gpt-4.1-mini "
+        "(one API call per user turn) or litellm:openai/<served-name> with --user_api_base for a "
+        "local inference server. Any LLM user runs telecom in tau2's full (non-solo) setting.",
+    )
+    user_api_base: str | None = _option(
+        None,
+        "user simulator",
+        "litellm user: base URL of an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 "
+        "(vLLM, SGLang, llama.cpp server); none uses the provider's default.",
+    )
+    user_api_key: str | None = _option(
+        None,
+        "user simulator",
+        f"litellm user: API key; none reads ${USER_API_KEY_ENV}, then the provider's own variable "
+        "(e.g. OPENAI_API_KEY). Never written to logs, checkpoints or config dumps.",
+        secret=True,
+    )
+    user_temperature: float = _option(
+        0.0, "user simulator", "Sampling temperature of an LLM user; 0 is greedy (tau2's default)."
+    )
+    user_max_new_tokens: int = _option(
+        256, "user simulator", "Most tokens an LLM user may generate in one turn."
+    )
+    user_timeout: float = _option(
+        60.0, "user simulator", "litellm user: seconds one API call may take before it is retried."
+    )
+    user_max_retries: int = _option(
+        3,
+        "user simulator",
+        "litellm user: retries of a failed or timed-out call, with exponential backoff; a turn "
+        "that still fails ends only its episode (user_error, reward 0).",
+    )
     user_max_turns: int = _option(
-        8, "rollout", "Scripted user replies before the user ends the conversation."
+        8, "user simulator", "Scripted user replies before the user ends the conversation."
+    )
+    judge_model: str | None = _option(
+        None,
+        "user simulator",
+        "litellm model that judges tau2's natural-language assertions in tasks whose reward basis "
+        "uses them (reached through litellm's environment variables, e.g. OPENAI_API_KEY); a failed "
+        "judge call scores its episode 0. None: such a task stops the run with a message.",
     )
 
     # --- grpo ---
@@ -316,8 +377,8 @@ class GRPOConfig:
         return self.clip_range if self.clip_range_high is None else self.clip_range_high
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field by name, as plain JSON types (lists copied)."""
-        return {f.name: _copy(getattr(self, f.name)) for f in fields(self)}
+        """Every field by name, as plain JSON types (lists copied; secret fields as None)."""
+        return {f.name: None if f.metadata["secret"] else _copy(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GRPOConfig:
@@ -436,6 +497,7 @@ _AT_LEAST_ONE = (
     "max_turns",
     "max_context_tokens",
     "user_max_turns",
+    "user_max_new_tokens",
     "num_updates_per_batch",
     "batch_size_per_gpu",
     "gradient_accumulation_steps",
@@ -457,8 +519,10 @@ _NON_NEGATIVE = (
     "eval_interval",
     "save_interval",
     "eval_temperature",
+    "user_temperature",
+    "user_max_retries",
 )
-_POSITIVE = ("clip_range", "clip_range_high", "max_grad_norm", "dist_timeout_minutes")
+_POSITIVE = ("clip_range", "clip_range_high", "max_grad_norm", "dist_timeout_minutes", "user_timeout")
 _NON_EMPTY = ("model_name_or_path", "log_dir")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -505,6 +569,19 @@ def _validate(config: GRPOConfig) -> None:
             f"--cl_algorithm {config.cl_algorithm} needs --parallelism ddp: its Fisher comes from "
             "per-episode gradients of the whole model, which FSDP shards across processes."
         )
+    _validate_user(config)
+
+
+def _validate_user(config: GRPOConfig) -> None:
+    model = config.user_model
+    if model is not None and not model.strip():
+        _fail("--user_model must not be empty; leave it out for the scripted user.")
+    litellm = model is not None and model.startswith(LITELLM_PREFIX)
+    if litellm and not model[len(LITELLM_PREFIX) :].strip():
+        _fail("--user_model litellm: needs a model name, e.g. litellm:gpt-4.1-mini.")
+    for name in ("user_api_base", "user_api_key"):
+        if getattr(config, name) is not None and not litellm:
+            _fail(f"--{name} is only used by a litellm user; set --user_model litellm:<model>.")
 
 
 def _check(config: GRPOConfig, name: str, ok: typing.Callable[[Any], bool], rule: str) -> None:

@@ -103,6 +103,8 @@ class Domain:
     tool_names: frozenset[str]
     source: DatabaseSource = field(repr=False)
     solo_policy: str | None = field(default=None, repr=False)  # set when the domain has a solo mode
+    # the user's own tools (telecom's phone) in the conversational setting; empty otherwise
+    user_tool_schemas: list[dict] = field(default_factory=list)
 
     def tasks(self, split: str) -> list[Task]:
         """The capped task list of an official split ("train" or "test")."""
@@ -191,6 +193,7 @@ def _load_domain(name: str, max_tasks: int | None, solo_mode: bool) -> Domain:
     env = solo_env if solo_mode else constructor(**source.copies())
     tools = _solo_agent_tools(name, env) if solo_mode else as_list(env.get_tools())
     schemas = [tool.openai_schema for tool in tools]
+    user_tools = [] if solo_mode else user_tools_of(env)
     return Domain(
         name=name,
         solo_mode=solo_mode,
@@ -201,7 +204,13 @@ def _load_domain(name: str, max_tasks: int | None, solo_mode: bool) -> Domain:
         tool_names=frozenset(s["function"]["name"] for s in schemas),
         source=source,
         solo_policy=solo_env.get_policy() if solo_env is not None else None,
+        user_tool_schemas=[tool.openai_schema for tool in user_tools],
     )
+
+
+def user_tools_of(env: Environment) -> list[Tool]:
+    """The tools the user holds in this environment (telecom's phone); [] when it has none."""
+    return as_list(env.get_user_tools()) if env.user_tools is not None else []
 
 
 def _solo_agent_tools(name: str, env: Environment) -> list[Tool]:

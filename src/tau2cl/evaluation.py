@@ -37,6 +37,7 @@ class EvalSettings:
     samples_per_task: int
     max_tasks: int | None
     episodes_per_batch: int
+    judge_model: str | None = None  # litellm judge of tau2's NL assertions (None: not evaluated)
 
 
 def evaluate_domain(
@@ -57,7 +58,7 @@ def evaluate_domain(
         chunk = mine[start : start + settings.episodes_per_batch]
         requests = [RolloutRequest(domain, tasks[i // k], group=i) for i in chunk]
         trajectories = engine.run(requests, generator)
-        score_trajectories(trajectories, {domain.name: domain}, reward_fn)
+        score_trajectories(trajectories, {domain.name: domain}, reward_fn, settings.judge_model)
         records += [_record(i, i % k, t, reward_fn is not None) for i, t in zip(chunk, trajectories, strict=True)]
     gathered = sorted((r for part in all_gather_objects(records) for r in part), key=lambda r: r.index)
     summary = summarize(

@@ -15,6 +15,7 @@ all-or-nothing).
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -82,10 +83,16 @@ def compute_reward(
     messages: list[Message],
     termination_reason: TerminationReason | str,
     judge_model: str | None = None,
+    judge_args: dict | None = None,
 ) -> RewardResult:
-    """Score a full conversation with tau2's evaluator (see the module note on `messages`)."""
+    """Score a full conversation with tau2's evaluator (see the module note on `messages`).
+
+    Tasks whose reward basis has NL_ASSERTION are judged by `judge_model` (a litellm model;
+    `judge_args` are extra litellm arguments such as api_base); without a judge they cannot be
+    scored (a UserError), and a judge that fails gives reward 0 with the error in `info`.
+    """
     simulation = make_simulation(task, messages, termination_reason)
-    info = _evaluate(domain, task, simulation, judge_model)
+    info = _evaluate(domain, task, simulation, judge_model, judge_args or {})
     return RewardResult(
         reward=float(info.reward),
         breakdown=reward_breakdown(info),
@@ -94,21 +101,37 @@ def compute_reward(
     )
 
 
-def _evaluate(domain: Domain, task: Task, simulation: SimulationRun, judge_model: str | None) -> RewardInfo:
+def _evaluate(
+    domain: Domain, task: Task, simulation: SimulationRun, judge_model: str | None, judge_args: dict
+) -> RewardInfo:
     kwargs = dict(simulation=simulation, task=task, solo_mode=domain.solo_mode, domain=domain.name)
     if not _needs_judge(task):
         with _environments_from(domain, task), gc_paused():
             return evaluate_simulation(evaluation_type=EvaluationType.ALL, **kwargs)
     if judge_model is None:
-        raise UserError(f"task {task.id} is scored by natural-language assertions; set a judge model.")
-    # tau2 reads its judge model from this module constant; set it for this call only
-    default = nl_assertions.DEFAULT_LLM_NL_ASSERTIONS
-    nl_assertions.DEFAULT_LLM_NL_ASSERTIONS = judge_model
+        raise UserError(f"task {task.id} is scored by natural-language assertions; set --judge_model.")
     try:
-        with _environments_from(domain, task):
+        with _environments_from(domain, task), _judge(judge_model, judge_args):
             return evaluate_simulation(evaluation_type=EvaluationType.ALL_WITH_NL_ASSERTIONS, **kwargs)
-    finally:
-        nl_assertions.DEFAULT_LLM_NL_ASSERTIONS = default
+    except Exception as exc:  # the judge's API failed: this episode scores 0, the run goes on
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return RewardInfo(reward=0.0, info={"note": "the NL-assertion judge failed", "judge_error": error})
+
+
+_JUDGE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _judge(model: str, extra_args: dict) -> Iterator[None]:
+    """tau2 reads its judge from module constants; set them for this call only (one at a time)."""
+    with _JUDGE_LOCK:
+        saved = nl_assertions.DEFAULT_LLM_NL_ASSERTIONS, nl_assertions.DEFAULT_LLM_NL_ASSERTIONS_ARGS
+        nl_assertions.DEFAULT_LLM_NL_ASSERTIONS = model
+        nl_assertions.DEFAULT_LLM_NL_ASSERTIONS_ARGS = {**saved[1], **extra_args}
+        try:
+            yield
+        finally:
+            nl_assertions.DEFAULT_LLM_NL_ASSERTIONS, nl_assertions.DEFAULT_LLM_NL_ASSERTIONS_ARGS = saved
 
 
 # ---- tau2's evaluator, with environments built from memory -----------------------------------

@@ -7,6 +7,11 @@ reasons. An episode's `token_ids` are exactly what the policy was conditioned on
 sampled tokens are appended as ids (mask 1, with their sampling log-probs) and everything else
 (tool results, user turns, template glue) is appended as ids rendered for that new part only
 (mask 0).
+
+Outside solo mode an episode starts with tau2's greeting and waits on the user; the agent's prompt
+is rendered once the user's opening arrives. A user's tool calls (telecom's phone) run in the
+episode's environment with requestor "user" and their results go back to the user, as in tau2's
+orchestrator; the agent sees only the user's text. User tokens never carry loss mask.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from tau2cl import tau2_compat  # noqa: F401  (first: quiets tau2's import)
+
+# isort: split
+from tau2.agent.base import is_valid_agent_history_message
 from tau2.data_model.message import AssistantMessage, Message, ToolCall, ToolMessage, UserMessage
 from tau2.data_model.simulation import TerminationReason
 from tau2.user.base import STOP
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
-from tau2cl.chat import assistant_chat_message
+from tau2cl.chat import assistant_chat_message, chat_dict
 from tau2cl.domains import STOP_TOOL_NAME, Domain
 from tau2cl.policy import Generation, Policy
 from tau2cl.tool_calls import (
@@ -31,10 +40,11 @@ from tau2cl.tool_calls import (
     malformed_call_error,
     parse_tool_calls,
 )
-from tau2cl.users import UserSimulator, is_stop_message
+from tau2cl.users import UserFailure, UserReply, UserSimulator, is_stop_message
 
 GREETING = "Hi! How can I help you today?"  # tau2's DEFAULT_FIRST_AGENT_MESSAGE
 MAX_TOOL_ERRORS = 10  # tau2's DEFAULT_MAX_ERRORS
+MAX_USER_TOOL_TURNS = 10  # consecutive user tool-call turns before the user is cut off
 _POLICY, _USER = "policy", "user"
 
 
@@ -90,6 +100,8 @@ class Episode:
     prompt_length: int = 0
     assistant_turns: int = 0
     tool_errors: int = 0
+    user_turns: int = 0  # text turns the user has sent (its opening included)
+    user_tool_turns: int = 0  # the user's tool-call turns since its last text turn
     awaiting: str = _POLICY
     last_turn: dict | None = None  # chat dict of the last sampled turn (continuation anchor)
     last_end_of_turn: str = ""
@@ -171,6 +183,9 @@ class RolloutEngine:
             if asking:
                 self._user_turns(asking)
             if all(e.termination is not None for e in episodes):
+                for episode in episodes:
+                    if not episode.token_ids:  # ended before the agent's first turn
+                        self._render_prompt(episode)
                 return [e.to_trajectory() for e in episodes]
 
     # ---- episode life cycle -------------------------------------------------------------
@@ -178,13 +193,19 @@ class RolloutEngine:
         domain, task = request.domain, request.task
         history = _initial_history(task)
         episode = Episode(request=request, env=domain.new_environment(task), messages=history)
-        if not domain.solo_mode:
+        if domain.solo_mode:
+            self._render_prompt(episode)
+        else:  # the agent's prompt is rendered when the user's opening arrives
             episode.messages.append(AssistantMessage(role="assistant", content=GREETING))
-            episode.messages.append(UserMessage(role="user", content=self.user.opening(episode)))
-        chat = [_chat_dict(m) for m in episode.messages]
+            episode.awaiting = _USER
+        return episode
+
+    def _render_prompt(self, episode: Episode) -> None:
+        """The agent's opening context: system prompt, tools and the conversation it may see."""
+        domain, task = episode.domain, episode.task
+        chat = [chat_dict(m) for m in episode.messages if is_valid_agent_history_message(m)]
         episode.add_context(self.policy.renderer.prompt_ids(domain.system_prompt(task), domain.tool_schemas, chat))
         episode.prompt_length = len(episode.token_ids)
-        return episode
 
     def _fits_context(self, episode: Episode) -> bool:
         if len(episode.token_ids) + self.settings.max_new_tokens <= self.settings.max_context_tokens:
@@ -253,22 +274,53 @@ class RolloutEngine:
             episode.awaiting = _USER
 
     def _user_turns(self, episodes: list[Episode]) -> None:
-        """Ask the user for every waiting episode; a failing user ends those episodes, not the run."""
-        try:
-            replies = self.user.respond(episodes)
-        except Exception as exc:  # e.g. a remote user that keeps failing
-            for episode in episodes:
-                episode.end(TerminationReason.USER_ERROR, f"user failed: {type(exc).__name__}: {exc}")
-            return
-        for episode, reply in zip(episodes, replies, strict=True):
-            self._user_turn(episode, reply)
+        """Ask the user until every waiting episode has its text turn (or has ended).
 
-    def _user_turn(self, episode: Episode, reply: str) -> None:
-        episode.messages.append(UserMessage(role="user", content=reply))
-        if is_stop_message(reply):
-            episode.end(TerminationReason.USER_STOP)
+        A user's tool calls run in the episode's environment and the user is asked again; a user
+        that fails (raises, or returns a UserFailure) ends only the episodes concerned.
+        """
+        pending = episodes
+        while pending:
+            try:
+                replies: list[UserReply] = self.user.respond(pending)
+            except Exception as exc:  # e.g. a remote user that keeps failing
+                for episode in pending:
+                    episode.end(TerminationReason.USER_ERROR, f"user failed: {type(exc).__name__}: {exc}")
+                return
+            for episode, reply in zip(pending, replies, strict=True):
+                self._user_turn(episode, reply)
+            pending = [e for e in pending if e.termination is None and e.awaiting == _USER]
+
+    def _user_turn(self, episode: Episode, reply: UserReply) -> None:
+        if isinstance(reply, UserFailure):
+            episode.end(TerminationReason.USER_ERROR, f"user failed: {reply.reason}")
             return
-        self._continue(episode, [{"role": "user", "content": reply}], _POLICY)
+        episode.messages.append(reply)
+        if reply.is_tool_call():
+            self._run_user_tools(episode, reply)
+            return
+        episode.user_turns += 1
+        episode.user_tool_turns = 0
+        if is_stop_message(reply.content or ""):
+            episode.end(TerminationReason.USER_STOP)
+        elif not episode.token_ids:  # the user's opening: the agent's prompt starts here
+            self._render_prompt(episode)
+            episode.awaiting = _POLICY
+        else:
+            self._continue(episode, [{"role": "user", "content": reply.content or ""}], _POLICY)
+
+    def _run_user_tools(self, episode: Episode, reply: UserMessage) -> None:
+        """tau2's ENV step for the user: each call runs with requestor "user"; results go back."""
+        for call in reply.tool_calls:
+            call.requestor = "user"
+            result = _execute(episode.env, call)
+            episode.tool_errors += int(result.error)  # tau2 counts both sides' tool errors
+            episode.messages.append(result)
+        episode.user_tool_turns += 1
+        if episode.tool_errors >= MAX_TOOL_ERRORS:
+            episode.end(TerminationReason.TOO_MANY_ERRORS)
+        elif episode.user_tool_turns >= MAX_USER_TOOL_TURNS:
+            episode.end(TerminationReason.USER_ERROR, "user_tool_loop")
 
     def _continue(self, episode: Episode, new_chat: list[dict], awaiting: str) -> None:
         if not episode.last_finished:
@@ -302,12 +354,3 @@ def _initial_history(task: Any) -> list[Message]:
     state = getattr(task, "initial_state", None)
     history = getattr(state, "message_history", None) or []
     return [m.model_copy(deep=True) for m in history]
-
-
-def _chat_dict(message: Message) -> dict:
-    if isinstance(message, ToolMessage):
-        return {"role": "tool", "content": message.content or ""}
-    calls = [(c.name, c.arguments) for c in (message.tool_calls or [])]
-    if message.role == "assistant":
-        return assistant_chat_message(message.content or "", calls)
-    return {"role": message.role, "content": message.content or ""}

@@ -63,7 +63,7 @@ from tau2cl.update import (
     micro_batches_by_length,
     reference_logprobs,
 )
-from tau2cl.users import build_user
+from tau2cl.users import REFERENCE_USER, build_user
 
 
 @dataclass
@@ -87,7 +87,7 @@ class GRPOTrainer:
         if self.dist.is_main:
             check_writable(config.log_dir)
         self.stop_request = StopRequest()
-        self.domains: dict[str, Domain] = {n: load_domain(n, config.max_tasks_per_domain) for n in self.order}
+        self.domains: dict[str, Domain] = {n: self._load_domain(n) for n in self.order}
         self._check_batch_fits()
         self.compute_dtype = _compute_dtype(config.model_dtype)
         self.policy = self._load_policy()
@@ -99,7 +99,8 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
-        user = build_user(config)
+        user = build_user(config, reference=self._reference_policy, device=self.dist.device)
+        self.user = user
         common = dict(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
                       max_context_tokens=config.max_context_tokens, top_p=config.top_p)
         self.train_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.temperature, **common))
@@ -142,13 +143,23 @@ class GRPOTrainer:
         model.train()
         return Policy(model, tokenizer, compute_dtype=self.compute_dtype)
 
+    def _load_domain(self, name: str) -> Domain:
+        """A domain in the setting the user can play: telecom's full setting needs an LLM user."""
+        solo = None if self.config.user_model is None else False
+        return load_domain(name, self.config.max_tasks_per_domain, solo_mode=solo)
+
     def _load_reference(self) -> Any:
-        if self.config.kl_coef <= 0:
+        """The frozen reference model: for the KL penalty, and as the user with --user_model reference."""
+        if self.config.kl_coef <= 0 and self.config.user_model != REFERENCE_USER:
             return None
         dtype = self.config.model_dtype if self.config.model_dtype != "auto" else "float32"
         model = load_model(self.config.model_name_or_path, dtype, self.dist.device)
         model.eval().requires_grad_(False)
         return model
+
+    def _reference_policy(self) -> Policy:
+        """The reference model behind a Policy, so it can sample the user's turns."""
+        return Policy(self.reference, self.policy.tokenizer, compute_dtype=self.compute_dtype)
 
     # ---- public API -------------------------------------------------------------------------
     def train(self) -> dict:
@@ -162,17 +173,19 @@ class GRPOTrainer:
             return self._finish()
         finally:
             self.stop_request.uninstall()
+            self.user.close()
             self.tracker.close()
             compute_cleanup()
 
     def evaluate_task(self, domain_name: str, label: str | None = None) -> EvalSummary:
         """Evaluate the current policy on a domain's test split (all ranks take part)."""
         if domain_name not in self.domains:
-            self.domains[domain_name] = load_domain(domain_name, self.config.max_tasks_per_domain)
+            self.domains[domain_name] = self._load_domain(domain_name)
         settings = EvalSettings(
             samples_per_task=self.config.eval_samples_per_task,
             max_tasks=self.config.eval_max_tasks,
             episodes_per_batch=self.config.batch_size_per_gpu * self.config.num_samples_per_prompt,
+            judge_model=self.config.judge_model,
         )
         summary, records = evaluate_domain(
             self.eval_engine, self.domains[domain_name], settings, self.dist.rank, self.dist.world_size,
@@ -214,7 +227,7 @@ class GRPOTrainer:
         with _out_of_memory_names_the_knobs("rollout"):
             trajectories = self.train_engine.run(requests, self.generator)
         t1 = time.perf_counter()
-        score_trajectories(trajectories, self.domains, self.reward_fn)
+        score_trajectories(trajectories, self.domains, self.reward_fn, self.config.judge_model)
         t2 = time.perf_counter()
         rewards = torch.tensor([t.train_reward for t in trajectories])
         advantages = group_advantages(rewards, cfg.num_samples_per_prompt, cfg.advantage_normalization)
@@ -255,7 +268,7 @@ class GRPOTrainer:
         )
         micro = micro_batches_by_length([len(t.token_ids) for t in trajectories], cfg.gradient_accumulation_steps)
         t0 = time.perf_counter()
-        if self.reference is not None:
+        if self.reference is not None and cfg.kl_coef > 0:
             batch.ref_logprobs = reference_logprobs(
                 self.reference, batch, micro, cfg.temperature, self.compute_dtype
             )

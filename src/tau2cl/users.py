@@ -2,25 +2,37 @@
 
 A simulator answers a *batch* of episodes at once (`respond`), reading each episode's tau2
 conversation; it keeps no hidden per-episode state, so the rollout engine can hand it any subset
-of live episodes and an LLM-backed simulator can generate all replies in one batched call.
+of live episodes and an LLM-backed simulator can generate all replies in one batched call. Each
+reply is a tau2 `UserMessage` (text, or calls to the user's own tools in telecom's full setting)
+or a `UserFailure`, which ends only that episode.
+
+Users: `ScriptedUser` (here; offline default), `LocalModelUser` (`local_user.py`: the reference
+model or any local model) and `LiteLLMUser` (`litellm_user.py`: tau2's own user simulator).
+`build_user` picks one from the config.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tau2.data_model.message import AssistantMessage, UserMessage
-from tau2.user.base import OUT_OF_SCOPE, STOP, TRANSFER
+from tau2cl import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+# isort: split
+from tau2.data_model.message import AssistantMessage, Message, UserMessage
+from tau2.user.base import OUT_OF_SCOPE, STOP, TRANSFER, UserState, is_valid_user_history_message
+from tau2.user.user_simulator import UserSimulator as Tau2UserSimulator
+
+from tau2cl.domains import user_tools_of
 
 if TYPE_CHECKING:
     from tau2cl.rollout import Episode
 
 STOP_MARKERS = (STOP, TRANSFER, OUT_OF_SCOPE)
 TRANSFER_TOOL_NAME = "transfer_to_human_agents"
+REFERENCE_USER = "reference"  # --user_model value: the frozen reference model plays the user
 _CLOSING = re.compile(
     r"anything else|have a (great|good|nice) (day|trip)|goodbye|is there something else",
     re.IGNORECASE,
@@ -33,18 +45,29 @@ def is_stop_message(text: str) -> bool:
     return any(marker in text for marker in STOP_MARKERS)
 
 
+@dataclass
+class UserFailure:
+    """A user turn that could not be produced; its episode ends with USER_ERROR (reward 0)."""
+
+    reason: str
+
+
+UserReply = UserMessage | UserFailure
+
+
 class UserSimulator(ABC):
     """The interface every user (scripted or LLM-backed) implements."""
 
     name: str = "user"
 
     @abstractmethod
-    def opening(self, episode: Episode) -> str:
-        """The user's first message, sent after tau2's agent greeting."""
+    def respond(self, episodes: list[Episode]) -> list[UserReply]:
+        """One reply per episode to its last agent text turn (the first: tau2's greeting) or to
+        the results of its own tool calls. A stop marker in the text ends the episode."""
 
-    @abstractmethod
-    def respond(self, episodes: list[Episode]) -> list[str]:
-        """One reply per episode to the agent's last text turn; a stop marker ends the episode."""
+    def close(self) -> None:
+        """Release what the user holds (threads, connections); the default holds nothing."""
+        return None
 
 
 def _instructions(task: Any) -> Any:
@@ -70,7 +93,7 @@ class ScriptedUser(UserSimulator):
     transferred it to a human. Cost: none beyond string handling.
     """
 
-    name = "scripted"
+    name = "scripted"  # it has no phone: with it, telecom runs tau2's solo (ticket) mode
 
     def __init__(self, max_turns: int = 8):
         self.max_turns = max_turns
@@ -80,8 +103,9 @@ class ScriptedUser(UserSimulator):
         parts = [_field(instructions, "reason_for_call"), _field(instructions, "known_info")]
         return "\n".join(p for p in parts if p) or "Hi, I need help with my account."
 
-    def respond(self, episodes: list[Episode]) -> list[str]:
-        return [self._reply(e) for e in episodes]
+    def respond(self, episodes: list[Episode]) -> list[UserReply]:
+        texts = [self.opening(e) if e.user_turns == 0 else self._reply(e) for e in episodes]
+        return [UserMessage(role="user", content=text) for text in texts]
 
     def _reply(self, episode: Episode) -> str:
         messages = episode.messages
@@ -105,6 +129,42 @@ def _transferred(messages: list) -> bool:
     )
 
 
-def build_user(config: Any) -> UserSimulator:
-    """The user simulator a run asks for (the scripted user is the offline default)."""
-    return ScriptedUser(max_turns=config.user_max_turns)
+def build_user(config: Any, reference: Any = None, device: Any = "cpu") -> UserSimulator:
+    """The user simulator `config.user_model` asks for (see its --help).
+
+    `reference` is a zero-argument function returning the run's `Policy` over the frozen
+    reference model; it is only called for `--user_model reference`. A separate local user model
+    is loaded onto `device`.
+    """
+    from tau2cl.config import LITELLM_PREFIX
+
+    model = config.user_model
+    if model is None:
+        return ScriptedUser(max_turns=config.user_max_turns)
+    if model.startswith(LITELLM_PREFIX):
+        from tau2cl.litellm_user import LiteLLMUser
+
+        return LiteLLMUser.from_config(config)
+    from tau2cl.local_user import LocalModelUser
+
+    if model == REFERENCE_USER:
+        return LocalModelUser(reference(), config.user_temperature, config.user_max_new_tokens, name="reference")
+    return LocalModelUser.from_config(config, device)
+
+
+# ---- what an LLM user sees, the way tau2's UserSimulator sees it -------------------------------
+def user_history(episode: Episode) -> list[Message]:
+    """The episode's messages a tau2 user keeps: text turns and results of its own tool calls."""
+    return [m for m in episode.messages if is_valid_user_history_message(m)]
+
+
+def user_system_prompt(episode: Episode) -> str:
+    """tau2's user system prompt: its simulation guidelines (the tool-using variant when the user
+    holds tools) and the task's scenario, built by tau2's own UserSimulator."""
+    tools = user_tools_of(episode.env) if episode.domain.user_tool_schemas else None
+    return Tau2UserSimulator(tools=tools or None, instructions=str(episode.task.user_scenario)).system_prompt
+
+
+def flipped_history(episode: Episode) -> list[Message]:
+    """The user's history with roles flipped by tau2 (the user speaks as the assistant)."""
+    return UserState(system_messages=[], messages=user_history(episode)).flip_roles()

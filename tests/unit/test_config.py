@@ -227,6 +227,17 @@ BAD_VALUES = [
     (["--num_updates_per_batch", "0"], "--num_updates_per_batch must be at least 1"),
     (["--eval_samples_per_task", "0"], "--eval_samples_per_task must be at least 1"),
     (["--user_max_turns", "0"], "--user_max_turns must be at least 1"),
+    (["--user_max_new_tokens", "0"], "--user_max_new_tokens must be at least 1"),
+    (["--user_temperature", "-0.5"], "--user_temperature must be 0 or more"),
+    (["--user_max_retries", "-1"], "--user_max_retries must be 0 or more"),
+    (["--user_timeout", "0"], "--user_timeout must be greater than 0"),
+    (["--user_model", " "], "--user_model must not be empty"),
+    (["--user_model", "litellm:"], "--user_model litellm: needs a model name"),
+    (["--user_api_base", "http://localhost:8000/v1"], "--user_api_base is only used by a litellm user"),
+    (
+        ["--user_model", "reference", "--user_api_key", "k"],
+        "--user_api_key is only used by a litellm user",
+    ),
     (["--log_interval", "0"], "--log_interval must be at least 1"),
     (["--replay_buffer_size", "0"], "--replay_buffer_size must be at least 1"),
     (["--max_tasks_per_domain", "0"], "--max_tasks_per_domain must be at least 1"),
@@ -293,6 +304,26 @@ def test_to_dict_from_dict_round_trip_through_json():
     data = json.loads(json.dumps(config.to_dict()))
     assert set(data) == {f.name for f in dataclasses.fields(GRPOConfig)}
     assert GRPOConfig.from_dict(data) == config
+
+
+def test_the_user_api_key_is_in_no_dump_or_repr():
+    key = "sk-test-4d2b"
+    config = parse_config(["--user_model", "litellm:gpt-4.1-mini", "--user_api_key", key])
+    assert config.user_api_key == key  # the run can use it
+    assert config.to_dict()["user_api_key"] is None  # summary.json, checkpoints, wandb, train.log
+    assert key not in json.dumps(config.to_dict()) and key not in repr(config)
+
+
+def test_user_options_parse():
+    config = parse_config(
+        ["--user_model", "litellm:openai/served", "--user_api_base", "http://127.0.0.1:8000/v1"]
+        + ["--user_temperature", "0.7", "--user_max_new_tokens", "64", "--user_timeout", "5"]
+        + ["--user_max_retries", "0", "--judge_model", "gpt-4o-mini"]
+    )
+    assert config.user_model == "litellm:openai/served"
+    assert (config.user_temperature, config.user_max_new_tokens) == (0.7, 64)
+    assert (config.user_timeout, config.user_max_retries, config.judge_model) == (5.0, 0, "gpt-4o-mini")
+    assert GRPOConfig().user_model is None  # the scripted user by default
 
 
 def test_to_dict_copies_lists():

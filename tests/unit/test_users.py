@@ -24,14 +24,16 @@ def _episode(domain, task, user: ScriptedUser) -> Episode:
     episode = Episode(request=RolloutRequest(domain, task, group=0), env=None, messages=[])
     episode.messages.append(AssistantMessage(role="assistant", content=GREETING))
     episode.messages.append(UserMessage(role="user", content=user.opening(episode)))
+    episode.user_turns = 1
     return episode
 
 
 def _exchange(user: ScriptedUser, episode: Episode, agent_text: str) -> str:
     episode.messages.append(AssistantMessage(role="assistant", content=agent_text))
     [reply] = user.respond([episode])
-    episode.messages.append(UserMessage(role="user", content=reply))
-    return reply
+    assert isinstance(reply, UserMessage) and not reply.is_tool_call()
+    episode.messages.append(reply)
+    return reply.content
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +79,9 @@ def test_respond_answers_each_episode_of_a_batch_from_its_own_history(domains):
     second = _exchange(user, ahead, AGENT_QUESTION)
     for episode in (ahead, behind):
         episode.messages.append(AssistantMessage(role="assistant", content=AGENT_QUESTION))
-    third, behind_first = user.respond([ahead, behind])
+    third, behind_first = (m.content for m in user.respond([ahead, behind]))
     assert first != second != third
-    assert behind_first == ScriptedUser(max_turns=50).respond([behind])[0]
+    assert behind_first == ScriptedUser(max_turns=50).respond([behind])[0].content
     assert (
         behind_first.split()[0]
         == other_task.user_scenario.instructions.task_instructions.split()[0]
@@ -125,8 +127,18 @@ def test_transfers_after_a_transfer_to_human_agents_call(domains):
     assert reply == TRANSFER and is_stop_message(reply)
 
 
+def test_first_reply_is_the_opening(domains):
+    user = ScriptedUser()
+    domain, task = _tasks(domains)[0]
+    episode = Episode(request=RolloutRequest(domain, task, group=0), env=None, messages=[])
+    episode.messages.append(AssistantMessage(role="assistant", content=GREETING))
+    [reply] = user.respond([episode])
+    assert reply.content == user.opening(episode)
+
+
 def test_build_user_is_scripted_with_the_configured_turns():
     class Config:
+        user_model = None
         user_max_turns = 4
 
     user = build_user(Config())
