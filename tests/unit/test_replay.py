@@ -95,6 +95,7 @@ def test_replayed_episode_runs_in_the_first_domains_environment_with_its_prompt(
     airline = domains["airline"]
     episode = engine._start(RolloutRequest(airline, airline.train_tasks[0], 0))
     assert episode.env.get_domain_name() == "airline"
+    engine._user_turns([episode])  # the scripted user's opening: the agent's prompt is rendered
     prompt = renderer.tokenizer.decode(episode.token_ids)
     assert airline.policy[:200] in prompt
     assert all(name in prompt for name in airline.tool_names)
