@@ -45,9 +45,10 @@ def _train_records(log_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_sigterm_mid_domain_then_resume_ends_like_an_uninterrupted_run(tmp_path):
-    full = subprocess.run(_command(tmp_path / "full"), env=_env(), capture_output=True, text=True, timeout=900)
-    assert full.returncode == 0, full.stderr[-2000:]
-
+    # the uninterrupted run and the one to interrupt run side by side (one thread each)
+    full = subprocess.Popen(
+        _command(tmp_path / "full"), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     cut = tmp_path / "cut"
     proc = subprocess.Popen(_command(cut), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
@@ -64,6 +65,8 @@ def test_sigterm_mid_domain_then_resume_ends_like_an_uninterrupted_run(tmp_path)
         _command(cut, "--resume_from", str(cut)), env=_env(), capture_output=True, text=True, timeout=900
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _, full_err = full.communicate(timeout=900)
+    assert full.returncode == 0, full_err[-2000:]
     a = json.loads((tmp_path / "full" / "summary.json").read_text())
     b = json.loads((cut / "summary.json").read_text())
     for key in ("accuracy_matrix", "pass_rate_matrix", "final_measures", "global_step", "stages_completed"):
