@@ -57,12 +57,12 @@ import torch
 from tau2cl import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 
 # isort: split
-from tau2.data_model.message import AssistantMessage, ToolCall, ToolMessage, UserMessage
+from tau2.data_model.message import AssistantMessage, UserMessage
 from tau2.data_model.simulation import SimulationRun, TerminationReason
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 
 from tau2cl import gold_state
-from tau2cl.chat import ChatRenderer, assistant_chat_message
+from tau2cl.chat import ChatRenderer, assistant_chat_message, chat_dict
 from tau2cl.domains import DOMAIN_NAMES, Domain, load_domain
 from tau2cl.golden import reward_corpus
 from tau2cl.grpo import group_advantages
@@ -75,10 +75,12 @@ from tau2cl.rollout import (
     RolloutEngine,
     RolloutRequest,
     RolloutSettings,
+    agent_tool_calls,
+    run_agent_tools,
 )
 from tau2cl.scoring import score_trajectories
 from tau2cl.tau2_compat import as_list
-from tau2cl.tool_calls import MalformedCall, malformed_call_error, parse_tool_calls
+from tau2cl.tool_calls import parse_tool_calls
 from tau2cl.update import (
     LossSettings,
     accumulate_gradients,
@@ -357,7 +359,7 @@ class NaiveRollout:
         episode.messages.append(AssistantMessage(role="assistant", content=GREETING))
         episode.messages.append(UserMessage(role="user", content=self.user.opening(episode)))
         episode.user_turns = 1
-        chat = [{"role": "system", "content": domain.system_prompt(task)}] + [_chat_dict(m) for m in episode.messages]
+        chat = [{"role": "system", "content": domain.system_prompt(task)}] + [chat_dict(m) for m in episode.messages]
         sampled = 0
         for turn in range(1, self.s.max_turns + 1):
             text = self.tokenizer.apply_chat_template(chat, tools=domain.tool_schemas, tokenize=False,
@@ -386,21 +388,11 @@ class NaiveRollout:
     def turn(self, episode: Episode, chat: list[dict], parsed, turn: int) -> bool:
         """Apply one assistant turn; False when the episode ends (the engine's rules)."""
         if parsed.items:
-            n = turn
-            calls = [ToolCall(id=f"call_{n}_{i}", name=c.name, arguments=c.arguments) for i, c in enumerate(parsed.calls)]
+            calls = agent_tool_calls(parsed, turn)
             episode.messages.append(AssistantMessage(role="assistant", content=parsed.content or None,
                                                      tool_calls=calls or None))
             chat.append(assistant_chat_message(parsed.content, [(c.name, c.arguments) for c in parsed.calls]))
-            valid = iter(calls)
-            for item in parsed.items:
-                if isinstance(item, MalformedCall):
-                    episode.tool_errors += 1
-                    chat.append({"role": "tool", "content": malformed_call_error(item)})
-                    continue
-                result = episode.env.get_response(next(valid))
-                episode.tool_errors += int(result.error)
-                episode.messages.append(result)
-                chat.append({"role": "tool", "content": result.content or ""})
+            chat += run_agent_tools(episode, parsed, calls)
             return episode.tool_errors < MAX_TOOL_ERRORS and turn < self.s.max_turns
         if not parsed.content:
             return False
@@ -413,14 +405,6 @@ class NaiveRollout:
         episode.messages.append(UserMessage(role="user", content=reply))
         chat.append({"role": "user", "content": reply})
         return not is_stop_message(reply)
-
-
-def _chat_dict(message) -> dict:
-    if isinstance(message, ToolMessage):
-        return {"role": "tool", "content": message.content or ""}
-    if message.role == "assistant":
-        return assistant_chat_message(message.content or "", [(c.name, c.arguments) for c in (message.tool_calls or [])])
-    return {"role": message.role, "content": message.content or ""}
 
 
 def naive_subset(requests: list, count: int) -> list:

@@ -16,13 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from tau2cl import tau2_compat  # noqa: F401  (first: quiets tau2's import)
-
-# isort: split
-from tau2.user.user_simulator import UserSimulator as Tau2UserSimulator
-
 from tau2cl.config import LITELLM_PREFIX, USER_API_KEY_ENV
-from tau2cl.domains import user_tools_of
-from tau2cl.users import UserFailure, UserReply, UserSimulator, user_history
+from tau2cl.users import UserFailure, UserReply, UserSimulator, tau2_user, user_history
 
 if TYPE_CHECKING:
     from tau2cl.rollout import Episode
@@ -106,10 +101,7 @@ class LiteLLMUser(UserSimulator):
         return UserFailure(f"{self.name} failed {self.max_retries + 1} time(s): {reason}")
 
     def _reply(self, episode: Episode) -> UserReply:
-        tools = user_tools_of(episode.env) if episode.domain.user_tool_schemas else None
-        simulator = Tau2UserSimulator(
-            tools=tools or None, instructions=str(episode.task.user_scenario), llm=self.model, llm_args=self._llm_args
-        )
+        simulator = tau2_user(episode, llm=self.model, llm_args=self._llm_args)
         history = user_history(episode)
         state = simulator.get_init_state(message_history=history[:-1])
         message, _ = simulator.generate_next_message(history[-1], state)

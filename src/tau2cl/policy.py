@@ -8,6 +8,7 @@ taken from the same temperature-scaled distribution the GRPO update recomputes
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,7 @@ _MAX_PREFIX_CACHES = 4  # one per domain of a batch (replay mixes domains)
 
 def _cache_kwarg(model: Any) -> str:
     """transformers renamed `past_key_values` to `cache`; pass whichever this model takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
 
 
 def _last_logits_kwargs(model: Any) -> dict[str, int]:
@@ -181,7 +182,13 @@ def _last_logits_kwargs(model: Any) -> dict[str, int]:
     A prefill projects every prompt position to the vocabulary otherwise: with Qwen's 151,936-token
     vocabulary that is ~0.6 MB per position in fp32, gigabytes for a batch of long prompts.
     """
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(type(model)) else {}
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    """The keyword names a model class's forward takes (read once per class, not per call)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
 
 
 def _run_body(model: Any, ids: torch.Tensor, cache: Any) -> None:

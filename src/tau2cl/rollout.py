@@ -233,8 +233,7 @@ class RolloutEngine:
             self._send_text(episode, parsed.content, text)
 
     def _run_tools(self, episode: Episode, parsed: ParsedTurn, text: str) -> None:
-        n = episode.assistant_turns
-        calls = [ToolCall(id=f"call_{n}_{i}", name=c.name, arguments=c.arguments) for i, c in enumerate(parsed.calls)]
+        calls = agent_tool_calls(parsed, episode.assistant_turns)
         errors = [malformed_call_error(m) for m in parsed.malformed]
         raw = {"text": text, "malformed_call_errors": errors} if errors else {"text": text}
         episode.messages.append(
@@ -242,17 +241,7 @@ class RolloutEngine:
                 role="assistant", content=_content_with_malformed(parsed), tool_calls=calls or None, raw_data=raw
             )
         )
-        replies: list[dict] = []
-        valid = iter(calls)
-        for item in parsed.items:
-            if isinstance(item, MalformedCall):
-                episode.tool_errors += 1
-                replies.append({"role": "tool", "content": malformed_call_error(item)})
-                continue
-            result = _execute(episode.env, next(valid))
-            episode.tool_errors += int(result.error)
-            episode.messages.append(result)
-            replies.append({"role": "tool", "content": result.content or ""})
+        replies = run_agent_tools(episode, parsed, calls)
         if episode.tool_errors >= MAX_TOOL_ERRORS:
             episode.end(TerminationReason.TOO_MANY_ERRORS)
         elif episode.assistant_turns >= self.settings.max_turns:
@@ -336,6 +325,31 @@ def _by_domain(episodes: list[Episode]) -> list[list[Episode]]:
     for episode in episodes:
         groups.setdefault(episode.domain.name, []).append(episode)
     return list(groups.values())
+
+
+def agent_tool_calls(parsed: ParsedTurn, turn: int) -> list[ToolCall]:
+    """tau2 ToolCalls of a turn's well-formed calls, with ids unique within the episode."""
+    return [ToolCall(id=f"call_{turn}_{i}", name=c.name, arguments=c.arguments) for i, c in enumerate(parsed.calls)]
+
+
+def run_agent_tools(episode: Episode, parsed: ParsedTurn, calls: list[ToolCall]) -> list[dict]:
+    """Run a turn's calls in the episode's environment, in the order the agent wrote them.
+
+    Results are appended to the tau2 conversation and errors counted (a malformed call counts as
+    one and is answered with its error); returns the tool replies the agent sees next.
+    """
+    replies: list[dict] = []
+    valid = iter(calls)
+    for item in parsed.items:
+        if isinstance(item, MalformedCall):
+            episode.tool_errors += 1
+            replies.append({"role": "tool", "content": malformed_call_error(item)})
+            continue
+        result = _execute(episode.env, next(valid))
+        episode.tool_errors += int(result.error)
+        episode.messages.append(result)
+        replies.append({"role": "tool", "content": result.content or ""})
+    return replies
 
 
 def _execute(env: Any, call: ToolCall) -> ToolMessage:

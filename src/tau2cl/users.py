@@ -158,11 +158,17 @@ def user_history(episode: Episode) -> list[Message]:
     return [m for m in episode.messages if is_valid_user_history_message(m)]
 
 
+def tau2_user(episode: Episode, **llm: Any) -> Tau2UserSimulator:
+    """tau2's own UserSimulator for this episode: the task's scenario and, in telecom's full
+    setting, the phone tools of the episode's environment (`llm`: its model and llm_args)."""
+    tools = user_tools_of(episode.env) if episode.domain.user_tool_schemas else None
+    return Tau2UserSimulator(tools=tools or None, instructions=str(episode.task.user_scenario), **llm)
+
+
 def user_system_prompt(episode: Episode) -> str:
     """tau2's user system prompt: its simulation guidelines (the tool-using variant when the user
-    holds tools) and the task's scenario, built by tau2's own UserSimulator."""
-    tools = user_tools_of(episode.env) if episode.domain.user_tool_schemas else None
-    return Tau2UserSimulator(tools=tools or None, instructions=str(episode.task.user_scenario)).system_prompt
+    holds tools) and the task's scenario."""
+    return tau2_user(episode).system_prompt
 
 
 def flipped_history(episode: Episode) -> list[Message]:
