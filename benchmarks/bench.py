@@ -54,34 +54,35 @@ from typing import Any
 
 import torch
 
-from tau2cl import tau2_compat  # noqa: F401  (first: quiets tau2's import)
+from tau2cl.env import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 
 # isort: split
 from tau2.data_model.message import AssistantMessage, UserMessage
 from tau2.data_model.simulation import SimulationRun, TerminationReason
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 
-from tau2cl import gold_state
-from tau2cl.chat import ChatRenderer, assistant_chat_message, chat_dict
-from tau2cl.domains import DOMAIN_NAMES, Domain, load_domain
-from tau2cl.golden import reward_corpus
-from tau2cl.grpo import group_advantages
-from tau2cl.policy import Policy, load_model, load_tokenizer, stop_token_ids
-from tau2cl.reward import compute_reward
-from tau2cl.rollout import (
+from tau2cl.agent.chat import ChatRenderer, assistant_chat_message, chat_dict
+from tau2cl.agent.engine import (
     GREETING,
     MAX_TOOL_ERRORS,
-    Episode,
     RolloutEngine,
-    RolloutRequest,
     RolloutSettings,
     agent_tool_calls,
     run_agent_tools,
 )
-from tau2cl.scoring import score_trajectories
-from tau2cl.tau2_compat import as_list
-from tau2cl.tool_calls import parse_tool_calls
-from tau2cl.update import (
+from tau2cl.agent.episode import Episode, RolloutRequest
+from tau2cl.agent.policy import Policy, load_model, load_tokenizer, stop_token_ids
+from tau2cl.agent.tool_calls import parse_tool_calls
+from tau2cl.agent.users.base import is_stop_message
+from tau2cl.agent.users.scripted import ScriptedUser
+from tau2cl.env import gold_state
+from tau2cl.env.domains import DOMAIN_NAMES, Domain, load_domain
+from tau2cl.env.golden import reward_corpus
+from tau2cl.env.tau2_compat import as_list
+from tau2cl.env.tau2_reward import compute_reward
+from tau2cl.rl.grpo import group_advantages
+from tau2cl.rl.rewards import score_trajectories
+from tau2cl.rl.update import (
     LossSettings,
     accumulate_gradients,
     collate,
@@ -89,7 +90,6 @@ from tau2cl.update import (
     reference_logprobs,
     split_micro_batches,
 )
-from tau2cl.users import ScriptedUser, is_stop_message
 
 ROLLOUT_DOMAINS = ("airline", "retail")
 TASKS_PER_DOMAIN = 4

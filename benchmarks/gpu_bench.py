@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from tau2cl.grpo import group_advantages
-from tau2cl.policy import Policy
-from tau2cl.update import LossSettings, accumulate_gradients, collate, split_micro_batches
+from tau2cl.agent.policy import Policy
+from tau2cl.rl.grpo import group_advantages
+from tau2cl.rl.update import LossSettings, accumulate_gradients, collate, split_micro_batches
 
 QWEN3B_SHAPE = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                     intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0)

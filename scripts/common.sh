@@ -24,7 +24,7 @@ die() {
 # load_algorithms: VALID = the strategies that exist now, from the package's own registry (not a
 # list kept here), space-separated. Without an importable tau2cl nothing else can work: exit 2.
 load_algorithms() {
-    if ! VALID="$("$PYTHON" -c 'from tau2cl.strategies import registered_names; print(" ".join(registered_names()))')"; then
+    if ! VALID="$("$PYTHON" -c 'from tau2cl.cl.strategies.registry import CL_ALGORITHMS; print(" ".join(CL_ALGORITHMS))')"; then
         echo "$SCRIPT: error: cannot import tau2cl with $PYTHON; install it first (see README.md)." >&2
         exit 2
     fi

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import before anything imports tau2)
+from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import before anything imports tau2)
 
 FIXTURE_MAX_TASKS = 2  # tasks per split in the shared domains: enough for every test, fast to load
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from tau2cl.policy import load_tokenizer
+    from tau2cl.agent.policy import load_tokenizer
 
     return load_tokenizer("tiny")
 
@@ -23,14 +23,14 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model():
     """The tiny Qwen2 model in fp32 on CPU, in eval mode. Read-only: copy it before training."""
-    from tau2cl.policy import load_model
+    from tau2cl.agent.policy import load_model
 
     return load_model("tiny", "float32", "cpu").eval()
 
 
 @pytest.fixture(scope="session")
 def tiny_policy(tiny_model, tiny_tokenizer):
-    from tau2cl.policy import Policy
+    from tau2cl.agent.policy import Policy
 
     return Policy(tiny_model, tiny_tokenizer)
 
@@ -38,7 +38,7 @@ def tiny_policy(tiny_model, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def domains():
     """name -> Domain (airline, retail, telecom) with FIXTURE_MAX_TASKS tasks per split."""
-    from tau2cl.domains import DOMAIN_NAMES, load_domain
+    from tau2cl.env.domains import DOMAIN_NAMES, load_domain
 
     return {name: load_domain(name, max_tasks=FIXTURE_MAX_TASKS) for name in DOMAIN_NAMES}
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tau2cl import tau2_compat  # noqa: F401  (before any tau2 import: no network, quiet logs)
 from tau2cl.config import GRPOConfig
+from tau2cl.env import tau2_compat  # noqa: F401  (before any tau2 import: no network, quiet logs)
 
 __all__ = ["GRPOConfig", "GRPOTrainer"]
 __version__ = "0.1.0"

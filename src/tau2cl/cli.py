@@ -38,7 +38,7 @@ def _make_tiny_model(argv: list[str]) -> int:
         "--seed", type=int, default=0, metavar="N", help="seed of the random weights (default: 0)"
     )
     args = parser.parse_args(argv)
-    from tau2cl.tiny_model import make_tiny_model
+    from tau2cl.agent.tiny_model import make_tiny_model
 
     print(make_tiny_model(args.dir, seed=args.seed))
     return 0
@@ -65,7 +65,7 @@ def _report(argv: list[str]) -> int:
         "and comparison.md to DIR (default: the current directory).",
     )
     args = parser.parse_args(argv)
-    from tau2cl.report import run_report
+    from tau2cl.reporting.report import run_report
 
     return run_report(args.log_dirs, args.out)
 

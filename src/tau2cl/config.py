@@ -20,15 +20,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from tau2cl.cl.strategies.registry import CL_ALGORITHMS
 from tau2cl.errors import ArgumentParser, UserError
 
 DOMAIN_NAMES = ("airline", "retail", "telecom")
 USER_API_KEY_ENV = "TAU2CL_USER_API_KEY"  # read when --user_api_key is not given
 LITELLM_PREFIX = "litellm:"  # --user_model litellm:<model> selects tau2's litellm user
+REFERENCE_USER = "reference"  # --user_model value: the frozen reference model plays the user
 MODEL_DTYPES = ("float32", "float16", "bfloat16", "auto")
 ADVANTAGE_NORMALIZATIONS = ("std", "mean")
-# The strategies the trainer knows; a new CL strategy adds its name here.
-CL_ALGORITHMS = ("sequential", "replay", "ewc", "online_ewc")
 FISHER_NORMALIZATIONS = ("mean", "max", "none")
 REPLAY_SELECTIONS = ("uniform", "reward")
 PARALLELISMS = ("ddp", "fsdp")

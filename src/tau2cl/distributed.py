@@ -79,11 +79,6 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def barrier() -> None:
-    if _active():
-        dist.barrier()
-
-
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's object, in rank order (a one-element list without a group)."""
     if not _active():
@@ -91,15 +86,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s object on every rank."""
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None, prog: str = "tau2cl train") -> int:
 
     def train() -> int:
         config = parse_config(argv, prog=prog)
-        from tau2cl.interrupt import TrainingInterrupted
+        from tau2cl.runs.interrupt import TrainingInterrupted
         from tau2cl.trainer import GRPOTrainer
 
         try:

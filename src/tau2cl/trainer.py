@@ -11,15 +11,49 @@ import contextlib
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tau2cl import tau2_compat
-from tau2cl.checkpoint import (
+from tau2cl.agent.engine import RolloutEngine, RolloutSettings
+from tau2cl.agent.episode import RolloutRequest, Trajectory
+from tau2cl.agent.policy import DTYPES, Policy, load_model, load_tokenizer
+from tau2cl.agent.users.build import build_user
+from tau2cl.cl.context import CLContext, Progress
+from tau2cl.cl.measures import transfer_metrics
+from tau2cl.cl.strategies.base import build_strategy
+from tau2cl.config import REFERENCE_USER, GRPOConfig
+from tau2cl.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_max_,
+    all_reduce_sum_,
+    as_local_tensor,
+    compute_cleanup,
+    compute_init,
+)
+from tau2cl.env import tau2_compat
+from tau2cl.env.domains import Domain, load_domain
+from tau2cl.env.results_files import write_results
+from tau2cl.errors import UserError
+from tau2cl.evaluation.runner import EvalSettings, evaluate_domain, results_path
+from tau2cl.evaluation.stats import EvalSummary
+from tau2cl.reporting.report import write_report
+from tau2cl.reporting.tracker import MetricsTracker
+from tau2cl.rl.grpo import group_advantages, zero_std_group_fraction
+from tau2cl.rl.rewards import load_reward_fn, score_trajectories
+from tau2cl.rl.training_model import TrainingModel
+from tau2cl.rl.update import (
+    LossSettings,
+    accumulate_gradients,
+    collate,
+    micro_batches_by_length,
+    reference_logprobs,
+    sequence_logprobs,
+)
+from tau2cl.runs.checkpoint import (
     check_writable,
     count_lines,
     domain_checkpoint_name,
@@ -32,48 +66,8 @@ from tau2cl.checkpoint import (
     step_checkpoint_name,
     truncate_lines,
 )
-from tau2cl.cl_metrics import transfer_metrics
-from tau2cl.config import GRPOConfig
-from tau2cl.distributed import (
-    DistInfo,
-    all_gather_objects,
-    all_reduce_max_,
-    all_reduce_sum_,
-    as_local_tensor,
-    compute_cleanup,
-    compute_init,
-)
-from tau2cl.domains import Domain, load_domain
-from tau2cl.errors import UserError
-from tau2cl.eval_stats import EvalSummary
-from tau2cl.evaluation import EvalSettings, evaluate_domain, results_path
-from tau2cl.grpo import group_advantages, zero_std_group_fraction
-from tau2cl.interrupt import StopRequest, TrainingInterrupted
-from tau2cl.metrics import MetricsTracker
-from tau2cl.policy import DTYPES, Policy, load_model, load_tokenizer
-from tau2cl.rollout import RolloutEngine, RolloutRequest, RolloutSettings, Trajectory
-from tau2cl.scoring import load_reward_fn, score_trajectories
-from tau2cl.strategies import build_strategy
-from tau2cl.tau2_results import write_results
-from tau2cl.training_model import TrainingModel
-from tau2cl.update import (
-    LossSettings,
-    accumulate_gradients,
-    collate,
-    micro_batches_by_length,
-    reference_logprobs,
-)
-from tau2cl.users import REFERENCE_USER, build_user
-
-
-@dataclass
-class Progress:
-    """Where the run stands; saved in every checkpoint."""
-
-    task_idx: int = 0  # domain being trained (index into task_order)
-    step: int = 0  # steps completed on that domain
-    global_step: int = 0
-    stages_done: int = 0  # rows of the accuracy matrix filled (row 0 = before training)
+from tau2cl.runs.files import METRICS_FILE
+from tau2cl.runs.interrupt import StopRequest, TrainingInterrupted
 
 
 class GRPOTrainer:
@@ -118,13 +112,13 @@ class GRPOTrainer:
         if config.resume_from:
             wandb_id = self._resume(config.resume_from)
         self.saved_step_checkpoints: list[Path] = []
-        self.tracker = MetricsTracker(
-            config.log_dir, config.to_dict(), is_main=self.dist.is_main,
-            use_progress_bar=config.use_progress_bar, log_interval=config.log_interval,
-            verbose=config.verbose, wandb_project=config.wandb_project,
-            wandb_run_name=config.wandb_run_name, wandb_run_id=wandb_id,
+        self.tracker = MetricsTracker.from_config(config, is_main=self.dist.is_main, wandb_run_id=wandb_id)
+        self.cl_context = CLContext(
+            config=config, dist=self.dist, order=self.order, domains=self.domains, params=self.params,
+            progress=self.progress, rollout=lambda requests: self.train_engine.run(requests, self.generator),
+            generated_logprob=self._generated_logprob,
         )
-        self.strategy.setup(self)
+        self.strategy.setup(self.cl_context)
 
     # ---- setup ------------------------------------------------------------------------------
     def _check_batch_fits(self) -> None:
@@ -156,6 +150,14 @@ class GRPOTrainer:
         model = load_model(self.config.model_name_or_path, dtype, self.dist.device)
         model.eval().requires_grad_(False)
         return model
+
+    def _generated_logprob(self, traj: Trajectory) -> torch.Tensor:
+        """Sum of the current policy's log-probs of the tokens `traj`'s policy generated."""
+        device = self.dist.device
+        ids = torch.tensor([traj.token_ids], device=device)  # (1, T)
+        mask = torch.tensor([traj.loss_mask], device=device, dtype=torch.bool)
+        mask[:, 0] = False
+        return sequence_logprobs(self.policy.model, ids, torch.ones_like(ids), mask, 1.0, self.compute_dtype).sum()
 
     def _reference_policy(self) -> Policy:
         """The reference model behind a Policy, so it can sample the user's turns."""
@@ -201,7 +203,7 @@ class GRPOTrainer:
         domain = self.domains[name]
         steps = self.config.num_steps_per_task
         if self.progress.step == 0:
-            self.strategy.before_domain(self, task_idx, name)
+            self.strategy.before_domain(self.cl_context, task_idx, name)
         self.tracker.start_domain(task_idx, name, len(domain.train_tasks), steps, self.progress.step)
         for step in range(self.progress.step + 1, steps + 1):
             stats = self._train_step(task_idx, domain, step)
@@ -215,15 +217,15 @@ class GRPOTrainer:
                 self._save_step_checkpoint()
             self._stop_if_requested(task_idx, name, step)
         self.tracker.end_domain()
-        self.strategy.after_domain(self, task_idx, name)
+        self.strategy.after_domain(self.cl_context, task_idx, name)
         self._evaluate_stage(task_idx + 1)
-        self.progress = Progress(task_idx + 1, 0, self.progress.global_step, task_idx + 2)
+        self.progress.set(task_idx=task_idx + 1, step=0, stages_done=task_idx + 2)
         self._save(domain_checkpoint_name(task_idx))
 
     def _train_step(self, task_idx: int, domain: Domain, step: int) -> dict:
         cfg = self.config
         t0 = time.perf_counter()
-        requests = self.strategy.augment_batch(self, self._step_requests(task_idx, domain, step))
+        requests = self.strategy.augment_batch(self.cl_context, self._step_requests(task_idx, domain, step))
         with _out_of_memory_names_the_knobs("rollout"):
             trajectories = self.train_engine.run(requests, self.generator)
         t1 = time.perf_counter()
@@ -231,12 +233,13 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         rewards = torch.tensor([t.train_reward for t in trajectories])
         advantages = group_advantages(rewards, cfg.num_samples_per_prompt, cfg.advantage_normalization)
-        self.strategy.after_rollout(self, trajectories)
+        self.strategy.after_rollout(self.cl_context, trajectories)
         with _out_of_memory_names_the_knobs("the update"):
             stats = self._update(trajectories, advantages.tolist())
-        self.strategy.after_update(self, step)
+        self.strategy.after_update(self.cl_context, step)
         t3 = time.perf_counter()
-        stats.update(self._episode_stats(trajectories, rewards, domain.name))
+        stats.update(self._episode_stats(trajectories, rewards))
+        stats.update(self.strategy.step_metrics(self.cl_context, trajectories))
         # disjoint parts: the reference model's log-probs (time_ref, timed in _update) are not update time
         stats.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2 - stats["time_ref"],
                      lr=self.scheduler.get_last_lr()[0])
@@ -281,7 +284,7 @@ class GRPOTrainer:
             # DDP/FSDP average the gradients over ranks in the last micro-batch's backward
             stats = accumulate_gradients(
                 self.training.module, batch, micro, settings, max(global_tokens, 1.0) / self.dist.world_size,
-                extra_loss=lambda: self.strategy.loss_terms(self),
+                extra_loss=lambda: self.strategy.loss_terms(self.cl_context),
             )
             grad_norm = as_local_tensor(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             if torch.isfinite(grad_norm):
@@ -297,20 +300,14 @@ class GRPOTrainer:
         stats["skipped_updates"] = self.skipped_updates
         return stats
 
-    def _episode_stats(self, trajectories: list[Trajectory], rewards: torch.Tensor, current: str) -> dict:
-        local = [
-            (t.train_reward, t.reward, t.tool_accuracy, t.num_generated_tokens, t.assistant_turns, t.domain != current)
-            for t in trajectories
-        ]
+    def _episode_stats(self, trajectories: list[Trajectory], rewards: torch.Tensor) -> dict:
+        local = [(t.train_reward, t.reward, t.tool_accuracy, t.num_generated_tokens, t.assistant_turns) for t in trajectories]
         rows = [r for part in all_gather_objects(local) for r in part]
         train_r = torch.tensor([r[0] for r in rows], dtype=torch.float64)
         tool = [r[2] for r in rows if r[2] is not None]
         groups = len(trajectories) // self.config.num_samples_per_prompt
         zero_std = all_gather_objects((zero_std_group_fraction(rewards, self.config.num_samples_per_prompt), groups))
-        replayed = [r[0] for r in rows if r[5]]
         return {
-            "replay_frac": len(replayed) / len(rows),
-            "replay_reward_mean": sum(replayed) / len(replayed) if replayed else None,
             "reward_mean": float(train_r.mean()),
             "reward_std": float(train_r.std(unbiased=False)),
             "tau2_reward_mean": sum(r[1] for r in rows) / len(rows),
@@ -353,8 +350,6 @@ class GRPOTrainer:
 
     def _write_report(self) -> None:
         """The transfer report (table + PNGs) beside the run files; a plotting failure only warns."""
-        from tau2cl.report import write_report
-
         try:
             files = write_report(self.config.log_dir)
         except Exception as exc:  # the run's results are already on disk
@@ -422,7 +417,7 @@ class GRPOTrainer:
         if not self.dist.is_main:
             return path
         state = {
-            "metrics_lines": count_lines(Path(self.config.log_dir) / "metrics.jsonl"),
+            "metrics_lines": count_lines(Path(self.config.log_dir) / METRICS_FILE),
             "progress": vars(self.progress).copy(),
             "reward_matrix": self.reward_matrix,
             "pass_matrix": self.pass_matrix,
@@ -455,13 +450,13 @@ class GRPOTrainer:
                 f"{saved.get('parallelism', 'ddp')})."
             )
         if self.dist.is_main:  # drop what was logged after the checkpoint: no step twice
-            truncate_lines(Path(self.config.log_dir) / "metrics.jsonl", state["metrics_lines"])
+            truncate_lines(Path(self.config.log_dir) / METRICS_FILE, state["metrics_lines"])
         load_model_weights(self.policy.model, ckpt)
         self.training.load_from_rollout_model()
         self.training.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.strategy.load_state_dict(state["strategy"])
-        self.progress = Progress(**state["progress"])
+        self.progress.set(**state["progress"])
         self.reward_matrix, self.pass_matrix = state["reward_matrix"], state["pass_matrix"]
         self.skipped_updates = state["skipped_updates"]
         rng = state["rng"]

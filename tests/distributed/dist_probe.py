@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import before anything imports tau2)
+from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import before anything imports tau2)
 
 
 def parameter_digest(model) -> str:

@@ -41,7 +41,7 @@ README = ROOT / "README.md"
 
 
 def _registered() -> list[str]:
-    from tau2cl.strategies import registered_names
+    from tau2cl.cl.strategies.base import registered_names
 
     return registered_names()
 

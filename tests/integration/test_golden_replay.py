@@ -17,9 +17,9 @@ import functools
 
 import pytest
 
-from tau2cl.domains import DOMAIN_NAMES, Domain, load_domain
-from tau2cl.golden import CALL_ID_PREFIX, golden_conversation
-from tau2cl.reward import compute_reward
+from tau2cl.env.domains import DOMAIN_NAMES, Domain, load_domain
+from tau2cl.env.golden import CALL_ID_PREFIX, golden_conversation
+from tau2cl.env.tau2_reward import compute_reward
 
 # isort: split
 from tau2.data_model.message import ToolMessage

@@ -11,15 +11,15 @@ import json
 import pytest
 from openai_server import FAIL, ChatServer
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import)
 
 # isort: split
 from tau2.data_model.message import AssistantMessage, UserMessage
 from tau2.data_model.tasks import RewardType
 
+from tau2cl.agent.engine import GREETING
+from tau2cl.env.tau2_reward import compute_reward
 from tau2cl.errors import UserError
-from tau2cl.reward import compute_reward
-from tau2cl.rollout import GREETING
 
 ASSERTION = "The agent asks the customer for their user id."
 

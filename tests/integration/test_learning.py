@@ -15,9 +15,9 @@ import copy
 import pytest
 import torch
 
-from tau2cl.grpo import group_advantages
-from tau2cl.policy import Generation, Policy
-from tau2cl.update import LossSettings, accumulate_gradients, collate, split_micro_batches
+from tau2cl.agent.policy import Generation, Policy
+from tau2cl.rl.grpo import group_advantages
+from tau2cl.rl.update import LossSettings, accumulate_gradients, collate, split_micro_batches
 
 SEED = 0
 STEPS = 15

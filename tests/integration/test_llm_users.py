@@ -13,7 +13,7 @@ import pytest
 import torch
 from openai_server import FAIL, HANG, ChatServer
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import)
 
 # isort: split
 from tau2.data_model.message import AssistantMessage, ToolMessage, UserMessage
@@ -22,15 +22,16 @@ from tau2.user.base import STOP
 from tau2.user.user_simulator import UserSimulator as Tau2UserSimulator
 from tau2.user.user_simulator import get_global_user_sim_guidelines
 
+from tau2cl.agent.engine import GREETING, RolloutEngine, RolloutSettings
+from tau2cl.agent.episode import RolloutRequest
+from tau2cl.agent.policy import Generation, Policy
+from tau2cl.agent.users.build import build_user
+from tau2cl.agent.users.litellm_user import LiteLLMUser
+from tau2cl.agent.users.local import LocalModelUser
 from tau2cl.config import GRPOConfig
-from tau2cl.domains import load_domain
-from tau2cl.grpo import group_advantages
-from tau2cl.litellm_user import LiteLLMUser
-from tau2cl.local_user import LocalModelUser
-from tau2cl.policy import Generation, Policy
-from tau2cl.rollout import GREETING, RolloutEngine, RolloutRequest, RolloutSettings
-from tau2cl.scoring import score_trajectories
-from tau2cl.users import build_user
+from tau2cl.env.domains import load_domain
+from tau2cl.rl.grpo import group_advantages
+from tau2cl.rl.rewards import score_trajectories
 
 AGENT_TEXT = "Could you give me your user id, please?"
 OPENING = "Hi, I need to change my booking."
@@ -266,7 +267,7 @@ def test_local_user_prompt_is_tau2s_and_its_tool_calls_run_in_the_telecom_enviro
 
 
 def test_a_user_stuck_calling_tools_is_cut_off(tiny_model, tiny_tokenizer, telecom_full):
-    from tau2cl.rollout import MAX_USER_TOOL_TURNS
+    from tau2cl.agent.engine import MAX_USER_TOOL_TURNS
 
     call = json.dumps({"name": "check_status_bar", "arguments": {}})
     user = LocalModelUser(ScriptedGenerations(tiny_model, tiny_tokenizer, [f"<tool_call>{call}</tool_call>"]), 0.0, 64)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import tau2cl.update as update_module
-from tau2cl.checkpoint import load_state, save_checkpoint
+import tau2cl.rl.update as update_module
 from tau2cl.config import GRPOConfig
+from tau2cl.runs.checkpoint import load_state, save_checkpoint
 from tau2cl.trainer import GRPOTrainer
 
 HERE = Path(__file__).parent

@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import)
 
 # isort: split
 import tau2.evaluator.evaluator as tau2_evaluator
@@ -32,10 +32,10 @@ from tau2.data_model.simulation import SimulationRun, TerminationReason
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 from tau2.registry import registry
 
-from tau2cl import gold_state
-from tau2cl.domains import DOMAIN_NAMES
-from tau2cl.golden import reward_corpus
-from tau2cl.reward import compute_reward
+from tau2cl.env import gold_state
+from tau2cl.env.domains import DOMAIN_NAMES
+from tau2cl.env.golden import reward_corpus
+from tau2cl.env.tau2_reward import compute_reward
 
 pytestmark = pytest.mark.slow  # ~20-40 s: every conversation goes through tau2's evaluator twice
 

@@ -15,18 +15,19 @@ import re
 import pytest
 import torch
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import)
 
 # isort: split
 from tau2.data_model.message import AssistantMessage, ToolCall, ToolMessage, UserMessage
 from tau2.data_model.simulation import TerminationReason
 from tau2.user.base import STOP
 
-from tau2cl.policy import Generation, Policy
-from tau2cl.reward import compute_reward
-from tau2cl.rollout import GREETING, RolloutEngine, RolloutRequest, RolloutSettings, Trajectory
-from tau2cl.update import collate, sequence_logprobs
-from tau2cl.users import ScriptedUser
+from tau2cl.agent.engine import GREETING, RolloutEngine, RolloutSettings
+from tau2cl.agent.episode import RolloutRequest, Trajectory
+from tau2cl.agent.policy import Generation, Policy
+from tau2cl.agent.users.scripted import ScriptedUser
+from tau2cl.env.tau2_reward import compute_reward
+from tau2cl.rl.update import collate, sequence_logprobs
 
 SEED = 1234
 MAX_NEW_TOKENS = 16

@@ -13,19 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import)
 
 # isort: split
 from tau2.data_model.message import AssistantMessage, UserMessage
 from tau2.data_model.simulation import TerminationReason
 
-from tau2cl.chat import FALLBACK_TOOLS_HEADER
+from tau2cl.agent.chat import FALLBACK_TOOLS_HEADER
+from tau2cl.agent.engine import GREETING, RolloutEngine, RolloutSettings
+from tau2cl.agent.episode import RolloutRequest
+from tau2cl.agent.policy import Policy, load_model, load_tokenizer
+from tau2cl.agent.users.build import build_user
+from tau2cl.agent.users.local import LocalModelUser
 from tau2cl.config import GRPOConfig
-from tau2cl.local_user import LocalModelUser
-from tau2cl.policy import Policy, load_model, load_tokenizer
-from tau2cl.rollout import GREETING, RolloutEngine, RolloutRequest, RolloutSettings
-from tau2cl.scoring import score_trajectories
-from tau2cl.users import build_user
+from tau2cl.rl.rewards import score_trajectories
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_NEW_TOKENS = 12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import tau2cl.trainer as trainer_module
+from tau2cl.agent.policy import load_model
+from tau2cl.cl.context import CLContext
+from tau2cl.cl.strategies.base import CLStrategy
 from tau2cl.config import GRPOConfig
-from tau2cl.policy import load_model
-from tau2cl.strategies.base import CLStrategy
 from tau2cl.trainer import GRPOTrainer
 
 pytestmark = pytest.mark.slow
@@ -29,34 +31,47 @@ def _config(tmp_path: Path, **overrides) -> GRPOConfig:
 
 
 class Recorder(CLStrategy):
+    """Records every hook, and that each one got the run's CLContext (never the trainer)."""
+
     name = "recorder"
 
     def __init__(self, config):
         super().__init__(config)
         self.calls: list[str] = []
+        self.contexts: set[int] = set()
 
-    def setup(self, trainer):
-        self.calls.append("setup")
+    def _saw(self, ctx, call: str) -> None:
+        assert isinstance(ctx, CLContext)
+        self.contexts.add(id(ctx))
+        self.calls.append(call)
 
-    def before_domain(self, trainer, task_idx, domain):
-        self.calls.append(f"before_domain:{domain}")
+    def setup(self, ctx):
+        self._saw(ctx, "setup")
 
-    def augment_batch(self, trainer, requests):
-        self.calls.append("augment_batch")
+    def before_domain(self, ctx, task_idx, domain):
+        assert ctx.current_domain == domain
+        self._saw(ctx, f"before_domain:{domain}")
+
+    def augment_batch(self, ctx, requests):
+        self._saw(ctx, "augment_batch")
         return requests
 
-    def after_rollout(self, trainer, trajectories):
-        self.calls.append("after_rollout")
+    def after_rollout(self, ctx, trajectories):
+        self._saw(ctx, "after_rollout")
 
-    def loss_terms(self, trainer):
-        self.calls.append("loss_terms")
+    def loss_terms(self, ctx):
+        self._saw(ctx, "loss_terms")
         return {}
 
-    def after_update(self, trainer, step):
-        self.calls.append("after_update")
+    def after_update(self, ctx, step):
+        self._saw(ctx, "after_update")
 
-    def after_domain(self, trainer, task_idx, domain):
-        self.calls.append(f"after_domain:{domain}")
+    def step_metrics(self, ctx, trajectories):
+        self._saw(ctx, "step_metrics")
+        return {"recorded_step": ctx.progress.step + 1}
+
+    def after_domain(self, ctx, task_idx, domain):
+        self._saw(ctx, f"after_domain:{domain}")
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -87,9 +102,13 @@ def test_hooks_run_in_order_and_ewc_holds_the_weights_that_matter(tmp_path, monk
     with monkeypatch.context() as patch:
         patch.setattr(trainer_module, "build_strategy", lambda config: recorder)
         seq_before, seq_after = _run(tmp_path / "seq", cl_algorithm="sequential")
-    step = ["augment_batch", "after_rollout", "loss_terms", "after_update"]
+    step = ["augment_batch", "after_rollout", "loss_terms", "after_update", "step_metrics"]
     domain = lambda name: [f"before_domain:{name}", *step * 4, f"after_domain:{name}"]  # noqa: E731
     assert recorder.calls == ["setup", *domain("airline"), *domain("retail")]
+    assert len(recorder.contexts) == 1  # one context for the whole run
+    trains = [json.loads(line) for line in (tmp_path / "seq" / "metrics.jsonl").read_text().splitlines()]
+    trains = [r for r in trains if r["type"] == "train"]
+    assert [r["recorded_step"] for r in trains] == [r["step"] for r in trains] == [1, 2, 3, 4] * 2
 
     ewc_before, ewc_after = _run(tmp_path / "ewc", cl_algorithm="ewc", ewc_lambda=1e4, ewc_fisher_samples=4)
     state = torch.load(tmp_path / "ewc" / "checkpoint_task_1" / "trainer_state.pt", weights_only=False)

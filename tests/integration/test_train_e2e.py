@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tau2cl import tau2_compat  # noqa: F401
-from tau2cl.cl_metrics import transfer_metrics
+from tau2cl.cl.measures import transfer_metrics
+from tau2cl.env import tau2_compat  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

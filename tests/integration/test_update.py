@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tau2cl.update import (
+from tau2cl.rl.update import (
     LossSettings,
     TrainedLogprobs,
     accumulate_gradients,

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from tau2cl.chat import FALLBACK_TOOLS_HEADER, ChatRenderer, assistant_chat_message
-from tau2cl.tool_calls import format_tool_call
+from tau2cl.agent.chat import FALLBACK_TOOLS_HEADER, ChatRenderer, assistant_chat_message
+from tau2cl.agent.tool_calls import format_tool_call
 
 SYSTEM = "You are a customer service agent. Follow the policy."
 TOOLS = [

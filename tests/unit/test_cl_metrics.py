@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tau2cl.cl_metrics import (
+from tau2cl.cl.measures import (
     average_performance,
     backward_transfer,
     forgetting,

@@ -152,7 +152,7 @@ def test_make_tiny_model_calls_the_builder_and_prints_the_path(monkeypatch, tmp_
         return tmp_path / "tiny"
 
     monkeypatch.setitem(
-        sys.modules, "tau2cl.tiny_model", types.SimpleNamespace(make_tiny_model=make_tiny_model)
+        sys.modules, "tau2cl.agent.tiny_model", types.SimpleNamespace(make_tiny_model=make_tiny_model)
     )
     assert cli.main(["make-tiny-model", str(tmp_path / "tiny"), "--seed", "3"]) == 0
     assert calls == [(str(tmp_path / "tiny"), 3)]

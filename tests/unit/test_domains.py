@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tau2cl import domains
-from tau2cl.domains import DOMAIN_NAMES, STOP_TOOL_NAME, load_domain
+from tau2cl.env import domains
+from tau2cl.env.domains import DOMAIN_NAMES, STOP_TOOL_NAME, load_domain
 
 # isort: split
 import tau2.environment.db as tau2_db

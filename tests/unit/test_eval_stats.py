@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from tau2cl.eval_stats import EvalSummary, is_success, pass_hat_k, pass_hat_k_by_task, summarize
+from tau2cl.evaluation.stats import (
+    EvalSummary,
+    is_success,
+    pass_hat_k,
+    pass_hat_k_by_task,
+    summarize,
+)
 
 # Two tasks × three trials. Task a: rewards 1, 1, 0 (2 successes); task b: 1, 0, 0 (1 success).
 REWARDS = [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tau2cl.cl.strategies.base import build_strategy
+from tau2cl.cl.strategies.ewc import ewc_penalty, normalize_fisher, online_update
 from tau2cl.config import GRPOConfig
-from tau2cl.strategies import build_strategy
-from tau2cl.strategies.ewc import ewc_penalty, normalize_fisher, online_update
 
 
 def test_penalty_is_zero_at_the_anchor_and_grows_with_distance():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tau2cl import gold_state
+from tau2cl.env import gold_state
 
 
 class FakeEnvironment:

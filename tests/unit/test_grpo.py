@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tau2cl.grpo import (
+from tau2cl.rl.grpo import (
     group_advantages,
     grpo_loss,
     masked_mean,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
-import tau2cl.interrupt as interrupt
-from tau2cl.interrupt import StopRequest, TrainingInterrupted
+import tau2cl.runs.interrupt as interrupt
+from tau2cl.runs.interrupt import StopRequest, TrainingInterrupted
 
 
 def test_first_signal_is_recorded_second_exits_immediately(monkeypatch):
@@ -43,7 +43,7 @@ def test_a_failing_user_ends_only_its_episodes():
 
     from tau2.data_model.simulation import TerminationReason
 
-    from tau2cl.rollout import RolloutEngine, RolloutSettings
+    from tau2cl.agent.engine import RolloutEngine, RolloutSettings
 
     class BrokenUser:
         def respond(self, episodes):

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from tau2cl.agent.episode import RolloutRequest, Trajectory
+from tau2cl.cl.context import CLContext, Progress
+from tau2cl.cl.strategies.base import build_strategy
+from tau2cl.cl.strategies.replay import BufferEntry, Reservoir, replay_count
 from tau2cl.config import GRPOConfig
-from tau2cl.domains import load_domain
-from tau2cl.rollout import RolloutRequest, Trajectory
-from tau2cl.strategies import build_strategy
-from tau2cl.strategies.replay import BufferEntry, Reservoir, replay_count
+from tau2cl.env.domains import load_domain
 
 
 def test_replay_count_rounds_up_and_is_zero_only_for_a_zero_ratio():
@@ -35,11 +36,11 @@ def test_reservoir_keeps_capacity_and_samples_uniformly():
     assert all(500 < c < 700 for c in counts)
 
 
-def _trainer(task_idx: int, domains: dict, config: GRPOConfig):
-    return SimpleNamespace(
-        order=list(domains), domains=domains, config=config,
-        progress=SimpleNamespace(task_idx=task_idx, global_step=7),
-        dist=SimpleNamespace(rank=0),
+def _context(task_idx: int, domains: dict, config: GRPOConfig) -> CLContext:
+    """The strategy's whole view of a run at `task_idx`, global step 7, on rank 0."""
+    return CLContext(
+        config=config, dist=SimpleNamespace(rank=0), order=list(domains), domains=domains, params=[],
+        progress=Progress(task_idx=task_idx, global_step=7), rollout=None, generated_logprob=None,
     )
 
 
@@ -64,17 +65,17 @@ def test_second_domain_batches_hold_first_domain_tasks_in_their_own_domain(domai
     strategy = build_strategy(config)
     airline, retail = domains["airline"], domains["retail"]
     # while training airline: its trained tasks enter the airline buffer
-    trainer = _trainer(0, domains, config)
+    ctx = _context(0, domains, config)
     first = [_trajectory("airline", t, g, 1.0) for g, t in enumerate(airline.train_tasks) for _ in range(2)]
-    strategy.after_rollout(trainer, first)
+    strategy.after_rollout(ctx, first)
     assert {e.task_id for e in strategy.buffers["airline"].entries} == {t.id for t in airline.train_tasks}
     # nothing to replay during the first domain
     own = [RolloutRequest(airline, airline.train_tasks[0], g) for g in range(4) for _ in range(2)]
-    assert strategy.augment_batch(trainer, own) == own
+    assert strategy.augment_batch(ctx, own) == own
     # in the second domain half of the 4 tasks come from airline, each with its 2 samples
-    trainer = _trainer(1, domains, config)
+    ctx = _context(1, domains, config)
     requests = [RolloutRequest(retail, retail.train_tasks[g % 3], g) for g in range(4) for _ in range(2)]
-    batch = strategy.augment_batch(trainer, requests)
+    batch = strategy.augment_batch(ctx, requests)
     assert len(batch) == 8
     replayed = [r for r in batch if r.domain.name == "airline"]
     assert len(replayed) == 4 and batch[4:] == replayed
@@ -85,10 +86,10 @@ def test_second_domain_batches_hold_first_domain_tasks_in_their_own_domain(domai
 
 
 def test_replayed_episode_runs_in_the_first_domains_environment_with_its_prompt(domains):
-    from tau2cl.chat import ChatRenderer
-    from tau2cl.policy import load_tokenizer
-    from tau2cl.rollout import RolloutEngine, RolloutSettings
-    from tau2cl.users import ScriptedUser
+    from tau2cl.agent.chat import ChatRenderer
+    from tau2cl.agent.engine import RolloutEngine, RolloutSettings
+    from tau2cl.agent.policy import load_tokenizer
+    from tau2cl.agent.users.scripted import ScriptedUser
 
     renderer = ChatRenderer(load_tokenizer("tiny"))
     engine = RolloutEngine(SimpleNamespace(renderer=renderer), ScriptedUser(), RolloutSettings(2, 8, 10_000, 1.0))
@@ -105,7 +106,7 @@ def test_replay_state_round_trips(domains):
     config = GRPOConfig(model_name_or_path="tiny", cl_algorithm="replay", task_order=["airline", "retail"])
     strategy = build_strategy(config)
     airline = domains["airline"]
-    strategy.after_rollout(_trainer(0, domains, config), [_trajectory("airline", airline.train_tasks[1], 0, 0.5)])
+    strategy.after_rollout(_context(0, domains, config), [_trajectory("airline", airline.train_tasks[1], 0, 0.5)])
     restored = build_strategy(config)
     restored.load_state_dict(strategy.state_dict())
     assert restored.state_dict() == strategy.state_dict()

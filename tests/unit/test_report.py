@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tau2cl import report
-from tau2cl.cl_metrics import transfer_metrics
+from tau2cl.cl.measures import transfer_metrics
 from tau2cl.errors import UserError
-from tau2cl.eval_stats import EvalSummary
-from tau2cl.metrics import MetricsTracker
+from tau2cl.evaluation.stats import EvalSummary
+from tau2cl.reporting import report
+from tau2cl.reporting.tracker import MetricsTracker
 
 DOMAINS = ["airline", "retail", "telecom"]
 STEPS = 4  # steps per domain; a periodic in-domain eval at step 2

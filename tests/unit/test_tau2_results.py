@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from tau2cl.domains import load_domain
-from tau2cl.golden import golden_conversation
-from tau2cl.reward import compute_reward, make_simulation
-from tau2cl.tau2_results import AGENT_IMPLEMENTATION, load_results, write_results
+from tau2cl.env.domains import load_domain
+from tau2cl.env.golden import golden_conversation
+from tau2cl.env.results_files import AGENT_IMPLEMENTATION, load_results, write_results
+from tau2cl.env.tau2_reward import compute_reward, make_simulation
 
 # isort: split
 from tau2.data_model.simulation import Results

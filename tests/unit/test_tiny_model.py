@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tau2cl import tiny_model
-from tau2cl.tiny_model import (
+from tau2cl.agent import tiny_model
+from tau2cl.agent.tiny_model import (
     CONTROL_TOKENS,
     IM_END,
     TOOL_TAG_TOKENS,

@@ -1,4 +1,4 @@
-from tau2cl.tool_calls import (
+from tau2cl.agent.tool_calls import (
     MalformedCall,
     ParsedCall,
     format_tool_call,

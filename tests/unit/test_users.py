@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from tau2cl import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import)
 
 # isort: split
 from tau2.data_model.message import AssistantMessage, ToolCall, ToolMessage, UserMessage
 from tau2.user.base import STOP, TRANSFER
 
-from tau2cl.domains import load_domain
-from tau2cl.rollout import GREETING, Episode, RolloutRequest
-from tau2cl.users import TRANSFER_TOOL_NAME, ScriptedUser, build_user, is_stop_message
+from tau2cl.agent.engine import GREETING
+from tau2cl.agent.episode import Episode, RolloutRequest
+from tau2cl.agent.users.base import is_stop_message
+from tau2cl.agent.users.build import build_user
+from tau2cl.agent.users.scripted import TRANSFER_TOOL_NAME, ScriptedUser
+from tau2cl.env.domains import load_domain
 
 GO_AHEAD = "Yes, please go ahead."
 AGENT_QUESTION = "Could you give me more details, please?"

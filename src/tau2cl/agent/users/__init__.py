@@ -1,0 +1,1 @@
+"""User simulators: the interface (base), the scripted user, local-model and litellm users, and the choice among them (build)."""

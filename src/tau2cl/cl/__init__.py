@@ -1,0 +1,1 @@
+"""Continual learning: the strategies' context, the strategies and the transfer measures (pure)."""

@@ -1,0 +1,1 @@
+"""Evaluating a policy on a domain's tasks: the runner and the statistics of its episodes."""

@@ -1,0 +1,107 @@
+"""Evaluation of the policy on a domain's test split, sharded across ranks and gathered.
+
+Episode i (task i // k, sample i % k) runs on rank i % world_size; the gathered records are put
+back in episode order, so the figures equal a single-process evaluation of the same episodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tau2cl.agent.engine import RolloutEngine
+from tau2cl.agent.episode import RolloutRequest, Trajectory
+from tau2cl.distributed import all_gather_objects
+from tau2cl.env.domains import Domain
+from tau2cl.evaluation.stats import EvalSummary, summarize
+from tau2cl.rl.rewards import RewardFn, score_trajectories
+
+
+@dataclass
+class EvalRecord:
+    """What rank 0 needs of one evaluated episode (small enough to gather)."""
+
+    index: int
+    task_id: str
+    reward: float
+    tool_accuracy: float | None
+    custom_reward: float | None
+    simulation: Any  # tau2 SimulationRun with its reward_info
+
+
+@dataclass
+class EvalSettings:
+    samples_per_task: int
+    max_tasks: int | None
+    episodes_per_batch: int
+    judge_model: str | None = None  # litellm judge of tau2's NL assertions (None: not evaluated)
+
+
+def evaluate_domain(
+    engine: RolloutEngine,
+    domain: Domain,
+    settings: EvalSettings,
+    rank: int,
+    world_size: int,
+    reward_fn: RewardFn | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[EvalSummary, list[EvalRecord]]:
+    """Evaluate on the test split; every rank returns the same summary and all records."""
+    tasks = domain.tasks("test")[: settings.max_tasks] if settings.max_tasks else domain.tasks("test")
+    k = settings.samples_per_task
+    mine = [i for i in range(len(tasks) * k) if i % world_size == rank]
+    records: list[EvalRecord] = []
+    for start in range(0, len(mine), settings.episodes_per_batch):
+        chunk = mine[start : start + settings.episodes_per_batch]
+        requests = [RolloutRequest(domain, tasks[i // k], group=i) for i in chunk]
+        trajectories = engine.run(requests, generator)
+        score_trajectories(trajectories, {domain.name: domain}, reward_fn, settings.judge_model)
+        records += [_record(i, i % k, t, reward_fn is not None) for i, t in zip(chunk, trajectories, strict=True)]
+    gathered = sorted((r for part in all_gather_objects(records) for r in part), key=lambda r: r.index)
+    summary = summarize(
+        domain.name,
+        [r.reward for r in gathered],
+        [r.tool_accuracy for r in gathered],
+        [r.task_id for r in gathered],
+        [r.custom_reward for r in gathered] if reward_fn is not None else None,
+    )
+    return summary, gathered
+
+
+def _record(index: int, trial: int, traj: Trajectory, custom: bool) -> EvalRecord:
+    return EvalRecord(
+        index=index,
+        task_id=traj.task_id,
+        reward=traj.reward,
+        tool_accuracy=traj.tool_accuracy,
+        custom_reward=traj.train_reward if custom else None,
+        simulation=to_simulation(traj, index, trial),
+    )
+
+
+def to_simulation(traj: Trajectory, index: int, trial: int) -> Any:
+    """The trajectory as a tau2 SimulationRun (for tau2 Results files)."""
+    from tau2.data_model.simulation import SimulationRun
+    from tau2.utils.utils import get_now
+
+    from tau2cl.env import tau2_compat  # noqa: F401
+
+    now = get_now()
+    return SimulationRun(
+        id=f"{traj.domain}-{traj.task_id}-{index}",
+        task_id=traj.task_id,
+        start_time=now,
+        end_time=now,
+        duration=0.0,
+        termination_reason=traj.termination_reason,
+        reward_info=traj.reward_info,
+        messages=traj.messages,
+        trial=trial,
+    )
+
+
+def results_path(log_dir: str | Path, label: str, domain: str) -> Path:
+    return Path(log_dir) / "eval_results" / f"{label}_{domain}.json"

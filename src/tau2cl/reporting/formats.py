@@ -1,0 +1,189 @@
+"""The console's line formats, each a pure function of numbers and names (tests compare strings).
+
+Banners, compact train lines, `[EVAL]` rows, aligned domain rows, the transfer block, the accuracy
+matrix and the final summary; the tracker (tracker.py) only decides when and where they are written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tau2cl.evaluation.stats import EvalSummary
+
+RULE = "=" * 80
+NAME_WIDTH = 10  # domain column of the transfer rows: "airline    | Reward: ..."
+DETAIL_INDENT = " " * 8
+# The bar has no rate field: "100/100 [10:23<00:00, loss: 2.1234, reward: 0.456, kl: ...]".
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+# The transfer block prints the measures in this order; any other key follows in the order given.
+MEASURE_ORDER = ("backward_transfer", "average_performance", "forgetting", "forward_transfer")
+
+
+# ---------------------------------------------------------------- line formats (pure)
+
+
+def _num(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def format_banner(task_idx: int, domain: str, num_train_tasks: int) -> str:
+    return "\n".join(
+        [
+            RULE,
+            f"Task {task_idx}: {domain.upper()}",
+            RULE,
+            "",
+            f"Training on {num_train_tasks} tasks from {domain} domain",
+        ]
+    )
+
+
+def format_postfix(stats: Mapping[str, Any]) -> str:
+    """The bar's live figures: "loss: 2.1234, reward: 0.456, kl: 0.0123"."""
+    return (
+        f"loss: {_num(stats.get('loss'), '.4f')}, "
+        f"reward: {_num(stats.get('reward_mean'), '.3f')}, "
+        f"kl: {_num(stats.get('kl'), '.4f')}"
+    )
+
+
+def format_train_line(
+    task_idx: int, step: int, num_steps: int | None, stats: Mapping[str, Any]
+) -> str:
+    """Compact line: "[TRAIN] Task 0 Step 10/100 | loss: 2.1234 | reward: 0.456±0.120 | kl: ..."."""
+    of_total = f"/{num_steps}" if num_steps else ""
+    return (
+        f"[TRAIN] Task {task_idx} Step {step}{of_total}"
+        f" | loss: {_num(stats.get('loss'), '.4f')}"
+        f" | reward: {_num(stats.get('reward_mean'), '.3f')}±{_num(stats.get('reward_std'), '.3f')}"
+        f" | kl: {_num(stats.get('kl'), '.4f')}"
+    )
+
+
+def format_train_detail(stats: Mapping[str, Any]) -> str:
+    """Verbose line under a [TRAIN] line: where the step's time went and the optimiser's state."""
+
+    def secs(key: str) -> str:
+        value = stats.get(key)
+        return "n/a" if value is None else f"{value:.2f}s"
+
+    return (
+        f"{DETAIL_INDENT}time rollout {secs('time_rollout')} reward {secs('time_reward')}"
+        f" ref {secs('time_ref')} update {secs('time_update')}"
+        f" | clip {_num(stats.get('clip_frac'), '.3f')}"
+        f" | grad_norm {_num(stats.get('grad_norm'), '.3f')}"
+        f" | lr {_num(stats.get('lr'), '.1e')}"
+        f" | tokens {_num(stats.get('num_tokens'), '.0f')}"
+    )
+
+
+def format_scores(summary: EvalSummary) -> str:
+    """Scores of one evaluation: "Reward: 0.456±0.123 | Pass: 45.6% | Tool Acc: 67.8%".
+
+    Tool Acc reads n/a when no episode had golden actions to compare with.
+    """
+    return (
+        f"Reward: {summary.reward_mean:.3f}±{summary.reward_std:.3f}"
+        f" | Pass: {_pct(summary.pass_rate)} | Tool Acc: {_pct(summary.tool_accuracy)}"
+    )
+
+
+def format_eval_line(task_idx: int, step: int, summary: EvalSummary, current_domain: str) -> str:
+    """The [EVAL] line; " (<domain>)" is appended only when another domain was evaluated."""
+    line = f"[EVAL] Task {task_idx} Step {step} | {format_scores(summary)}"
+    return line if summary.domain == current_domain else f"{line} ({summary.domain})"
+
+
+def format_eval_detail(summary: EvalSummary) -> str:
+    """Verbose line under an [EVAL] line: episodes, tau2's pass^k, the custom reward if any."""
+    parts = [f"episodes {summary.num_episodes}"]
+    parts += [f"pass^{k} {v:.3f}" for k, v in sorted(summary.pass_hat_k.items())]
+    if summary.custom_reward_mean is not None:
+        parts.append(f"custom reward {summary.custom_reward_mean:.3f}")
+    return DETAIL_INDENT + " | ".join(parts)
+
+
+def format_measures(measures: Mapping[str, float | None]) -> list[str]:
+    """One "  name: 0.1234" line per measure, MEASURE_ORDER first; "n/a" for a missing value."""
+    names = [k for k in MEASURE_ORDER if k in measures]
+    names += [k for k in measures if k not in MEASURE_ORDER]
+    return [f"  {name}: {_num(measures[name], '.4f')}" for name in names]
+
+
+def format_transfer_block(
+    task_idx: int,
+    summaries: Mapping[str, EvalSummary],
+    seen: Sequence[str],
+    measures: Mapping[str, float | None],
+) -> str:
+    """The "Backward Transfer Evaluation" block: one aligned row per evaluated domain."""
+    return "\n".join(
+        [
+            RULE,
+            f"Backward Transfer Evaluation (after Task {task_idx})",
+            RULE,
+            *format_domain_rows(summaries, seen),
+            "",
+            f"=== Transfer Metrics after Task {task_idx} ===",
+            *format_measures(measures),
+        ]
+    )
+
+
+def format_domain_rows(summaries: Mapping[str, EvalSummary], seen: Sequence[str] | None) -> list[str]:
+    """Aligned `name | Reward ... | Pass ... | Tool Acc ...` rows; unseen domains marked."""
+    width = max([NAME_WIDTH, *(len(name) for name in summaries)])
+    rows = []
+    for name, summary in summaries.items():
+        unseen = "" if seen is None or name in seen else " (unseen)"
+        rows.append(f"{name:<{width}} | {format_scores(summary)}{unseen}")
+    return rows
+
+
+def format_initial_block(summaries: Mapping[str, EvalSummary]) -> str:
+    """Row 0 of the accuracy matrix: every domain before any training."""
+    return "\n".join([RULE, "Evaluation before training (Task -)", RULE, *format_domain_rows(summaries, None)])
+
+
+def format_matrix(domains: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> list[str]:
+    """Accuracy matrix R as a table: rows "before", "after <domain>", ...; "-" if not evaluated."""
+    labels = ["before"] + [
+        f"after {domains[i]}" if i < len(domains) else f"after stage {i + 1}"
+        for i in range(len(matrix) - 1)
+    ]
+    label_width = max(len(label) for label in labels)
+    widths = [max(len(d), 5) for d in domains]  # 5 = len("0.456")
+    lines = [
+        " " * label_width + "".join(f"  {d:>{w}}" for d, w in zip(domains, widths, strict=True))
+    ]
+    for label, row in zip(labels, matrix, strict=True):
+        cells = ("-" if v is None else f"{v:.3f}" for v in row)
+        row_text = "".join(f"  {c:>{w}}" for c, w in zip(cells, widths, strict=True))
+        lines.append(f"{label:<{label_width}}{row_text}")
+    return lines
+
+
+def format_final_summary(
+    domains: Sequence[str],
+    matrix: Sequence[Sequence[float | None]],
+    measures: Mapping[str, float | None],
+) -> str:
+    return "\n".join(
+        [
+            RULE,
+            "Final Summary",
+            RULE,
+            "Accuracy matrix (rows: model after each stage; columns: test domain)",
+            *format_matrix(domains, matrix),
+            "",
+            "=== Final Transfer Metrics ===",
+            *format_measures(measures),
+        ]
+    )
+
+

@@ -1,0 +1,237 @@
+"""From scored trajectories to gradients: padding, log-prob forwards and the accumulated GRPO loss.
+
+The model-facing half of the update; the maths lives in grpo.py. Log-probs are always computed on
+the trajectories' own token ids (token-in, token-out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tau2cl.distributed import gradient_sync
+from tau2cl.rl.grpo import grpo_loss, token_logprobs
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded trajectories; every tensor is (B, T) except `advantages` (B,)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    def rows(self, index: Sequence[int]) -> TokenBatch:
+        """A micro-batch of these rows, with padding trimmed to its own longest row."""
+        sel = torch.as_tensor(list(index), dtype=torch.long, device=self.input_ids.device)
+        width = int(self.attention_mask[sel].sum(dim=1).max())  # right padding: real tokens first
+        cols = slice(0, width)
+        ref = None if self.ref_logprobs is None else self.ref_logprobs[sel, cols]
+        return TokenBatch(
+            self.input_ids[sel, cols], self.attention_mask[sel, cols], self.loss_mask[sel, cols],
+            self.old_logprobs[sel, cols], self.advantages[sel], ref,
+        )
+
+
+def collate(
+    token_ids: Sequence[Sequence[int]],
+    loss_masks: Sequence[Sequence[int]],
+    logprobs: Sequence[Sequence[float]],
+    advantages: Sequence[float],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> TokenBatch:
+    """Right-pad variable-length sequences into a TokenBatch (pads: real id `pad_id`, mask 0)."""
+    width = max(len(ids) for ids in token_ids)
+    batch = len(token_ids)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((batch, width), dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.bool)
+    old = torch.zeros((batch, width), dtype=torch.float32)
+    for row, (seq, m, lp) in enumerate(zip(token_ids, loss_masks, logprobs, strict=True)):
+        n = len(seq)
+        ids[row, :n] = torch.tensor(seq, dtype=torch.long)
+        attn[row, :n] = 1
+        mask[row, :n] = torch.tensor(m, dtype=torch.bool)
+        old[row, :n] = torch.tensor(lp, dtype=torch.float32)
+    mask[:, 0] = False  # position 0 has no prefix to predict it from
+    adv = torch.tensor(list(advantages), dtype=torch.float32)
+    return TokenBatch(ids.to(device), attn.to(device), mask.to(device), old.to(device), adv.to(device))
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 compute over fp32 master weights; a no-op context for fp32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    temperature: float = 1.0,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(B, T) log p(token_t | tokens_<t) at `temperature` where loss_mask is set, 0 elsewhere.
+
+    Only the trained positions go through the LM head: a tool-use context is mostly prompt
+    (system, policy, tool schemas), so (B, T, V) logits would cost far more than they are worth.
+    """
+    body, head = _split_lm(model)
+    with autocast_for(input_ids.device, compute_dtype):
+        if body is None:  # an architecture we cannot split: full logits
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return token_logprobs(logits, input_ids, temperature) * loss_mask
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+        rows, cols = loss_mask.nonzero(as_tuple=True)  # targets at (row, col), predicted from col - 1
+        logits = head(hidden[rows, cols - 1])  # (N, V)
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    picked = logprobs.gather(-1, input_ids[rows, cols][:, None]).squeeze(-1)  # (N,)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    return out.index_put((rows, cols), picked)
+
+
+class TrainedLogprobs(torch.nn.Module):
+    """A causal LM whose forward is the update's: `sequence_logprobs` at the trained positions.
+
+    The update's forward goes through this module's `forward`, so a data-parallel wrapper around
+    it (DDP, FSDP2) sees every training forward it has to hook, even though the log-probs call
+    the LM's body and head separately.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        temperature: float = 1.0,
+        compute_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        return sequence_logprobs(self.lm, input_ids, attention_mask, loss_mask, temperature, compute_dtype)
+
+
+def as_trained_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` if it already computes trained-position log-probs (possibly wrapped), else a wrapper."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel keeps the module here
+    return model if isinstance(inner, TrainedLogprobs) else TrainedLogprobs(model)
+
+
+def _split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(transformer body, LM head) of a causal LM when the head is a plain projection."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "model", None)
+    if head is None or body is None or getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    return body, head
+
+
+@torch.no_grad()
+def reference_logprobs(
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    micro_batches: list[list[int]],
+    temperature: float,
+    compute_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """(B, T) log-probs of the batch under a frozen model, computed micro-batch by micro-batch."""
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for rows in micro_batches:
+        mb = batch.rows(rows)
+        width = mb.input_ids.shape[1]
+        out[rows, :width] = sequence_logprobs(
+            model, mb.input_ids, mb.attention_mask, mb.loss_mask, temperature, compute_dtype
+        )
+    return out
+
+
+@dataclass
+class LossSettings:
+    temperature: float
+    clip_low: float
+    clip_high: float
+    kl_coef: float
+    compute_dtype: torch.dtype | None = None
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    micro_batches: list[list[int]],
+    settings: LossSettings,
+    num_tokens_normalizer: float,
+    extra_loss: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, float]:
+    """Backward the GRPO loss over micro-batches (rows of `batch`), summing gradients.
+
+    `model` is a causal LM or a (DDP/FSDP-wrapped) `TrainedLogprobs`; a wrapped model syncs
+    gradients across ranks on the last micro-batch only. Each micro-batch divides its token-sum loss by `num_tokens_normalizer` (the whole batch's
+    token count, or global count / world size under data parallelism), so the accumulated
+    gradient equals one full-batch token-mean loss. `extra_loss` terms (a CL penalty) are added
+    once, on the last micro-batch. Returns token-weighted statistics.
+    """
+    forward = as_trained_forward(model)
+    totals: dict[str, float] = {}
+    weight = 0
+    loss_sum = 0.0
+    extra_stats: dict[str, float] = {}
+    for i, rows in enumerate(micro_batches):
+        mb = batch.rows(rows)
+        last = i == len(micro_batches) - 1
+        with gradient_sync(forward, enabled=last):
+            logprobs = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature, settings.compute_dtype)
+            loss, stats = grpo_loss(
+                logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
+                ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,
+                clip_low=settings.clip_low, clip_high=settings.clip_high,
+                num_tokens_normalizer=num_tokens_normalizer,
+            )
+            if extra_loss is not None and last:
+                for name, term in extra_loss().items():
+                    loss = loss + term
+                    extra_stats[name] = float(term.detach())
+            loss.backward()
+        loss_sum += float(loss.detach())
+        n = stats["num_tokens"]
+        weight += n
+        for key, value in stats.items():
+            if key != "num_tokens":
+                totals[key] = totals.get(key, 0.0) + value * n
+    result = {k: v / weight if weight else 0.0 for k, v in totals.items()}
+    result["num_tokens"] = float(weight)
+    result["loss"] = loss_sum
+    result.update(extra_stats)
+    return result
+
+
+def split_micro_batches(num_rows: int, num_micro_batches: int) -> list[list[int]]:
+    """Contiguous, near-equal row groups (fewer groups if there are fewer rows)."""
+    n = max(1, min(num_micro_batches, num_rows))
+    bounds = [round(i * num_rows / n) for i in range(n + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(n) if bounds[i + 1] > bounds[i]]
+
+
+def micro_batches_by_length(lengths: Sequence[int], num_micro_batches: int) -> list[list[int]]:
+    """Near-equal row groups with rows of similar length together (shortest first).
+
+    Each micro-batch is padded only to its own longest row, so grouping by length pads far less
+    than taking rows in batch order. The loss is unchanged: every micro-batch divides by the same
+    whole-batch token count, so the accumulated gradient does not depend on the grouping.
+    """
+    order = sorted(range(len(lengths)), key=lambda row: (lengths[row], row))
+    return [[order[i] for i in group] for group in split_micro_batches(len(lengths), num_micro_batches)]
