@@ -55,7 +55,7 @@ logged=()
 for i in "${!ALG_LIST[@]}"; do
     alg="${ALG_LIST[$i]}"
     echo "==== $SCRIPT: $alg ($((i + 1))/${#ALG_LIST[@]}) -> $EXPERIMENT_DIR/$alg ===="
-    seed_flags "$alg" "$EXPERIMENT_DIR/$alg" 4  # run_multi_gpu.sh's settings
+    main_flags "$alg" "$EXPERIMENT_DIR/$alg" 4  # run_multi_gpu.sh's settings
     if ! run "${TORCHRUN[@]}" -m tau2cl.train "${TRAIN_FLAGS[@]}" "$@"; then
         failed+=("$alg")
     fi

@@ -37,7 +37,7 @@ read_gpus_and_alg "$@"
 shift 2
 
 torchrun_cmd "$NUM_GPUS"
-seed_flags "$ALG" "runs/${ALG}-large_batch-$(run_stamp)" 8
+main_flags "$ALG" "runs/${ALG}-large_batch-$(run_stamp)" 8
 launch "${TORCHRUN[@]}" -m tau2cl.train "${TRAIN_FLAGS[@]}" \
     --num_samples_per_prompt 8 \
     --gradient_accumulation_steps 4 \

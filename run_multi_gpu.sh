@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on NUM_GPUS GPUs of this machine, one process per GPU, launched by torchrun:
 #     bash run_multi_gpu.sh NUM_GPUS ALG [extra 'tau2cl train' flags...]
-# The seed's main command: Qwen2.5-3B-Instruct in bfloat16, 4 tasks per GPU and step (a step trains
+# The main command: Qwen2.5-3B-Instruct in bfloat16, 4 tasks per GPU and step (a step trains
 # on NUM_GPUS x 4 tasks, each sampled num_samples_per_prompt times), 100 steps per domain, progress
 # bar, a compact line every 10 steps, files in runs/<ALG>-<date>-<time>. Extra flags are passed
 # through and, coming last, override these. Ranks, world size and devices come from torchrun; on a
@@ -28,5 +28,5 @@ read_gpus_and_alg "$@"
 shift 2
 
 torchrun_cmd "$NUM_GPUS"
-seed_flags "$ALG" "runs/${ALG}-$(run_stamp)" 4
+main_flags "$ALG" "runs/${ALG}-$(run_stamp)" 4
 launch "${TORCHRUN[@]}" -m tau2cl.train "${TRAIN_FLAGS[@]}" "$@"

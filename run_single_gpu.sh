@@ -25,5 +25,5 @@ ALG="${1:-}"
 check_alg "$ALG"
 shift
 
-seed_flags "$ALG" "runs/${ALG}-$(run_stamp)" 4
+main_flags "$ALG" "runs/${ALG}-$(run_stamp)" 4
 launch "$PYTHON" -m tau2cl.train "${TRAIN_FLAGS[@]}" "$@"

@@ -2,7 +2,7 @@
 
 A random-init Qwen2 with Qwen2.5-3B-Instruct's sizes (its full 151,936-token vocabulary), fp32
 master weights with bf16 autocast (the trainer's `--model_dtype bfloat16`), on one GPU's share of
-the seed's large run: batch_size_per_gpu 4 x num_samples_per_prompt 4 = 16 sequences.
+the main 4-GPU run: batch_size_per_gpu 4 x num_samples_per_prompt 4 = 16 sequences.
 
 - decode: the project's Policy.generate on 16 prompts that share a system-prompt-like prefix
   (prefix KV cache, one batch), sampled tokens/s;

@@ -56,10 +56,10 @@ run_stamp() {
     date +%Y%m%d-%H%M%S
 }
 
-# seed_flags ALG LOG_DIR BATCH_SIZE_PER_GPU: TRAIN_FLAGS = the settings of the seed's main command
-# (SEED.md, "How it is used") with this strategy, log_dir and batch size. Extra flags given after
+# main_flags ALG LOG_DIR BATCH_SIZE_PER_GPU: TRAIN_FLAGS = the settings of the main 4-GPU command
+# (README, "Several GPUs") with this strategy, log_dir and batch size. Extra flags given after
 # them override them.
-seed_flags() {
+main_flags() {
     TRAIN_FLAGS=(
         --model_name_or_path "$MODEL"
         --model_dtype bfloat16

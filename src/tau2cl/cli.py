@@ -70,10 +70,30 @@ def _report(argv: list[str]) -> int:
     return run_report(args.log_dirs, args.out)
 
 
+def _flags(argv: list[str]) -> int:
+    parser = ArgumentParser(
+        prog="tau2cl flags",
+        description="Print every flag of 'tau2cl train' with its default and help; with --markdown, "
+        "as the tables of docs/flags.md.",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables (docs/flags.md)")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        from tau2cl.flag_reference import flags_markdown
+
+        sys.stdout.write(flags_markdown())
+    else:
+        from tau2cl.config import build_parser
+
+        build_parser().print_help()
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train with GRPO across the tau2 domains (see 'tau2cl train --help')", _train),
     "make-tiny-model": Command("build the tiny offline test model into a folder", _make_tiny_model),
     "report": Command("tables, CL measures and plots of finished or interrupted runs", _report),
+    "flags": Command("the flag reference of 'tau2cl train' (--markdown: docs/flags.md)", _flags),
 }
 
 

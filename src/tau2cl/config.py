@@ -82,8 +82,10 @@ class GRPOConfig:
     model_dtype: str = _option(
         "bfloat16",
         "model",
-        "Weight dtype: float32, float16, bfloat16 (best on recent GPUs) or auto (the checkpoint's "
-        "own dtype).",
+        "Compute dtype. The trained weights are always fp32 masters; with float16 or bfloat16 "
+        "(best on recent GPUs) every forward runs under autocast in that dtype, with float32 or "
+        "auto in plain fp32. It is also the dtype the frozen reference model (KL penalty, "
+        "--user_model reference) and a local --user_model on GPU are loaded in (auto: fp32).",
         MODEL_DTYPES,
     )
     gradient_checkpointing: bool = _option(

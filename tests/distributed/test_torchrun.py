@@ -302,7 +302,7 @@ def test_run_multi_gpu_script_trains_with_two_processes(tmp_path):
     )  # fmt: skip
     assert launch.returncode == 0, launch.stderr[-4000:]
     assert launch.stdout.count("Task 0: AIRLINE") == 1
-    assert "Task 0 (airline): 100%" in launch.stdout + launch.stderr  # the seed's bar is on
+    assert "Task 0 (airline): 100%" in launch.stdout + launch.stderr  # the bar is on
     (record,) = _records(log_dir, "train")
     assert record["num_episodes"] == WORLD * BATCH * SAMPLES
     summary = json.loads((log_dir / "summary.json").read_text())

@@ -1,8 +1,7 @@
-"""The ready-made configs, the wrapper scripts, the quick smoke test end to end, and the README's truth.
+"""The ready-made configs, the wrapper scripts, the quick smoke test end to end, and the docs' truth.
 
-The README's flag tables are compared with GRPOConfig itself, so a new, renamed or re-defaulted flag
-fails here until the README says the same; `python tests/integration/test_configs_and_scripts.py`
-prints the tables as they should read, and with `--write` puts them into the README.
+The README and docs/ may name only flags that exist, and their strategy tables list the registry;
+docs/flags.md itself is compared with GRPOConfig in tests/unit/test_cli.py.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tau2cl.config import GROUPS, GRPOConfig, field_type, load_config_file, parse_config
+from tau2cl.config import GRPOConfig, load_config_file, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -41,9 +40,9 @@ README = ROOT / "README.md"
 
 
 def _registered() -> list[str]:
-    from tau2cl.cl.strategies.base import registered_names
+    from tau2cl.cl.strategies.registry import CL_ALGORITHMS
 
-    return registered_names()
+    return list(CL_ALGORITHMS)
 
 
 def _script(
@@ -74,7 +73,6 @@ def test_the_documented_configs_exist():
 def test_config_parses_to_a_valid_config_with_a_registered_strategy(path):
     values = load_config_file(path)  # unknown keys would raise here
     config = parse_config(["--config", str(path)])
-    assert isinstance(config, GRPOConfig)
     assert values, f"{path.name} sets nothing"
     for key, value in values.items():  # every value in the file reached the config
         assert getattr(config, key) == getattr(GRPOConfig.from_dict({key: value}), key), key
@@ -243,7 +241,7 @@ def _torchrun_config(argv: list[str], nproc: int) -> GRPOConfig:
     return parse_config(launcher.training_script_args)
 
 
-SEED_SETTINGS = {  # SEED.md's main command, as configs/qwen2.5-3b-4gpu.yaml also writes it
+MAIN_SETTINGS = {  # the README's main 4-GPU command, as configs/qwen2.5-3b-4gpu.yaml also writes it
     "model_name_or_path": "Qwen/Qwen2.5-3B-Instruct",
     "model_dtype": "bfloat16",
     "batch_size_per_gpu": 4,
@@ -254,24 +252,24 @@ SEED_SETTINGS = {  # SEED.md's main command, as configs/qwen2.5-3b-4gpu.yaml als
 
 
 def _settings(config: GRPOConfig) -> dict:
-    return {key: getattr(config, key) for key in SEED_SETTINGS}
+    return {key: getattr(config, key) for key in MAIN_SETTINGS}
 
 
-def test_run_single_gpu_runs_the_seed_command_in_one_process(tmp_path):
+def test_run_single_gpu_runs_the_main_command_in_one_process(tmp_path):
     (argv,) = _dry_run("run_single_gpu.sh", "ewc", cwd=tmp_path)
     assert argv[:3] == [sys.executable, "-m", "tau2cl.train"]
     config = parse_config(argv[3:])
-    assert _settings(config) == SEED_SETTINGS and config.cl_algorithm == "ewc"
+    assert _settings(config) == MAIN_SETTINGS and config.cl_algorithm == "ewc"
     assert re.fullmatch(r"runs/ewc-\d{8}-\d{6}", config.log_dir)
 
 
-def test_run_multi_gpu_runs_the_seed_command_under_torchrun(tmp_path):
+def test_run_multi_gpu_runs_the_main_command_under_torchrun(tmp_path):
     (argv,) = _dry_run("run_multi_gpu.sh", "4", "replay", cwd=tmp_path)
     config = _torchrun_config(argv, nproc=4)
-    assert _settings(config) == SEED_SETTINGS and config.cl_algorithm == "replay"
+    assert _settings(config) == MAIN_SETTINGS and config.cl_algorithm == "replay"
     assert re.fullmatch(r"runs/replay-\d{8}-\d{6}", config.log_dir)
     file_config = parse_config(["--config", str(ROOT / "configs" / "qwen2.5-3b-4gpu.yaml")])
-    assert _settings(file_config) == SEED_SETTINGS
+    assert _settings(file_config) == MAIN_SETTINGS
 
 
 def test_run_large_batch_quadruples_the_episodes_per_step(tmp_path):
@@ -367,52 +365,10 @@ def test_quick_test_writes_the_run_files(quick_run):
 # ----------------------------------------------------------------------------- README
 
 
-def _shown_default(f) -> str:
-    base, _ = field_type(f.name)
-    default = f.default_factory() if base is list else f.default
-    if default is None:
-        return "none"
-    if base is list:
-        return " ".join(default)
-    if base is bool:
-        return "true" if default else "false"
-    return str(default)
-
-
-def expected_flag_tables() -> str:
-    """The README's flag tables as GRPOConfig defines them (groups in --help order)."""
-    lines = []
-    for group, about in GROUPS.items():
-        lines += [
-            f"#### {group}: {about}",
-            "",
-            "| flag | default | what it does |",
-            "| --- | --- | --- |",
-        ]
-        for f in fields(GRPOConfig):
-            if f.metadata["group"] != group:
-                continue
-            base, _ = field_type(f.name)
-            flag = f"`--{f.name}`" + (f" / `--no-{f.name}`" if base is bool else "")
-            help_text = f.metadata["help"].replace("|", "\\|")
-            lines.append(f"| {flag} | `{_shown_default(f)}` | {help_text} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def _section(text: str, heading: str) -> str:
     start = text.index(f"\n{heading}\n")
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else len(text)]
-
-
-def test_readme_flag_tables_match_the_config():
-    section = _section(README.read_text(), "## Flags")
-    tables = section[section.index("#### ") :].strip()
-    assert tables == expected_flag_tables().strip(), (
-        "README.md's flag tables differ from GRPOConfig; replace them with the output of "
-        "`python tests/integration/test_configs_and_scripts.py`"
-    )
 
 
 def _torchrun_flags() -> set[str]:
@@ -422,20 +378,26 @@ def _torchrun_flags() -> set[str]:
     return {s.lstrip("-") for a in get_args_parser()._actions for s in a.option_strings}
 
 
-def test_readme_names_only_real_flags():
-    text = README.read_text()
+def _cli_flags() -> set[str]:
+    """The options of the other tau2cl commands and of the benchmark, from their source."""
+    sources = [ROOT / "src" / "tau2cl" / "cli.py", *(ROOT / "benchmarks").glob("*.py")]
+    return {flag for path in sources for flag in re.findall(r'add_argument\(\s*"--([\w-]+)"', path.read_text())}
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))])
+def test_docs_name_only_real_flags(doc):
+    text = (ROOT / doc if doc == "README.md" else ROOT / "docs" / doc).read_text()
     names = {f.name for f in fields(GRPOConfig)}
-    bench = (README.parent / "benchmarks" / "bench.py").read_text()
-    bench_flags = set(re.findall(r'add_argument\(\s*"--([\w-]+)"', bench))  # the benchmark's own options
-    pip_flags = {"no-deps"}  # the install line of the SmolLM2 test model
-    known = names | {f"no-{n}" for n in names} | {"config", "help", "file", "no-"} | _torchrun_flags() | bench_flags
+    pip_flags = {"no-deps", "dry-run"}  # install lines
+    known = names | {f"no-{n}" for n in names} | {"config", "help", "file", "no-"} | _torchrun_flags() | _cli_flags()
     known |= pip_flags
-    unknown = set(re.findall(r"--([a-zA-Z][\w-]*)", text)) - known
-    assert not unknown, f"README.md names flags that do not exist: {sorted(unknown)}"
+    unknown = set(re.findall(r"(?<![\w-])--([a-zA-Z][\w-]*)", text)) - known  # not in link anchors
+    assert not unknown, f"{doc} names flags that do not exist: {sorted(unknown)}"
 
 
-def test_readme_strategy_table_is_the_registry():
-    section = _section(README.read_text(), "### Continual-learning strategies")
+@pytest.mark.parametrize("doc", ["README.md", "docs/usage.md"])
+def test_strategy_tables_are_the_registry(doc):
+    section = _section((ROOT / doc).read_text(), "## Continual-learning strategies")
     documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE)
     assert sorted(documented) == sorted(_registered())
 
@@ -443,18 +405,3 @@ def test_readme_strategy_table_is_the_registry():
 def test_readme_test_command_is_what_ci_runs():
     assert "python -m pytest -q\n" in README.read_text()
     assert "-m pytest -q\n" in (ROOT / ".ci" / "run").read_text()
-
-
-def write_flag_tables(readme: Path = README) -> None:
-    """Replace the README's flag tables with the ones GRPOConfig defines."""
-    text = readme.read_text()
-    old = _section(text, "## Flags")
-    tables = old[old.index("#### ") :].strip()
-    readme.write_text(text.replace(tables, expected_flag_tables().strip()))
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--write"]:
-        write_flag_tables()
-    else:
-        print(expected_flag_tables())

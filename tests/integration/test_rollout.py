@@ -25,6 +25,7 @@ from tau2.user.base import STOP
 from tau2cl.agent.engine import GREETING, RolloutEngine, RolloutSettings
 from tau2cl.agent.episode import RolloutRequest, Trajectory
 from tau2cl.agent.policy import Generation, Policy
+from tau2cl.agent.users.base import UserFailure
 from tau2cl.agent.users.scripted import ScriptedUser
 from tau2cl.env.tau2_reward import compute_reward
 from tau2cl.rl.update import collate, sequence_logprobs
@@ -328,3 +329,55 @@ def test_solo_done_call_is_an_agent_stop(tiny_model, tiny_tokenizer, domains):
     assert isinstance(traj.messages[-1], AssistantMessage) and traj.messages[-1].content == STOP
     assert traj.token_ids == policy.prompts[0] + policy.outputs[0]
     assert sum(traj.loss_mask) == len(policy.outputs[0])
+
+
+# ---------------------------------------------------------------- a user that fails
+
+
+class FailingForOneTask(ScriptedUser):
+    """The scripted user, except that it cannot answer the episodes of one task (a dead endpoint)."""
+
+    def __init__(self, failing_task_id: str):
+        super().__init__(max_turns=2)
+        self.failing_task_id = failing_task_id
+
+    def respond(self, episodes):
+        replies = super().respond(episodes)
+        return [
+            UserFailure("endpoint timed out") if e.task.id == self.failing_task_id else reply
+            for e, reply in zip(episodes, replies, strict=True)
+        ]
+
+
+class RaisingUser(ScriptedUser):
+    def respond(self, episodes):
+        raise TimeoutError("no answer")
+
+
+def _user_failure_batch(model, tokenizer, domains, user):
+    airline = domains["airline"]
+    requests = [RolloutRequest(airline, task, group=g) for g, task in enumerate(airline.train_tasks[:2]) for _ in range(2)]
+    policy = ScriptedPolicy(model, tokenizer, ["How can I help further?"])
+    settings = RolloutSettings(max_turns=3, max_new_tokens=16, max_context_tokens=32768, temperature=1.0)
+    return requests, RolloutEngine(policy, user, settings).run(requests)
+
+
+def test_a_failing_user_ends_only_its_episodes_and_the_batch_completes(tiny_model, tiny_tokenizer, domains):
+    failing = domains["airline"].train_tasks[0].id
+    requests, trajectories = _user_failure_batch(tiny_model, tiny_tokenizer, domains, FailingForOneTask(failing))
+    assert [t.task_id for t in trajectories] == [r.task.id for r in requests]
+    broken = [t for t in trajectories if t.task_id == failing]
+    others = [t for t in trajectories if t.task_id != failing]
+    assert len(broken) == 2 and len(others) == 2
+    for traj in broken:  # ended at the user's opening: no agent turn, tau2's USER_ERROR
+        assert traj.termination_reason == TerminationReason.USER_ERROR
+        assert traj.end_note == "user failed: endpoint timed out" and traj.assistant_turns == 0
+    for traj in others:  # the rest of the batch kept talking until the user or max_turns ended it
+        assert traj.termination_reason in (TerminationReason.USER_STOP, TerminationReason.MAX_STEPS)
+        assert traj.assistant_turns >= 2 and traj.num_generated_tokens > 0
+
+
+def test_a_user_that_raises_ends_the_episodes_it_was_asked_about(tiny_model, tiny_tokenizer, domains):
+    _, trajectories = _user_failure_batch(tiny_model, tiny_tokenizer, domains, RaisingUser())
+    assert {t.termination_reason for t in trajectories} == {TerminationReason.USER_ERROR}
+    assert {t.end_note for t in trajectories} == {"user failed: TimeoutError: no answer"}

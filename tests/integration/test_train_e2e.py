@@ -79,9 +79,17 @@ def test_summary_matrix_and_measures_follow_from_each_other(full_run):
 
 
 def test_parameters_move_under_a_varying_custom_reward(full_run):
+    from safetensors.torch import load_file
+
+    from tau2cl.agent.policy import load_model
+
     log_dir, _ = full_run
     train = [r for r in _records(log_dir) if r["type"] == "train"]
     assert any(r["grad_norm"] > 0 for r in train)
+    start = load_model("tiny", "float32", "cpu").state_dict()
+    after = [load_file(str(log_dir / f"checkpoint_task_{i}" / "model.safetensors")) for i in range(3)]
+    moved = [sum(float((a[k] - b[k]).abs().max()) for k in b) for a, b in zip([start, *after[:-1]], after, strict=True)]
+    assert all(m > 0 for m in moved), moved  # every domain's steps changed the weights
 
 
 def test_checkpoints_load_with_from_pretrained(full_run):
@@ -111,7 +119,7 @@ def test_results_files_are_rescored_identically_by_tau2(full_run):
             assert again.reward == pytest.approx(sim.reward_info.reward)
 
 
-SEED_LINES = [
+EXAMPLE_LINES = [
     r"^={80}$",
     r"^Task 0: AIRLINE$",
     r"^Training on 2 tasks from airline domain$",
@@ -125,10 +133,10 @@ SEED_LINES = [
 ]
 
 
-def test_console_output_with_the_bar_matches_the_seed(full_run):
+def test_console_output_with_the_bar_matches_the_documented_format(full_run):
     _, stdout = full_run
     lines = stdout.replace("\r", "\n").splitlines()
-    for pattern in SEED_LINES:
+    for pattern in EXAMPLE_LINES:
         assert any(re.match(pattern, line) for line in lines), pattern
     bar = r"Task 0 \(airline\): 100%\|.*\| 2/2 \[.*, loss: -?\d+\.\d{4}, reward: \d\.\d{3}, kl: -?\d\.\d{4}\]"
     assert re.search(bar, stdout)

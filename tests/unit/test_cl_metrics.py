@@ -28,7 +28,7 @@ R3 = [
 ]
 
 
-def test_seed_example_after_stage_2():
+def test_documented_example_after_stage_2():
     m = transfer_metrics(SEED_R, 2)
     # BWT = 0.423 - 0.456 = -0.0330
     assert m["backward_transfer"] == pytest.approx(-0.0330)

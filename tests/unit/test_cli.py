@@ -159,3 +159,26 @@ def test_make_tiny_model_calls_the_builder_and_prints_the_path(monkeypatch, tmp_
     assert capsys.readouterr().out == f"{tmp_path / 'tiny'}\n"
     assert cli.main(["make-tiny-model", "elsewhere"]) == 0
     assert calls[-1] == ("elsewhere", 0)
+
+
+def test_docs_flags_md_is_what_tau2cl_flags_generates():
+    from pathlib import Path
+
+    from tau2cl.flag_reference import flags_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "flags.md"
+    assert doc.read_text(encoding="utf-8") == flags_markdown(), (
+        "docs/flags.md is stale: regenerate it with `tau2cl flags --markdown > docs/flags.md`"
+    )
+
+
+def test_flags_markdown_has_a_row_per_field_with_its_default(capsys):
+    from dataclasses import fields
+
+    from tau2cl.config import GRPOConfig
+
+    assert cli.main(["flags", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| `--")]
+    assert [r.split("`")[1] for r in rows] == [f"--{f.name}" for f in fields(GRPOConfig)]
+    assert "| `--learning_rate` | `1e-06` |" in out and "| `--use_progress_bar` | `--use_progress_bar` |" in out

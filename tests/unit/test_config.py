@@ -1,4 +1,4 @@
-"""GRPOConfig: the seed's command lines, defaults, config files, validation and round trips."""
+"""GRPOConfig: the README's command lines, defaults, config files, validation and round trips."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from tau2cl.config import (
 )
 from tau2cl.errors import UserError
 
-# The two torchrun command lines of the seed, as passed to `-m tau2cl.train`.
-SEED_MULTI_GPU = """
+# The README's two torchrun command lines (4 GPUs; debug), as passed to `-m tau2cl.train`.
+MULTI_GPU_COMMAND = """
     --model_name_or_path Qwen/Qwen2.5-3B-Instruct \\
     --model_dtype bfloat16 \\
     --batch_size_per_gpu 4 \\
@@ -29,7 +29,7 @@ SEED_MULTI_GPU = """
     --use_progress_bar \\
     --log_interval 10
 """
-SEED_DEBUG = """
+DEBUG_COMMAND = """
     --model_name_or_path Qwen/Qwen2.5-3B-Instruct \\
     --verbose \\
     --no-use_progress_bar \\
@@ -37,13 +37,13 @@ SEED_DEBUG = """
 """
 
 
-def seed_args(command: str) -> list[str]:
+def command_args(command: str) -> list[str]:
     """The argument list a shell makes of a command written over several `\\`-continued lines."""
     return shlex.split(command.replace("\\\n", " "))
 
 
-def test_seed_multi_gpu_command_parses_with_its_values():
-    config = parse_config(seed_args(SEED_MULTI_GPU))
+def test_multi_gpu_command_parses_with_its_values():
+    config = parse_config(command_args(MULTI_GPU_COMMAND))
     assert config.model_name_or_path == "Qwen/Qwen2.5-3B-Instruct"
     assert config.model_dtype == "bfloat16"
     assert config.batch_size_per_gpu == 4
@@ -53,15 +53,15 @@ def test_seed_multi_gpu_command_parses_with_its_values():
     assert config.log_interval == 10
 
 
-def test_seed_debug_command_parses_with_its_values():
-    config = parse_config(seed_args(SEED_DEBUG))
+def test_debug_command_parses_with_its_values():
+    config = parse_config(command_args(DEBUG_COMMAND))
     assert config.model_name_or_path == "Qwen/Qwen2.5-3B-Instruct"
     assert config.verbose is True
     assert config.use_progress_bar is False
     assert config.log_interval == 1
 
 
-def test_seed_logging_defaults():
+def test_logging_defaults():
     config = parse_config([])
     assert config.log_interval == 10
     assert config.verbose is False
@@ -298,7 +298,7 @@ def test_direct_construction_is_validated_too():
 
 def test_to_dict_from_dict_round_trip_through_json():
     config = parse_config(
-        seed_args(SEED_MULTI_GPU)
+        command_args(MULTI_GPU_COMMAND)
         + ["--task_order", "retail", "telecom", "--clip_range_high", "0.28"]
     )
     data = json.loads(json.dumps(config.to_dict()))

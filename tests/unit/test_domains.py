@@ -76,7 +76,7 @@ def test_unknown_split_is_rejected(loaded):
 
 
 def test_dict_shaped_task_list_from_tau2_is_accepted(loaded, monkeypatch):
-    """The seed's crash: code assumed one shape of a tau2 collection (`.values()` on a list)."""
+    """Code must not assume one shape of a tau2 collection (`.values()` on a list would crash)."""
     original = registry.get_tasks_loader
 
     def dict_loader(name):

@@ -28,29 +28,3 @@ def test_interrupted_run_reports_where_and_the_shell_exit_code():
     stop = TrainingInterrupted(signal.SIGTERM, "runs/x/checkpoint_step_5", "at Task 1 (retail) step 2/3")
     assert stop.exit_code == 143
     assert str(stop) == "stopped by SIGTERM at Task 1 (retail) step 2/3"
-
-
-class _Episode:
-    termination = None
-    end_note = ""
-
-    def end(self, reason, note=""):
-        self.termination, self.end_note = reason, note
-
-
-def test_a_failing_user_ends_only_its_episodes():
-    from types import SimpleNamespace
-
-    from tau2.data_model.simulation import TerminationReason
-
-    from tau2cl.agent.engine import RolloutEngine, RolloutSettings
-
-    class BrokenUser:
-        def respond(self, episodes):
-            raise TimeoutError("no answer")
-
-    engine = RolloutEngine(SimpleNamespace(), BrokenUser(), RolloutSettings(2, 8, 100, 1.0))
-    episodes = [_Episode(), _Episode()]
-    engine._user_turns(episodes)
-    assert [e.termination for e in episodes] == [TerminationReason.USER_ERROR] * 2
-    assert episodes[0].end_note == "user failed: TimeoutError: no answer"

@@ -93,7 +93,7 @@ def read_jsonl(tmp_path) -> list[dict]:
 # ---------------------------------------------------------------- line formats
 
 
-def test_banner_matches_seed():
+def test_banner_format():
     assert format_banner(0, "airline", 80).split("\n") == [
         RULE,
         "Task 0: AIRLINE",
@@ -103,7 +103,7 @@ def test_banner_matches_seed():
     ]
 
 
-def test_postfix_matches_seed():
+def test_postfix_format():
     assert format_postfix(STATS) == "loss: 2.1234, reward: 0.456, kl: 0.0123"
 
 
@@ -200,7 +200,7 @@ def test_bar_mode_keeps_eval_line_intact(tmp_path):
     tracker.log_eval(0, 3, 3, AIRLINE_T0, "airline")  # mid-domain: printed above a live bar
     for step in (4, 5):
         tracker.log_train(0, "airline", step, step, STATS)
-    tracker.log_eval(0, 5, 5, AIRLINE_T0, "airline")  # after the finished bar, as in the seed
+    tracker.log_eval(0, 5, 5, AIRLINE_T0, "airline")  # after the finished bar
     tracker.end_domain()
     tracker.close()
     out = stream.getvalue()
@@ -209,7 +209,7 @@ def test_bar_mode_keeps_eval_line_intact(tmp_path):
     # the bar redraws with \r; the eval line must be a segment of its own, not spliced into the bar
     assert eval_line in re.split(r"[\r\n]", out)
     assert "[TRAIN]" not in out  # the bar replaces the compact lines
-    # the seed's look: "100/100 [10:23<00:00, loss: ..., kl: ...]", then a blank line, then [EVAL]
+    # the look: "100/100 [10:23<00:00, loss: ..., kl: ...]", then a blank line, then [EVAL]
     bar_end = r"5/5 \[\d\d:\d\d<00:00, loss: 2\.1234, reward: 0\.456, kl: 0\.0123\]"
     finished = bar_end + r"\n\n\[EVAL\] Task 0 Step 5 \|"
     assert re.search(finished, out)

@@ -1,8 +1,8 @@
-"""Continual-learning measures from the accuracy matrix R (DESIGN.md, "Continual-learning measures").
+"""Continual-learning measures from the accuracy matrix R (Chaudhry et al. 2018; Lopez-Paz & Ranzato 2017).
 
 R is a list of rows: R[0] is the model before any training, R[i] the model after training stage i;
-R[i][j] is the score on domain column j (0-based; DESIGN.md numbers domains from 1, so its domain j is
-column j - 1 here). Stage k (1-based) has learned the domains of columns 0..k-1, and the row right after
+R[i][j] is the score on domain column j (0-based here, while the usual
+formulas number domains from 1, so their domain j is column j - 1 here). Stage k (1-based) has learned the domains of columns 0..k-1, and the row right after
 column c was learned is row c + 1.
 
 An entry may be None when it was not evaluated (e.g. an interrupted run). A measure that needs a missing

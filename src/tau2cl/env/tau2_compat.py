@@ -45,8 +45,8 @@ def as_list(value: Any) -> list:
     """Accept tau2 returns that are lists, dicts of items, single items or None; give a list.
 
     tau2 returns some collections as dicts keyed by name and others as lists depending on the
-    call and version; consumers must not assume one shape (calling `.values()` on a list crashed
-    the system this project replaces).
+    call and version; consumers must not assume one shape (`.values()` on a list is an
+    AttributeError).
     """
     if value is None:
         return []
