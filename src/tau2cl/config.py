@@ -32,6 +32,7 @@ ADVANTAGE_NORMALIZATIONS = ("std", "mean")
 FISHER_NORMALIZATIONS = ("mean", "max", "none")
 REPLAY_SELECTIONS = ("uniform", "reward")
 PARALLELISMS = ("ddp", "fsdp")
+LOG_RATIO_BOUND = 20.0  # the GRPO loss clamps log-ratios to ±this before exp (see rl/grpo.py)
 
 # Argument groups of `tau2cl train --help`, in the order they are shown.
 GROUPS = {
@@ -185,6 +186,24 @@ class GRPOConfig:
         None,
         "grpo",
         "Upper clip range; none means the same as clip_range (DAPO's clip-higher uses 0.28).",
+    )
+    dual_clip: float | None = _option(
+        None,
+        "grpo",
+        "Dual clip C (> 1): a token with negative advantage A has its policy loss capped at "
+        "C * |A|, so a sample whose ratio ran away (stale, or scored in another precision) cannot "
+        "dominate the step; verl uses 3.0. None turns it off. Free. Log-ratios are always "
+        f"clamped to ±{LOG_RATIO_BOUND:g} before exp; `dual_clip_frac` and `log_ratio_clamp_frac` count the tokens "
+        "either guard caught.",
+    )
+    tis_cap: float | None = _option(
+        None,
+        "grpo",
+        "Truncated importance sampling (>= 1): the update recomputes the batch's log-probs with "
+        "its own forward before the first step and weights each token's policy loss by "
+        "min(exp(recomputed - sampled), tis_cap), correcting for rollouts scored in another "
+        "dtype or kernel than the update (typical cap 2). Costs one extra no-grad forward per "
+        "batch. None turns it off (the sampled log-probs are the PPO ratio's old policy).",
     )
     num_updates_per_batch: int = _option(
         1,
@@ -555,6 +574,8 @@ def _validate(config: GRPOConfig) -> None:
         "is for --eval_temperature 0)",
     )
     _check(config, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    _check(config, "dual_clip", lambda v: v > 1, "must be greater than 1 (or none to turn it off)")
+    _check(config, "tis_cap", lambda v: v >= 1, "must be at least 1 (or none to turn it off)")
     _check(config, "replay_ratio", lambda v: 0 <= v <= 1, "must be between 0 and 1")
     _check(config, "ewc_gamma", lambda v: 0 <= v <= 1, "must be between 0 and 1")
     _check(

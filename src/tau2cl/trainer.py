@@ -50,6 +50,7 @@ from tau2cl.rl.update import (
     accumulate_gradients,
     collate,
     micro_batches_by_length,
+    recompute_old_logprobs,
     reference_logprobs,
     sequence_logprobs,
 )
@@ -270,6 +271,8 @@ class GRPOTrainer:
             self.policy.tokenizer.pad_token_id, self.dist.device,
         )
         micro = micro_batches_by_length([len(t.token_ids) for t in trajectories], cfg.gradient_accumulation_steps)
+        if cfg.tis_cap is not None:
+            recompute_old_logprobs(self.policy.model, batch, micro, cfg.temperature, self.compute_dtype)
         t0 = time.perf_counter()
         if self.reference is not None and cfg.kl_coef > 0:
             batch.ref_logprobs = reference_logprobs(
@@ -277,7 +280,8 @@ class GRPOTrainer:
             )
         time_ref = time.perf_counter() - t0
         global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())
-        settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef, self.compute_dtype)
+        settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef,
+                                self.compute_dtype, cfg.dual_clip, cfg.tis_cap)
         self.training.module.train()
         stats: dict = {}
         for _ in range(cfg.num_updates_per_batch):
