@@ -43,6 +43,7 @@ from tau2cl.evaluation.stats import EvalSummary
 from tau2cl.reporting.report import write_report
 from tau2cl.reporting.tracker import MetricsTracker
 from tau2cl.rl.grpo import group_advantages, zero_std_group_fraction
+from tau2cl.rl.lora import adapters_disabled, add_lora, base_dtype, check_resume
 from tau2cl.rl.rewards import load_reward_fn, score_trajectories
 from tau2cl.rl.training_model import TrainingModel
 from tau2cl.rl.update import (
@@ -50,6 +51,7 @@ from tau2cl.rl.update import (
     accumulate_gradients,
     collate,
     micro_batches_by_length,
+    recompute_old_logprobs,
     reference_logprobs,
     sequence_logprobs,
 )
@@ -113,6 +115,8 @@ class GRPOTrainer:
             wandb_id = self._resume(config.resume_from)
         self.saved_step_checkpoints: list[Path] = []
         self.tracker = MetricsTracker.from_config(config, is_main=self.dist.is_main, wandb_run_id=wandb_id)
+        if self.lora is not None:
+            self.tracker.log_message(self.lora.describe())
         self.cl_context = CLContext(
             config=config, dist=self.dist, order=self.order, domains=self.domains, params=self.params,
             progress=self.progress, rollout=lambda requests: self.train_engine.run(requests, self.generator),
@@ -132,8 +136,13 @@ class GRPOTrainer:
     def _load_policy(self) -> Policy:
         torch.manual_seed(self.config.seed)
         tokenizer = load_tokenizer(self.config.model_name_or_path)
-        # fp32 master weights: bf16/fp16 runs compute under autocast, so small updates are kept
-        model = load_model(self.config.model_name_or_path, "float32", self.dist.device, self.config.gradient_checkpointing)
+        # fp32 master weights: bf16/fp16 runs compute under autocast, so small updates are kept;
+        # with LoRA the base is frozen in --model_dtype and only the (fp32) adapters train
+        model = load_model(
+            self.config.model_name_or_path, base_dtype(self.config), self.dist.device, self.config.gradient_checkpointing
+        )
+        self.lora = add_lora(model, self.config, tokenizer)
+        model = model if self.lora is None else self.lora.lm
         model.train()
         return Policy(model, tokenizer, compute_dtype=self.compute_dtype)
 
@@ -146,6 +155,8 @@ class GRPOTrainer:
         """The frozen reference model: for the KL penalty, and as the user with --user_model reference."""
         if self.config.kl_coef <= 0 and self.config.user_model != REFERENCE_USER:
             return None
+        if self.lora is not None:  # the policy's own base, run with the adapters off
+            return self.policy.model
         dtype = self.config.model_dtype if self.config.model_dtype != "auto" else "float32"
         model = load_model(self.config.model_name_or_path, dtype, self.dist.device)
         model.eval().requires_grad_(False)
@@ -161,7 +172,10 @@ class GRPOTrainer:
 
     def _reference_policy(self) -> Policy:
         """The reference model behind a Policy, so it can sample the user's turns."""
-        return Policy(self.reference, self.policy.tokenizer, compute_dtype=self.compute_dtype)
+        return Policy(
+            self.reference, self.policy.tokenizer, compute_dtype=self.compute_dtype,
+            weights=lambda: adapters_disabled(self.lora),
+        )
 
     # ---- public API -------------------------------------------------------------------------
     def train(self) -> dict:
@@ -270,14 +284,18 @@ class GRPOTrainer:
             self.policy.tokenizer.pad_token_id, self.dist.device,
         )
         micro = micro_batches_by_length([len(t.token_ids) for t in trajectories], cfg.gradient_accumulation_steps)
+        if cfg.tis_cap is not None:
+            recompute_old_logprobs(self.policy.model, batch, micro, cfg.temperature, self.compute_dtype)
         t0 = time.perf_counter()
         if self.reference is not None and cfg.kl_coef > 0:
-            batch.ref_logprobs = reference_logprobs(
-                self.reference, batch, micro, cfg.temperature, self.compute_dtype
-            )
+            with adapters_disabled(self.lora):
+                batch.ref_logprobs = reference_logprobs(
+                    self.reference, batch, micro, cfg.temperature, self.compute_dtype
+                )
         time_ref = time.perf_counter() - t0
         global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())
-        settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef, self.compute_dtype)
+        settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef,
+                                self.compute_dtype, cfg.dual_clip, cfg.tis_cap)
         self.training.module.train()
         stats: dict = {}
         for _ in range(cfg.num_updates_per_batch):
@@ -430,7 +448,8 @@ class GRPOTrainer:
             "wandb_run_id": self.tracker.wandb_run_id,
             "config": self.config.to_dict(),
         }
-        return save_checkpoint(path, self.policy.model, self.policy.tokenizer, state)
+        model = self.policy.model if self.lora is None else self.lora  # LoRA: the adapter files
+        return save_checkpoint(path, model, self.policy.tokenizer, state)
 
     def _resume(self, path: str) -> str | None:
         ckpt = find_checkpoint(path)
@@ -442,6 +461,7 @@ class GRPOTrainer:
                     f"cannot resume from '{ckpt}': it was trained with {key} {saved[key]!r}, "
                     f"not {getattr(self.config, key)!r}."
                 )
+        check_resume(saved, self.config, ckpt)
         if state.get("optimizer_sharded", False) != self.training.sharded:
             raise UserError(
                 f"cannot resume from '{ckpt}': its optimizer state was saved "
@@ -451,7 +471,10 @@ class GRPOTrainer:
             )
         if self.dist.is_main:  # drop what was logged after the checkpoint: no step twice
             truncate_lines(Path(self.config.log_dir) / METRICS_FILE, state["metrics_lines"])
-        load_model_weights(self.policy.model, ckpt)
+        if self.lora is not None:
+            self.lora.load_weights(ckpt)
+        else:
+            load_model_weights(self.policy.model, ckpt)
         self.training.load_from_rollout_model()
         self.training.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

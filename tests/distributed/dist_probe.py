@@ -13,6 +13,11 @@ It runs tau2cl's own code in-process so that a test can look inside each rank, w
         GRPOTrainer(config).evaluate_task(d, label="probe") for every domain of task_order;
         rank 0 writes the summaries (EvalSummary.to_dict()) and the world size to OUT, and the
         trainer writes the episodes to LOG_DIR/eval_results/probe_<domain>.json (tau2 Results).
+    dist_probe.py lora_step OUT.json
+        The tiny model with LoRA adapters (bf16 base, fp32 adapters) takes two GRPO steps on a
+        rank-specific synthetic batch, once under DDP and once under FSDP2, through tau2cl's
+        TrainingModel; rank 0 writes every rank's digests of the rollout model's weights to OUT
+        and its adapters after each parallelism to OUT with the suffix .pt.
     dist_probe.py skip_collective TIMEOUT_S
         compute_init(timeout=TIMEOUT_S), then only rank 0 enters all_gather_objects while the
         other ranks sleep: rank 0 must fail once the collective timeout runs out.
@@ -37,7 +42,7 @@ def parameter_digest(model) -> str:
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()
 
 
@@ -106,6 +111,61 @@ def probe_evaluate(out: str, argv: list[str]) -> int:
     return 0
 
 
+def _synthetic_batch(rank: int, pad_id: int):
+    from tau2cl.rl.update import collate
+
+    g = torch.Generator().manual_seed(100 + rank)
+    lengths = [24, 17]
+    ids = [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths]
+    masks = [[0] * (n // 2) + [1] * (n - n // 2) for n in lengths]
+    logprobs = [[-3.0] * n for n in lengths]
+    return collate(ids, masks, logprobs, [1.0, -1.0], pad_id)
+
+
+def probe_lora_step(out: str) -> int:
+    from tau2cl import distributed
+    from tau2cl.agent.policy import load_model
+    from tau2cl.config import GRPOConfig
+    from tau2cl.rl.lora import add_lora
+    from tau2cl.rl.training_model import TrainingModel
+    from tau2cl.rl.update import LossSettings, accumulate_gradients
+
+    info = distributed.compute_init()
+    config = GRPOConfig(model_name_or_path="tiny", model_dtype="bfloat16", lora_r=4)
+    settings = LossSettings(1.0, 0.2, 0.2, 0.0, compute_dtype=torch.bfloat16)
+    record: dict = {"rank": info.rank}
+    adapters = {}
+    for parallelism in ("ddp", "fsdp"):
+        torch.manual_seed(0)  # the same adapters' initialisation on every rank
+        lora = add_lora(load_model("tiny", "bfloat16", info.device), config)
+        base = {k: v.clone() for k, v in lora.lm.named_parameters() if not v.requires_grad}
+        initial = parameter_digest(lora.lm)
+        training = TrainingModel(lora.lm, info, parallelism)
+        optimizer = torch.optim.AdamW(training.params, lr=1e-2)
+        batch = _synthetic_batch(info.rank, pad_id=0)
+        tokens = batch.num_tokens * info.world_size  # both ranks' batches have the same count
+        for _ in range(2):
+            accumulate_gradients(training.module, batch, [[0], [1]], settings, tokens / info.world_size)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            training.refresh_rollout_model()
+        weights = dict(lora.lm.named_parameters())
+        record[parallelism] = {
+            "initial_digest": initial,
+            "digest": parameter_digest(lora.lm),
+            "trained": len(training.params),
+            "base_unchanged": all(torch.equal(weights[k], v) for k, v in base.items()),
+            "dtypes": sorted({f"{p.dtype}:{p.requires_grad}" for p in lora.lm.parameters()}),
+        }
+        adapters[parallelism] = {k: v.detach().clone() for k, v in weights.items() if v.requires_grad}
+    records = distributed.all_gather_objects(record)
+    if info.is_main:
+        _write(out, {"ranks": records})
+        torch.save(adapters, str(Path(out).with_suffix(".pt")))
+    distributed.compute_cleanup()
+    return 0
+
+
 def probe_skip_collective(timeout_s: float) -> int:
     from tau2cl import distributed
 
@@ -125,6 +185,8 @@ def main(args: list[str]) -> int:
         return probe_train(rest[0], rest[1:])
     if mode == "evaluate":
         return probe_evaluate(rest[0], rest[1:])
+    if mode == "lora_step":
+        return probe_lora_step(rest[0])
     if mode == "skip_collective":
         return probe_skip_collective(float(rest[0]))
     raise SystemExit(f"dist_probe.py: unknown mode {mode!r}")

@@ -11,6 +11,7 @@ from tau2cl.rl.update import (
     as_trained_forward,
     collate,
     micro_batches_by_length,
+    recompute_old_logprobs,
     reference_logprobs,
     sequence_logprobs,
     split_micro_batches,
@@ -85,3 +86,21 @@ def test_the_trained_forward_module_is_sequence_logprobs_and_wraps_once(tiny_mod
         wrapped = forward(batch.input_ids, batch.attention_mask, batch.loss_mask, 0.7)
     assert torch.equal(direct, wrapped)
 
+
+
+def test_truncated_importance_sampling_recomputes_the_old_logprobs(tiny_model, tiny_tokenizer):
+    """With tis_cap the ratio compares the update's forward with itself (1 on the first pass) and
+    the rollout's log-probs enter only the truncated weight min(exp(old - sampled), cap)."""
+    batch = _batch(tiny_tokenizer.pad_token_id)  # sampled log-probs are all 0 (a wrong sampler)
+    recompute_old_logprobs(tiny_model, batch, [[0, 1, 2]], 1.0, None)
+    assert torch.equal(batch.sampling_logprobs, torch.zeros_like(batch.old_logprobs))
+    with torch.no_grad():
+        own = sequence_logprobs(tiny_model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    torch.testing.assert_close(batch.old_logprobs, own)
+    settings = LossSettings(1.0, 0.2, 0.2, 0.0, tis_cap=2.0)
+    stats = accumulate_gradients(tiny_model, batch, [[0], [1, 2]], settings, float(batch.num_tokens))
+    tiny_model.zero_grad(set_to_none=True)
+    assert abs(stats["ratio_mean"] - 1.0) < 1e-5  # same forward, same weights
+    # every token's log-prob is < 0 = the "sampled" one, so each weight is exp(lp) < 1 and none is cut
+    expected = own.exp()[batch.loss_mask].mean().item()
+    assert abs(stats["tis_weight_mean"] - expected) < 1e-5 and stats["tis_clip_frac"] == 0.0

@@ -253,6 +253,8 @@ BAD_VALUES = [
     (["--top_p", "0"], r"--top_p must be in \(0, 1\]"),
     (["--top_p", "1.5"], r"--top_p must be in \(0, 1\]"),
     (["--clip_range", "0"], "--clip_range must be greater than 0"),
+    (["--dual_clip", "1"], "--dual_clip must be greater than 1"),
+    (["--tis_cap", "0.5"], "--tis_cap must be at least 1"),
     (["--clip_range_high", "-0.2"], "--clip_range_high must be greater than 0"),
     (["--replay_ratio", "1.5"], "--replay_ratio must be between 0 and 1"),
     (["--replay_ratio", "-0.1"], "--replay_ratio must be between 0 and 1"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tau2cl.rl.grpo import (
+    LOG_RATIO_BOUND,
     group_advantages,
     grpo_loss,
     masked_mean,
@@ -235,6 +236,78 @@ def test_k3_kl_value_and_penalty():
     loss0, stats0 = grpo_loss(logprobs, logprobs.detach(), adv, mask, ref_logprobs=ref, kl_coef=0.0)
     assert loss0.item() == 0.0
     assert stats0["kl"] == pytest.approx(0.127626, abs=1e-6)
+
+
+# ---------------------------------------------------------------- guards
+
+
+def test_a_runaway_ratio_is_clamped_then_dual_clipped():
+    # one token, log-ratio +25, A = -0.5 (a token the policy should make less likely)
+    # unguarded: r = e^25 = 7.2005e10 -> loss 0.5 * 7.2005e10 = 3.6002e10
+    # clamp: log-ratio 25 -> 20, r = e^20 = 4.851652e8 -> loss 0.5 * e^20 = 2.425826e8, no gradient
+    # dual clip C = 3: loss capped at C * |A| = 1.5, no gradient
+    assert LOG_RATIO_BOUND == 20.0
+    old, adv, mask = torch.zeros(1, 1), torch.tensor([-0.5]), torch.ones(1, 1, dtype=torch.bool)
+    lp = torch.full((1, 1), 25.0, requires_grad=True)
+    loss, stats = grpo_loss(lp, old, adv, mask)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * math.exp(20.0), rel=1e-6)
+    assert stats["log_ratio_clamp_frac"] == 1.0 and stats["dual_clip_frac"] == 0.0
+    assert lp.grad.item() == 0.0
+    lp.grad = None
+    loss, stats = grpo_loss(lp, old, adv, mask, dual_clip=3.0)
+    loss.backward()
+    assert loss.item() == 1.5
+    assert stats["dual_clip_frac"] == 1.0 and stats["log_ratio_clamp_frac"] == 1.0
+    assert stats["policy_loss"] == 1.5
+    assert lp.grad.item() == 0.0
+
+
+def test_dual_clip_caps_only_negative_advantages_above_c():
+    # 3 tokens, C = 3, clip 0.2:
+    #   A=-1, r=2: PPO loss -min(-2, -1.2) = 2 < 3 -> 2, grad d(r*1)/dlp = r = 2, / 3 tokens = 0.666667
+    #   A=-1, r=4: PPO loss 4 > 3 -> capped at 3, grad 0
+    #   A=+1, r=4: PPO loss -min(4, 1.2) = -1.2 (clip high, grad 0); positive A is never dual-clipped
+    # loss = (2 + 3 - 1.2) / 3 = 1.266667
+    lp = torch.tensor([[math.log(2.0)], [math.log(4.0)], [math.log(4.0)]], requires_grad=True)
+    old, mask = torch.zeros(3, 1), torch.ones(3, 1, dtype=torch.bool)
+    loss, stats = grpo_loss(lp, old, torch.tensor([-1.0, -1.0, 1.0]), mask, dual_clip=3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(3.8 / 3, abs=1e-6)
+    torch.testing.assert_close(lp.grad, torch.tensor([[2 / 3], [0.0], [0.0]]), atol=1e-6, rtol=0)
+    assert stats["dual_clip_frac"] == pytest.approx(1 / 3)
+    assert stats["log_ratio_clamp_frac"] == 0.0
+    # without the dual clip: (2 + 4 - 1.2) / 3 = 1.6
+    plain, _ = grpo_loss(lp, old, torch.tensor([-1.0, -1.0, 1.0]), mask)
+    assert plain.item() == pytest.approx(1.6, abs=1e-6)
+
+
+def test_truncated_importance_sampling_weights_the_policy_term():
+    # old (the update's own recomputation) - sampling = [ln 3, ln 0.5]; cap 2 -> weights [2, 0.5]
+    # ratio 1 (logprobs = old), A = +1 -> per-token loss -w: (-2 - 0.5) / 2 = -1.25
+    # grad d(-w * r)/dlp = -w * r / 2 = [-1, -0.25]; weights carry no gradient
+    old = torch.tensor([[-1.0, -2.0]])
+    sampling = old - torch.tensor([[math.log(3.0), math.log(0.5)]])
+    lp = old.clone().requires_grad_()
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, stats = grpo_loss(lp, old, torch.tensor([1.0]), mask, sampling_logprobs=sampling, tis_cap=2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.25, abs=1e-6)
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1.0, -0.25]]), atol=1e-6, rtol=0)
+    assert stats["tis_weight_mean"] == pytest.approx(1.25, abs=1e-6)
+    assert stats["tis_clip_frac"] == 0.5
+    with pytest.raises(ValueError, match="together"):
+        grpo_loss(lp, old, torch.tensor([1.0]), mask, tis_cap=2.0)
+
+
+def test_the_kl_gap_is_clamped_too():
+    # ref - lp = 25 -> clamped to 20 in exp: k3 = e^20 - 25 - 1 (finite, and no inf gradient)
+    lp = torch.zeros(1, 1, requires_grad=True)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    loss, stats = grpo_loss(lp, lp.detach(), torch.tensor([0.0]), mask, ref_logprobs=torch.full((1, 1), 25.0), kl_coef=1.0)
+    assert stats["kl"] == pytest.approx(math.exp(20.0) - 26.0, rel=1e-6)
+    loss.backward()
+    assert lp.grad.item() == 1.0  # d(-(ref - lp))/dlp = +1; the clamped exp gives 0
 
 
 @pytest.mark.parametrize("garbage", [1e4, -1e4, float("inf"), float("-inf"), float("nan")])

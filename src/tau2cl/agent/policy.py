@@ -7,9 +7,11 @@ taken from the same temperature-scaled distribution the GRPO update recomputes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +96,16 @@ def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
 class Policy:
     """Model + tokenizer + renderer; samples batches of assistant turns."""
 
-    def __init__(self, model: Any, tokenizer: Any, compute_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        compute_dtype: torch.dtype | None = None,
+        weights: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
         self.model = model
         self.compute_dtype = compute_dtype  # autocast dtype over fp32 master weights (None: plain)
+        self.weights = weights  # entered around every generation (LoRA's reference: adapters off)
         self.tokenizer = tokenizer
         self.renderer = ChatRenderer(tokenizer)
         self.stop_ids = stop_token_ids(tokenizer, model)
@@ -133,7 +142,7 @@ class Policy:
         was_training = self.model.training
         self.model.eval()
         try:
-            with autocast_for(self.device, self.compute_dtype):
+            with self.weights(), autocast_for(self.device, self.compute_dtype):
                 return _decode_batch(self, prompts, max_new_tokens, temperature, top_p, generator)
         finally:
             self.model.train(was_training)

@@ -46,7 +46,7 @@ class CLContext:
     dist: DistInfo
     order: list[str]  # the domain sequence
     domains: dict[str, Domain]
-    params: list[torch.Tensor]  # the trainable parameters (the full weights on every rank)
+    params: list[torch.Tensor]  # the trainable parameters, whole on every rank (LoRA: the adapters)
     progress: Progress
     rollout: Callable[[list[RolloutRequest]], list[Trajectory]]
     generated_logprob: Callable[[Trajectory], torch.Tensor]

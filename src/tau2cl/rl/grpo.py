@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tau2cl.config import ADVANTAGE_NORMALIZATIONS
+from tau2cl.config import ADVANTAGE_NORMALIZATIONS, LOG_RATIO_BOUND
 
 
 def _grouped(rewards: Tensor, group_size: int) -> Tensor:
@@ -133,6 +133,49 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / mask.sum().clamp(min=1)
 
 
+# Log-ratios are clamped to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND] = [-20, 20] before exp (verl's
+# bound): a ratio never exceeds e^20 ≈ 4.85e8, so one stale or low-precision token cannot make the
+# loss inf/NaN. Beyond the bound the ratio is constant, so such a token gets no gradient through it.
+
+
+def bounded_exp(log_ratio: Tensor) -> Tensor:
+    """exp(clamp(log_ratio, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))."""
+    return torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+
+
+def ppo_token_loss(
+    ratio: Tensor, adv: Tensor, clip_low: float, clip_high: float, dual_clip: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-token PPO-clipped loss and where the dual clip capped it (both (B, T)).
+
+    -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A); with `dual_clip` C (> 1), tokens with
+    A < 0 are further capped at C * |A| (Ye et al. 2020, verl's clip_ratio_c): without it their
+    loss grows like r * |A| without bound when r is large.
+    """
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    if dual_clip is None:
+        return loss, torch.zeros_like(loss, dtype=torch.bool)
+    cap = -dual_clip * adv  # C * |A| where A < 0
+    capped = (adv < 0) & (loss > cap)
+    return torch.where(capped, cap.expand_as(loss), loss), capped
+
+
+def truncated_is_weights(
+    old_logprobs: Tensor, sampling_logprobs: Tensor, cap: float, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Truncated importance-sampling weights min(π_old / π_sampler, cap) and where they were cut.
+
+    `old_logprobs` are the update's own forward's log-probs of the sampled tokens before any
+    step; `sampling_logprobs` the rollout's. The weight corrects for the two computations of the
+    same policy disagreeing (another dtype, kernel or engine). No gradient; 1 on masked tokens.
+    """
+    gap = torch.where(mask, old_logprobs - sampling_logprobs, torch.zeros_like(old_logprobs))
+    weights = bounded_exp(gap.detach())
+    return weights.clamp(max=cap), weights > cap
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -143,13 +186,20 @@ def grpo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     num_tokens_normalizer: float | None = None,
+    dual_clip: float | None = None,
+    sampling_logprobs: Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO-clipped GRPO loss with an optional k3 KL penalty, averaged over tokens (DAPO token mean).
 
     logprobs (B, T) current policy, with grad; old_logprobs (B, T) the policy that sampled the rollout;
     ref_logprobs (B, T) the frozen reference; advantages (B,) one per sequence; loss_mask (B, T) True on
     trained tokens. Per token: -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A) with
-    r = exp(logprobs - old_logprobs), plus kl_coef * (exp(ref - lp) - (ref - lp) - 1).
+    r = exp(logprobs - old_logprobs), plus kl_coef * (exp(ref - lp) - (ref - lp) - 1). Both
+    log-differences are clamped to ±LOG_RATIO_BOUND before exp. With `dual_clip` C the policy
+    term of a token with A < 0 is capped at C * |A|. With `tis_cap` and `sampling_logprobs`
+    (B, T), the policy term is weighted by min(exp(old - sampling), tis_cap) (truncated
+    importance sampling; then old_logprobs are the update's own recomputation).
     The sum over masked tokens is divided by `num_tokens_normalizer` when given, else by this batch's
     masked-token count: with gradient accumulation pass the whole batch's count to every micro-batch so
     the summed micro-batch losses equal the full-batch loss. Masked tokens contribute nothing, even when
@@ -163,20 +213,26 @@ def grpo_loss(
         raise ValueError(
             f"advantages must be (B,) = {tuple(logprobs.shape[:1])}, got {tuple(advantages.shape)}"
         )
+    if (tis_cap is None) != (sampling_logprobs is None):
+        raise ValueError("tis_cap and sampling_logprobs go together")
     mask = loss_mask.bool()  # (B, T)
     zero = torch.zeros_like(logprobs)
     adv = advantages.to(logprobs.dtype)[:, None]  # (B, 1)
     # torch.where before exp: a garbage masked log-prob must not make inf/NaN (nor NaN gradients).
     log_ratio = torch.where(mask, logprobs - old_logprobs, zero)  # (B, T)
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
-    policy_loss = -torch.minimum(unclipped, clipped)  # (B, T)
+    ratio = bounded_exp(log_ratio)
+    policy_loss, dual_hit = ppo_token_loss(ratio, adv, clip_low, clip_high, dual_clip)  # (B, T)
+    stats: dict[str, float] = {}
+    if tis_cap is not None:
+        weights, cut = truncated_is_weights(old_logprobs, sampling_logprobs, tis_cap, mask)
+        policy_loss = policy_loss * weights
+        stats["tis_weight_mean"] = masked_mean(weights, mask).item()
+        stats["tis_clip_frac"] = masked_mean(cut.float(), mask).item()
     per_token = policy_loss
     kl = None
     if ref_logprobs is not None:
         ref_gap = torch.where(mask, ref_logprobs - logprobs, zero)  # (B, T)
-        kl = torch.exp(ref_gap) - ref_gap - 1.0  # k3 estimator, >= 0
+        kl = bounded_exp(ref_gap) - ref_gap - 1.0  # k3 estimator, >= 0
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl
     num_tokens = mask.sum()
@@ -186,13 +242,15 @@ def grpo_loss(
     with torch.no_grad():
         clip_high_hit = (ratio > 1.0 + clip_high) & (adv > 0)  # clipped term chosen, gradient cut
         clip_low_hit = (ratio < 1.0 - clip_low) & (adv < 0)
-        stats = {
+        stats.update({
             "policy_loss": masked_mean(policy_loss, mask).item(),
             "kl": 0.0 if kl is None else masked_mean(kl, mask).item(),
             "clip_frac": masked_mean((clip_low_hit | clip_high_hit).float(), mask).item(),
             "clip_frac_low": masked_mean(clip_low_hit.float(), mask).item(),
             "clip_frac_high": masked_mean(clip_high_hit.float(), mask).item(),
+            "dual_clip_frac": masked_mean(dual_hit.float(), mask).item(),
+            "log_ratio_clamp_frac": masked_mean((log_ratio.abs() > LOG_RATIO_BOUND).float(), mask).item(),
             "ratio_mean": masked_mean(ratio, mask).item(),
             "num_tokens": float(num_tokens.item()),
-        }
+        })
     return loss, stats

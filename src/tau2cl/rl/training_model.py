@@ -49,7 +49,8 @@ class TrainingModel:
             return
         targets = dict(self.rollout_model.named_parameters())
         for name, param in self.module.named_parameters():
-            targets[name.removeprefix(_LM)].copy_(as_local_tensor(param))
+            if param.requires_grad:  # frozen weights (a LoRA base) never change
+                targets[name.removeprefix(_LM)].copy_(as_local_tensor(param))
 
     def load_from_rollout_model(self) -> None:
         """Take the rollout model's weights (e.g. just read from a checkpoint) into training."""

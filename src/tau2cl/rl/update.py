@@ -26,6 +26,7 @@ class TokenBatch:
     old_logprobs: torch.Tensor
     advantages: torch.Tensor
     ref_logprobs: torch.Tensor | None = None
+    sampling_logprobs: torch.Tensor | None = None  # the rollout's, when old_logprobs are recomputed
 
     @property
     def num_tokens(self) -> int:
@@ -37,9 +38,10 @@ class TokenBatch:
         width = int(self.attention_mask[sel].sum(dim=1).max())  # right padding: real tokens first
         cols = slice(0, width)
         ref = None if self.ref_logprobs is None else self.ref_logprobs[sel, cols]
+        sampled = None if self.sampling_logprobs is None else self.sampling_logprobs[sel, cols]
         return TokenBatch(
             self.input_ids[sel, cols], self.attention_mask[sel, cols], self.loss_mask[sel, cols],
-            self.old_logprobs[sel, cols], self.advantages[sel], ref,
+            self.old_logprobs[sel, cols], self.advantages[sel], ref, sampled,
         )
 
 
@@ -160,6 +162,23 @@ def reference_logprobs(
     return out
 
 
+def recompute_old_logprobs(
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    micro_batches: list[list[int]],
+    temperature: float,
+    compute_dtype: torch.dtype | None,
+) -> None:
+    """For truncated importance sampling: the batch's old log-probs become the update's own.
+
+    The rollout's log-probs move to `sampling_logprobs`; `old_logprobs` are recomputed by the
+    update's forward (same weights, before any step), so the PPO ratio compares like with like
+    and the sampling mismatch goes into the truncated weight instead.
+    """
+    batch.sampling_logprobs = batch.old_logprobs
+    batch.old_logprobs = reference_logprobs(model, batch, micro_batches, temperature, compute_dtype)
+
+
 @dataclass
 class LossSettings:
     temperature: float
@@ -167,6 +186,8 @@ class LossSettings:
     clip_high: float
     kl_coef: float
     compute_dtype: torch.dtype | None = None
+    dual_clip: float | None = None
+    tis_cap: float | None = None
 
 
 def accumulate_gradients(
@@ -199,7 +220,9 @@ def accumulate_gradients(
                 logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
                 ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,
                 clip_low=settings.clip_low, clip_high=settings.clip_high,
-                num_tokens_normalizer=num_tokens_normalizer,
+                num_tokens_normalizer=num_tokens_normalizer, dual_clip=settings.dual_clip,
+                sampling_logprobs=mb.sampling_logprobs if settings.tis_cap else None,
+                tis_cap=settings.tis_cap,
             )
             if extra_loss is not None and last:
                 for name, term in extra_loss().items():

@@ -1,0 +1,166 @@
+"""LoRA through PEFT: trained adapters on a frozen base, the base as the reference, and their files.
+
+With `--lora_r` > 0 the policy's causal LM is loaded in `--model_dtype` and frozen, and PEFT
+injects rank-r adapters, kept and trained in fp32, into the `--lora_target_modules` linears. The
+one module then plays every role:
+  - the policy (adapters on): rollouts, the update, evaluation;
+  - the reference model (adapters off, inside `reference()`): the KL penalty's log-probs and the
+    user with `--user_model reference`, with no second copy of the weights;
+  - its trainable parameters are the adapters alone, so gradients, AdamW state, EWC's Fisher and
+    anchors and DDP/FSDP's gradient traffic are all the adapters' size.
+A checkpoint holds the adapter (adapter_config.json and adapter_model.safetensors, which
+`PeftModel.from_pretrained(base, folder)` loads) and, with `--merge_lora_on_save`, a `merged/`
+folder with the adapters folded into the base weights that `AutoModelForCausalLM.from_pretrained`
+loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tau2cl.errors import UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names in a saved adapter folder
+ADAPTER_CONFIG = "adapter_config.json"
+MERGED_DIR = "merged"  # the merged model's folder inside a checkpoint
+
+
+def base_dtype(config: Any) -> str:
+    """The dtype the policy's weights are loaded in: fp32 masters for full fine-tuning, else
+    the frozen base in --model_dtype (auto: the checkpoint's own)."""
+    return config.model_dtype if config.lora_r > 0 else "float32"
+
+
+def add_lora(model: torch.nn.Module, config: Any, tokenizer: Any = None) -> LoraPolicy | None:
+    """`model` with LoRA adapters injected (in place) when `config.lora_r` > 0, else None."""
+    return LoraPolicy(model, config, tokenizer) if config.lora_r > 0 else None
+
+
+class LoraPolicy:
+    """The PEFT wrapper around the policy's LM; `lm` is the LM itself, adapters injected."""
+
+    def __init__(self, model: torch.nn.Module, config: Any, tokenizer: Any = None):
+        from peft import LoraConfig, get_peft_model
+
+        lora_config = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            with warnings.catch_warnings():  # PEFT asks transformers a deprecated question
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                self.peft = get_peft_model(model, lora_config)
+        except ValueError as exc:  # e.g. no module of the model has a target name
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(f"cannot add LoRA adapters to '{config.model_name_or_path}': {first}") from None
+        for param in self.trainable_parameters():
+            param.data = param.data.float()  # fp32 adapters over a bf16/fp16 base
+        self.merge_on_save = config.merge_lora_on_save
+        self.tokenizer = tokenizer
+
+    @property
+    def lm(self) -> torch.nn.Module:
+        """The causal LM with the adapters inside: what the policy, rollouts and update use."""
+        return self.peft.get_base_model()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.peft.parameters() if p.requires_grad]
+
+    def reference(self) -> contextlib.AbstractContextManager:
+        """Inside this context the LM is the frozen base: the reference model."""
+        return self.peft.disable_adapter()
+
+    def describe(self) -> str:
+        """One line: the trainable share of the parameters."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.peft.parameters())
+        config = self.peft.peft_config["default"]
+        return (
+            f"LoRA r={config.r} alpha={config.lora_alpha:g}: {trainable:,} trainable parameters of "
+            f"{total:,} ({100 * trainable / total:.2f}%), base frozen in {_base_dtype_name(self.peft)}"
+        )
+
+    # ---- checkpoint files ----------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
+        """The adapter (PEFT's format) and, with --merge_lora_on_save, the merged model."""
+        self.peft.save_pretrained(str(folder), **kwargs)
+        if self.merge_on_save:
+            merged = Path(folder) / MERGED_DIR
+            self.lm.save_pretrained(merged, state_dict=merged_state_dict(self.peft), **kwargs)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(merged)
+
+    def load_weights(self, folder: str | Path) -> None:
+        """Load a checkpoint's adapter weights into these adapters (resume)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(folder) / ADAPTER_WEIGHTS
+        if not path.exists():
+            raise UserError(
+                f"checkpoint '{folder}' holds no LoRA adapter ({ADAPTER_WEIGHTS}); resume it with "
+                "--lora_r 0, the setting it was trained with."
+            )
+        result = set_peft_model_state_dict(self.peft, load_file(str(path)))
+        missing = [k for k in result.missing_keys if ".lora_" in k]
+        if missing or result.unexpected_keys:
+            raise UserError(
+                f"the LoRA adapter in '{folder}' does not match --lora_target_modules "
+                f"(missing {missing[:2]}, unexpected {list(result.unexpected_keys)[:2]}); resume "
+                "with the LoRA settings it was trained with."
+            )
+
+
+def check_resume(saved_config: dict, config: Any, checkpoint: Path) -> None:
+    """A checkpoint resumes only with the LoRA rank it was trained with (0 = full fine-tuning)."""
+    saved = saved_config.get("lora_r", 0)
+    if saved != config.lora_r:
+        raise UserError(
+            f"cannot resume from '{checkpoint}': it was trained with lora_r {saved}, not {config.lora_r}."
+        )
+
+
+def adapters_disabled(lora: LoraPolicy | None) -> contextlib.AbstractContextManager:
+    """The reference model's context: the base alone with LoRA, nothing to do without it."""
+    return lora.reference() if lora is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def merged_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapter folded in: W + (alpha / r) B A, on CPU.
+
+    Built beside the live weights (which stay untouched, so training continues exactly): each
+    adapted layer's `base_layer.weight` plus PEFT's own delta, summed in fp32 and stored in the
+    base weight's dtype, under the name the plain model uses; adapter tensors are left out.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    lm = peft_model.get_base_model()
+    adapter = peft_model.active_adapter
+    merged = {
+        f"{name}.weight": (module.base_layer.weight.float() + module.get_delta_weight(adapter).float())
+        .to(module.base_layer.weight.dtype)
+        .cpu()
+        for name, module in lm.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in lm.state_dict().items():
+        if ".lora_" in key:
+            continue
+        plain = key.replace(".base_layer.", ".")
+        state[plain] = merged.get(plain, tensor.detach().cpu())
+    return state
+
+
+def _base_dtype_name(peft_model: Any) -> str:
+    frozen = {p.dtype for p in peft_model.parameters() if not p.requires_grad}
+    return ", ".join(sorted(str(d).removeprefix("torch.") for d in frozen)) or "no frozen weights"
