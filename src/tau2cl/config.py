@@ -31,6 +31,7 @@ MODEL_DTYPES = ("float32", "float16", "bfloat16", "auto")
 ADVANTAGE_NORMALIZATIONS = ("std", "mean")
 FISHER_NORMALIZATIONS = ("mean", "max", "none")
 REPLAY_SELECTIONS = ("uniform", "reward")
+FUSION_MODES = ("endpoints", "wise")
 PARALLELISMS = ("ddp", "fsdp")
 # LoRA's default targets: the attention and MLP projections of Qwen/Llama/Mistral-style decoders
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -282,24 +283,26 @@ class GRPOConfig:
         "environment (costs that share of the batch's rollouts); ewc = Elastic Weight "
         "Consolidation, a Fisher-weighted pull towards the weights after each earlier domain "
         "(2 extra copies of the weights per domain); online_ewc = one running Fisher and anchor "
-        "(2 extra copies in all).",
+        "(2 extra copies in all); adaptive_replay = replay whose share per earlier domain follows "
+        "the forgetting measured in the accuracy matrix (replay's cost); fusion = at each "
+        "domain's end the weights become a merge (--fusion_mode; one extra copy).",
         CL_ALGORITHMS,
     )
     replay_buffer_size: int = _option(
         100,
         "continual learning",
-        "Replay: tasks kept per earlier domain (reservoir sampling over the tasks trained on).",
+        "replay, adaptive_replay: tasks kept per earlier domain (reservoir sampling over the tasks trained on).",
     )
     replay_ratio: float = _option(
         0.25,
         "continual learning",
-        "Replay: share of each batch's tasks drawn from earlier domains, rounded up (any nonzero "
+        "replay, adaptive_replay: share of each batch's tasks drawn from earlier domains, rounded up (any nonzero "
         "ratio replays at least one task once an earlier domain exists); in [0, 1].",
     )
     replay_selection: str = _option(
         "uniform",
         "continual learning",
-        "Replay: which buffered tasks to replay: uniform = any, equally likely; reward = "
+        "replay, adaptive_replay: which buffered tasks to replay: uniform = any, equally likely; reward = "
         "proportional to the reward they earned when trained on (revisits what was learned).",
         REPLAY_SELECTIONS,
     )
@@ -325,6 +328,28 @@ class GRPOConfig:
         0.9,
         "continual learning",
         "online_ewc: decay γ of the running Fisher, F ← γF + F_new, in [0, 1].",
+    )
+    adaptive_replay_floor: float = _option(
+        0.05,
+        "continual learning",
+        "adaptive_replay: share weight every earlier domain keeps on top of its forgetting (an "
+        "earlier domain's share is forgetting + floor, normalised); > 0 keeps replaying domains "
+        "that have not been forgotten yet.",
+    )
+    fusion_mode: str = _option(
+        "endpoints",
+        "continual learning",
+        "fusion: how the weights are merged at each domain's end: endpoints = the mean of the "
+        "weights reached at the end of every domain so far (one extra fp32 copy of the weights); "
+        "wise = WiSE-FT, (1 − α)·weights at the domain's start + α·weights at its end, "
+        "α = --fusion_alpha (one extra copy).",
+        FUSION_MODES,
+    )
+    fusion_alpha: float = _option(
+        0.5,
+        "continual learning",
+        "fusion with --fusion_mode wise: weight α of the domain's end weights, in [0, 1] (1: no "
+        "merge; 0: undo the domain).",
     )
     task_order: list[str] = _option(
         list(DOMAIN_NAMES),
@@ -616,6 +641,8 @@ def _validate(config: GRPOConfig) -> None:
     _validate_lora(config)
     _check(config, "replay_ratio", lambda v: 0 <= v <= 1, "must be between 0 and 1")
     _check(config, "ewc_gamma", lambda v: 0 <= v <= 1, "must be between 0 and 1")
+    _check(config, "fusion_alpha", lambda v: 0 <= v <= 1, "must be between 0 and 1")
+    _check(config, "adaptive_replay_floor", lambda v: v >= 0, "must be >= 0")
     _check(
         config,
         "reward_fn",

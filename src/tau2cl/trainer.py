@@ -120,7 +120,8 @@ class GRPOTrainer:
         self.cl_context = CLContext(
             config=config, dist=self.dist, order=self.order, domains=self.domains, params=self.params,
             progress=self.progress, rollout=lambda requests: self.train_engine.run(requests, self.generator),
-            generated_logprob=self._generated_logprob,
+            generated_logprob=self._generated_logprob, snapshot_weights=self._snapshot_weights,
+            load_weights=self._load_weights, accuracy_matrix=lambda: self.reward_matrix,
         )
         self.strategy.setup(self.cl_context)
 
@@ -169,6 +170,24 @@ class GRPOTrainer:
         mask = torch.tensor([traj.loss_mask], device=device, dtype=torch.bool)
         mask[:, 0] = False
         return sequence_logprobs(self.policy.model, ids, torch.ones_like(ids), mask, 1.0, self.compute_dtype).sum()
+
+    def _trainable_weights(self) -> dict[str, torch.Tensor]:
+        """The rollout model's trained parameters by name (full tensors on every rank)."""
+        return {n: p for n, p in self.policy.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def _snapshot_weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().float().clone() for n, p in self._trainable_weights().items()}
+
+    @torch.no_grad()
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Make `weights` the policy's: into the rollout model, then into the trained copy."""
+        params = self._trainable_weights()
+        if set(weights) != set(params):
+            raise ValueError("load_weights needs exactly the trainable parameters, by name")
+        for name, value in weights.items():
+            params[name].copy_(value)
+        self.training.load_from_rollout_model()
 
     def _reference_policy(self) -> Policy:
         """The reference model behind a Policy, so it can sample the user's turns."""

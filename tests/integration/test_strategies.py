@@ -120,3 +120,20 @@ def test_hooks_run_in_order_and_ewc_holds_the_weights_that_matter(tmp_path, monk
     weighted_seq = _distance(seq_before, seq_after, fisher)
     assert weighted_ewc < 0.5 * weighted_seq, (weighted_ewc, weighted_seq)
     assert '"ewc_penalty"' in (tmp_path / "ewc" / "metrics.jsonl").read_text()
+
+
+def test_wise_fusion_sets_exactly_the_interpolation_of_the_domains_start_and_end(tmp_path, monkeypatch):
+    """Same seed, same episodes: the sequential run's domain end is the end fusion merged from."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    one_domain = dict(
+        task_order=["airline"], reward_fn="reward_fns:first_reply_length", learning_rate=3e-3,
+        max_new_tokens=12, eval_max_tasks=1,
+    )
+    GRPOTrainer(_config(tmp_path / "seq", cl_algorithm="sequential", **one_domain)).train()
+    GRPOTrainer(_config(tmp_path / "wise", cl_algorithm="fusion", fusion_mode="wise", fusion_alpha=0.25, **one_domain)).train()
+    start = dict(load_model("tiny", "float32", "cpu").named_parameters())
+    end, merged = _weights(tmp_path / "seq" / "checkpoint_task_0"), _weights(tmp_path / "wise" / "checkpoint_task_0")
+    assert _distance({k: start[k].detach() for k in end}, end) > 0  # the domain moved the weights
+    for name, value in merged.items():
+        expected = start[name].detach() + 0.25 * (end[name] - start[name].detach())
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)

@@ -41,6 +41,7 @@ def _context(task_idx: int, domains: dict, config: GRPOConfig) -> CLContext:
     return CLContext(
         config=config, dist=SimpleNamespace(rank=0), order=list(domains), domains=domains, params=[],
         progress=Progress(task_idx=task_idx, global_step=7), rollout=None, generated_logprob=None,
+        snapshot_weights=None, load_weights=None, accuracy_matrix=None,
     )
 
 

@@ -39,7 +39,10 @@ class CLContext:
 
     `rollout` samples episodes with the current policy (the training engine and the run's random
     stream); `generated_logprob` is the differentiable sum of log-probs, under the current policy,
-    of the tokens a trajectory's policy generated (for Fisher estimates).
+    of the tokens a trajectory's policy generated (for Fisher estimates). `snapshot_weights` is a
+    detached fp32 copy of the policy's full weights by name, and `load_weights` makes such a dict
+    the policy's weights (training copy and rollout copy alike, on every rank). `accuracy_matrix`
+    is the reward matrix as filled so far (row 0 before training, row i after the i-th domain).
     """
 
     config: Any  # the run's GRPOConfig, read-only
@@ -50,6 +53,9 @@ class CLContext:
     progress: Progress
     rollout: Callable[[list[RolloutRequest]], list[Trajectory]]
     generated_logprob: Callable[[Trajectory], torch.Tensor]
+    snapshot_weights: Callable[[], dict[str, torch.Tensor]]
+    load_weights: Callable[[dict[str, torch.Tensor]], None]
+    accuracy_matrix: Callable[[], list[list[float | None]]]
 
     @property
     def current_domain(self) -> str:

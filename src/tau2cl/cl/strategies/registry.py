@@ -14,6 +14,8 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "replay": ("tau2cl.cl.strategies.replay", "Replay"),
     "ewc": ("tau2cl.cl.strategies.ewc", "EWC"),
     "online_ewc": ("tau2cl.cl.strategies.ewc", "OnlineEWC"),
+    "adaptive_replay": ("tau2cl.cl.strategies.adaptive_replay", "AdaptiveReplay"),
+    "fusion": ("tau2cl.cl.strategies.fusion", "Fusion"),
 }
 CL_ALGORITHMS = tuple(STRATEGIES)
 

@@ -82,12 +82,16 @@ class Replay(CLStrategy):
         kept = requests[: keep * samples]
         rng = random.Random(f"{self.config.seed}-replay-{ctx.dist.rank}-{ctx.progress.global_step}")
         for g in range(n_replay):
-            name = rng.choice(earlier)
+            name = self._pick_domain(ctx, earlier, rng)
             entry = self.buffers[name].choose(rng, self.config.replay_selection)
             domain = ctx.domains[name]
             task = domain.task(entry.task_id)
             kept += [RolloutRequest(domain, task, group=keep + g) for _ in range(samples)]
         return kept
+
+    def _pick_domain(self, ctx: CLContext, earlier: list[str], rng: random.Random) -> str:
+        """The earlier domain a replayed task comes from: uniform over the domains."""
+        return rng.choice(earlier)
 
     def after_rollout(self, ctx: CLContext, trajectories: list[Trajectory]) -> None:
         current = ctx.current_domain
