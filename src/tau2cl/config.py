@@ -32,6 +32,16 @@ ADVANTAGE_NORMALIZATIONS = ("std", "mean")
 FISHER_NORMALIZATIONS = ("mean", "max", "none")
 REPLAY_SELECTIONS = ("uniform", "reward")
 PARALLELISMS = ("ddp", "fsdp")
+DOMAIN_RESTARTS = ("none", "warmup", "optimizer")
+
+# Flags a resumed run may change: how it reports, saves, evaluates mid-domain and waits. Every other
+# flag must equal the checkpoint's, or the resume is refused (runs/resume_check.py).
+RESUME_MAY_CHANGE = (
+    "log_dir", "log_interval", "verbose", "use_progress_bar", "wandb_project", "wandb_run_name",
+    "eval_interval", "save_interval", "save_total_limit", "resume_from", "overwrite_log_dir",
+    "dist_timeout_minutes", "user_timeout", "user_max_retries", "user_api_base", "user_api_key",
+    "reward_timeout", "gradient_checkpointing",
+)
 
 # Argument groups of `tau2cl train --help`, in the order they are shown.
 GROUPS = {
@@ -202,7 +212,15 @@ class GRPOConfig:
         "tau2",
         "grpo",
         "Reward: tau2 = tau2's own evaluator; or a module:function import path, called as "
-        "fn(domain, task, messages) -> float.",
+        "fn(domain, task, messages) -> float. A call that raises, returns something other than a "
+        "finite number or outlasts reward_timeout stops the run with one line naming the function, "
+        "the task and the value, after a checkpoint at the last step boundary.",
+    )
+    reward_timeout: float | None = _option(
+        300.0,
+        "grpo",
+        "Seconds one call of a custom reward_fn may take before the run stops (the call runs in a "
+        "helper thread, so a stop signal is still honoured while it runs); none waits forever.",
     )
 
     # --- optimization ---
@@ -219,6 +237,15 @@ class GRPOConfig:
     weight_decay: float = _option(0.0, "optimization", "AdamW weight decay.")
     warmup_steps: int = _option(
         10, "optimization", "Steps of linear learning-rate warmup from 0 to learning_rate."
+    )
+    domain_restart: str = _option(
+        "warmup",
+        "optimization",
+        "What starts afresh with each domain: none = one warmup at the start of the run and AdamW's "
+        "moments carried across domains; warmup = the warmup restarts with every domain (AdamW's "
+        "moments carried); optimizer = the warmup restarts and AdamW's moments are reset, as if each "
+        "domain were a new run from the current weights.",
+        DOMAIN_RESTARTS,
     )
     max_grad_norm: float = _option(
         1.0, "optimization", "Gradients are clipped to this global norm."
@@ -362,8 +389,15 @@ class GRPOConfig:
     resume_from: str | None = _option(
         None,
         "checkpointing",
-        "Checkpoint folder to resume from, at the domain and step it was saved; none starts "
-        "afresh.",
+        "Checkpoint folder, or a log_dir (its latest complete checkpoint), to resume from at the "
+        "domain and step it was saved; every flag not meant to change on resume must equal the "
+        "checkpoint's. None starts afresh.",
+    )
+    overwrite_log_dir: bool = _option(
+        False,
+        "checkpointing",
+        "Delete the files of an earlier run in log_dir (metrics, logs, summary, checkpoints, eval "
+        "results, report) before starting; without it such a log_dir is refused.",
     )
 
     def __post_init__(self) -> None:
@@ -522,7 +556,9 @@ _NON_NEGATIVE = (
     "user_temperature",
     "user_max_retries",
 )
-_POSITIVE = ("clip_range", "clip_range_high", "max_grad_norm", "dist_timeout_minutes", "user_timeout")
+_POSITIVE = (
+    "clip_range", "clip_range_high", "max_grad_norm", "dist_timeout_minutes", "user_timeout", "reward_timeout"
+)
 _NON_EMPTY = ("model_name_or_path", "log_dir")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

@@ -15,7 +15,7 @@ import torch
 
 import tau2cl.rl.update as update_module
 from tau2cl.config import GRPOConfig
-from tau2cl.runs.checkpoint import load_state, save_checkpoint
+from tau2cl.runs.checkpoint import build_manifest, load_state, save_checkpoint
 from tau2cl.trainer import GRPOTrainer
 
 HERE = Path(__file__).parent
@@ -144,6 +144,7 @@ def test_resuming_from_an_incompatible_run_is_one_clear_error(tmp_path):
     checkpoint.mkdir(parents=True)
     old = GRPOConfig(model_name_or_path="tiny", task_order=["retail", "airline"]).to_dict()
     torch.save({"config": old, "progress": {"global_step": 3}}, checkpoint / "trainer_state.pt")
+    (checkpoint / "manifest.json").write_text(json.dumps(build_manifest(checkpoint)))
     result = _run_cli(*TINY, "--log_dir", str(tmp_path / "r"), "--resume_from", str(tmp_path / "old"))
     _assert_one_line_error(result, "cannot resume", "task_order")
 
