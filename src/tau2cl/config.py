@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import re
+import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -696,6 +697,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise UserError(f"cannot read config file {path}: {error.strerror or error}.") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {error.start} cannot be read).") from None
     values = _parse_config_text(path, text, suffix)
     if values is None:  # an empty file sets nothing
         return {}
@@ -726,9 +729,46 @@ def _parse_config_text(path: Path, text: str, suffix: str) -> Any:
         raise UserError(f"config file {path} is not valid YAML{line}.") from None
 
 
+_NUMBER = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _join_negative_numbers(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--flag -1e-5` → `--flag=-1e-5`, so argparse reads a negative number as the flag's value."""
+    takes_value = {
+        flag for action in parser._actions if action.nargs is None and not isinstance(action, argparse.BooleanOptionalAction)
+        for flag in action.option_strings
+    }
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and _NUMBER.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _unknown_flag_message(parser: argparse.ArgumentParser, unknown: list[str], prog: str) -> str:
+    """`unrecognized arguments: --learnig_rate 1e-5; the closest flag is --learning_rate.` (one sentence)."""
+    import difflib
+
+    flags = [f for action in parser._actions for f in action.option_strings]
+    first = unknown[0].split("=", 1)[0]
+    close = difflib.get_close_matches(first, flags, n=1, cutoff=0.6) if first.startswith("-") else []
+    hint = f"; the closest flag is {close[0]}." if close else f" (see '{prog} --help')."
+    return f"unrecognized arguments: {' '.join(unknown)}{hint}"
+
+
 def parse_config(argv: list[str] | None = None, prog: str = "tau2cl train") -> GRPOConfig:
     """Defaults, then --config file values, then explicit flags, then validation."""
-    given = vars(build_parser(prog).parse_args(argv))
+    parser = build_parser(prog)
+    argv = _join_negative_numbers(parser, sys.argv[1:] if argv is None else list(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UserError(_unknown_flag_message(parser, unknown, prog))
+    given = vars(known)
     values = load_config_file(given.pop("config")) if "config" in given else {}
     values.update(given)
     return GRPOConfig.from_dict(values)
