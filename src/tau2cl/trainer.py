@@ -92,8 +92,9 @@ class GRPOTrainer:
         self._where = "before training"  # what the run is doing, for the stop line
         self.domains: dict[str, Domain] = {n: self._load_domain(n) for n in self.order}
         self._check_batch_fits()
-        self.compute_dtype = _compute_dtype(config.model_dtype)
+        self.compute_dtype = _compute_dtype(config.model_dtype, self.dist)
         self.policy = self._load_policy()
+        self._check_context_fits()
         self.reference = self._load_reference()
         self.training = TrainingModel(self.policy.model, self.dist, config.parallelism)
         self.params = self.training.params
@@ -154,6 +155,19 @@ class GRPOTrainer:
                     f"({len(domain.train_tasks)} tasks); lower it or raise max_tasks_per_domain."
                 )
 
+    def _check_context_fits(self) -> None:
+        """Refuse a --max_context_tokens that leaves no room for a domain's prompt and one reply."""
+        cfg = self.config
+        for name, domain in self.domains.items():
+            task = domain.train_tasks[0]
+            prompt = len(self.policy.renderer.prompt_ids(domain.system_prompt(task), domain.tool_schemas, []))
+            if prompt + cfg.max_new_tokens > cfg.max_context_tokens:
+                raise UserError(
+                    f"--max_context_tokens {cfg.max_context_tokens} leaves no room for the {name} prompt "
+                    f"({prompt} tokens) plus --max_new_tokens {cfg.max_new_tokens}; raise it to at least "
+                    f"{prompt + cfg.max_new_tokens}."
+                )
+
     def _load_policy(self) -> Policy:
         torch.manual_seed(self.config.seed)
         tokenizer = load_tokenizer(self.config.model_name_or_path)
@@ -171,7 +185,7 @@ class GRPOTrainer:
         """The frozen reference model: for the KL penalty, and as the user with --user_model reference."""
         if self.config.kl_coef <= 0 and self.config.user_model != REFERENCE_USER:
             return None
-        dtype = self.config.model_dtype if self.config.model_dtype != "auto" else "float32"
+        dtype = self.config.model_dtype if self.config.model_dtype != "auto" and self.compute_dtype else "float32"
         model = load_model(self.config.model_name_or_path, dtype, self.dist.device)
         model.eval().requires_grad_(False)
         return model
@@ -582,9 +596,20 @@ def _defaults() -> dict:
     return GRPOConfig().to_dict()
 
 
-def _compute_dtype(name: str) -> torch.dtype | None:
-    """The autocast dtype for forward passes (None = plain fp32)."""
-    return DTYPES.get(name) if name in ("bfloat16", "float16") else None
+def _compute_dtype(name: str, dist: DistInfo) -> torch.dtype | None:
+    """The autocast dtype for forward passes (None = plain fp32).
+
+    Without a GPU, bfloat16 and float16 compute several times slower than float32 (CPUs emulate
+    them), so a CPU run computes in float32 and says so once.
+    """
+    if name not in ("bfloat16", "float16"):
+        return None
+    if dist.device.type == "cpu":
+        if dist.is_main:
+            print(f"tau2cl: no GPU: computing in float32 instead of --model_dtype {name}, which is several times "
+                  "slower on a CPU.", file=sys.stderr)
+        return None
+    return DTYPES[name]
 
 
 def _token_weighted_across_ranks(stats: dict) -> dict:

@@ -81,3 +81,26 @@ def test_a_reward_function_that_raises_stops_with_one_line_after_a_boundary_chec
     assert checkpoint_problem(checkpoint) is None
     assert load_state(checkpoint)["progress"]["global_step"] == 1
     assert [r[3] for r in _records(tmp_path) if r[0] == "train"] == [1]  # step 2 never logged
+
+
+def test_a_context_too_small_for_the_prompt_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    config = GRPOConfig(**dict(BASE, max_context_tokens=100), task_order=["airline"], num_steps_per_task=1,
+                        log_dir=str(tmp_path))
+    with pytest.raises(UserError, match=r"^--max_context_tokens 100 leaves no room for the airline prompt \((\d+) tokens\) "
+                       r"plus --max_new_tokens 8; raise it to at least \d+\.$") as error:
+        GRPOTrainer(config)
+    prompt = int(str(error.value).split("(")[1].split(" ")[0])
+    assert f"at least {prompt + 8}." in str(error.value) and prompt > 1000  # airline's policy and tools
+
+
+def test_a_cpu_run_computes_in_float32_and_says_so(capsys):
+    import torch
+
+    from tau2cl.distributed import DistInfo
+    from tau2cl.trainer import _compute_dtype
+
+    cpu, gpu = DistInfo(0, 0, 1, torch.device("cpu")), DistInfo(0, 0, 1, torch.device("cuda", 0))
+    assert _compute_dtype("bfloat16", cpu) is None
+    assert "computing in float32 instead of --model_dtype bfloat16" in capsys.readouterr().err
+    assert _compute_dtype("bfloat16", gpu) is torch.bfloat16 and _compute_dtype("float32", gpu) is None
