@@ -350,7 +350,7 @@ class MetricsTracker:
             self._close_eval_bar()
             self._eval_bar = tqdm(
                 total=total, desc=desc, file=self._stream, bar_format=EVAL_BAR_FORMAT,
-                dynamic_ncols=True, mininterval=0.1, leave=False,
+                dynamic_ncols=True, mininterval=0, miniters=1, leave=False,  # a batch takes seconds
             )
         self._eval_bar.update(done - self._eval_bar.n)
         if done >= total:
