@@ -104,3 +104,30 @@ def test_a_cpu_run_computes_in_float32_and_says_so(capsys):
     assert _compute_dtype("bfloat16", cpu) is None
     assert "computing in float32 instead of --model_dtype bfloat16" in capsys.readouterr().err
     assert _compute_dtype("bfloat16", gpu) is torch.bfloat16 and _compute_dtype("float32", gpu) is None
+
+
+def test_a_full_disk_while_saving_is_one_line_naming_the_folder_and_the_last_complete_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import tau2cl.runs.checkpoint as checkpoint_module
+
+    monkeypatch.syspath_prepend(str(HERE))
+    trainer = GRPOTrainer(GRPOConfig(**BASE, task_order=["airline"], num_steps_per_task=1, log_dir=str(tmp_path)))
+    good = trainer._save("checkpoint_step_0")
+    real_save = checkpoint_module.torch.save
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", no_space)
+    with pytest.raises(UserError) as error:
+        trainer._save("checkpoint_step_1")
+    assert str(error.value) == (
+        f"could not save checkpoint '{tmp_path / 'checkpoint_step_1'}' (No space left on device); the last complete "
+        f"checkpoint is '{good}'. Free space or fix the folder's permissions, then resume from it."
+    )
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == ["checkpoint_step_0"]
+    assert checkpoint_problem(good) is None
+    trainer.tracker.close()
+    trainer.lock.release()
