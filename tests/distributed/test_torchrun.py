@@ -341,7 +341,7 @@ def test_sigterm_during_the_first_evaluation_stops_both_ranks_together_and_resum
     assert stderr.count("SIGTERM received: stopping within seconds") == 1  # rank 0 only
     assert sorted(p.name for p in log_dir.glob("checkpoint_*")) == ["checkpoint_step_0"]
 
-    resumed = _run(_torchrun("-m", "tau2cl.train", *args[5:], "--resume_from", str(log_dir)), timeout=400)
+    resumed = _run([*args, "--resume_from", str(log_dir)], timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     evals = [(r["stage"], r["eval_domain"]) for r in _records(log_dir, "eval")]
     assert evals == [(0, "airline"), (1, "airline")]  # the interrupted evaluation once, then the final one
