@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import re
+import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -36,6 +37,16 @@ PARALLELISMS = ("ddp", "fsdp")
 # LoRA's default targets: the attention and MLP projections of Qwen/Llama/Mistral-style decoders
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LOG_RATIO_BOUND = 20.0  # the GRPO loss clamps log-ratios to ±this before exp (see rl/grpo.py)
+DOMAIN_RESTARTS = ("none", "warmup", "optimizer")
+
+# Flags a resumed run may change: how it reports, saves, evaluates mid-domain and waits. Every other
+# flag must equal the checkpoint's, or the resume is refused (runs/resume_check.py).
+RESUME_MAY_CHANGE = (
+    "log_dir", "log_interval", "verbose", "use_progress_bar", "wandb_project", "wandb_run_name",
+    "eval_interval", "save_interval", "save_total_limit", "resume_from", "overwrite_log_dir",
+    "dist_timeout_minutes", "user_timeout", "user_max_retries", "user_api_base", "user_api_key",
+    "reward_timeout", "gradient_checkpointing", "merge_lora_on_save",
+)
 
 # Argument groups of `tau2cl train --help`, in the order they are shown.
 GROUPS = {
@@ -251,7 +262,15 @@ class GRPOConfig:
         "tau2",
         "grpo",
         "Reward: tau2 = tau2's own evaluator; or a module:function import path, called as "
-        "fn(domain, task, messages) -> float.",
+        "fn(domain, task, messages) -> float. A call that raises, returns something other than a "
+        "finite number or outlasts reward_timeout stops the run with one line naming the function, "
+        "the task and the value, after a checkpoint at the last step boundary.",
+    )
+    reward_timeout: float | None = _option(
+        300.0,
+        "grpo",
+        "Seconds one call of a custom reward_fn may take before the run stops (the call runs in a "
+        "helper thread, so a stop signal is still honoured while it runs); none waits forever.",
     )
 
     # --- optimization ---
@@ -268,6 +287,15 @@ class GRPOConfig:
     weight_decay: float = _option(0.0, "optimization", "AdamW weight decay.")
     warmup_steps: int = _option(
         10, "optimization", "Steps of linear learning-rate warmup from 0 to learning_rate."
+    )
+    domain_restart: str = _option(
+        "warmup",
+        "optimization",
+        "What starts afresh with each domain: none = one warmup at the start of the run and AdamW's "
+        "moments carried across domains; warmup = the warmup restarts with every domain (AdamW's "
+        "moments carried); optimizer = the warmup restarts and AdamW's moments are reset, as if each "
+        "domain were a new run from the current weights.",
+        DOMAIN_RESTARTS,
     )
     max_grad_norm: float = _option(
         1.0, "optimization", "Gradients are clipped to this global norm."
@@ -443,8 +471,15 @@ class GRPOConfig:
     resume_from: str | None = _option(
         None,
         "checkpointing",
-        "Checkpoint folder to resume from, at the domain and step it was saved; none starts "
-        "afresh.",
+        "Checkpoint folder, or a log_dir (its latest complete checkpoint), to resume from at the "
+        "domain and step it was saved; every flag not meant to change on resume must equal the "
+        "checkpoint's. None starts afresh.",
+    )
+    overwrite_log_dir: bool = _option(
+        False,
+        "checkpointing",
+        "Delete the files of an earlier run in log_dir (metrics, logs, summary, checkpoints, eval "
+        "results, report) before starting; without it such a log_dir is refused.",
     )
 
     def __post_init__(self) -> None:
@@ -603,7 +638,9 @@ _NON_NEGATIVE = (
     "user_temperature",
     "user_max_retries",
 )
-_POSITIVE = ("clip_range", "clip_range_high", "max_grad_norm", "dist_timeout_minutes", "user_timeout")
+_POSITIVE = (
+    "clip_range", "clip_range_high", "max_grad_norm", "dist_timeout_minutes", "user_timeout", "reward_timeout"
+)
 _NON_EMPTY = ("model_name_or_path", "log_dir")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -756,6 +793,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise UserError(f"cannot read config file {path}: {error.strerror or error}.") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {error.start} cannot be read).") from None
     values = _parse_config_text(path, text, suffix)
     if values is None:  # an empty file sets nothing
         return {}
@@ -786,9 +825,46 @@ def _parse_config_text(path: Path, text: str, suffix: str) -> Any:
         raise UserError(f"config file {path} is not valid YAML{line}.") from None
 
 
+_NUMBER = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _join_negative_numbers(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--flag -1e-5` → `--flag=-1e-5`, so argparse reads a negative number as the flag's value."""
+    takes_value = {
+        flag for action in parser._actions if action.nargs is None and not isinstance(action, argparse.BooleanOptionalAction)
+        for flag in action.option_strings
+    }
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and _NUMBER.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _unknown_flag_message(parser: argparse.ArgumentParser, unknown: list[str], prog: str) -> str:
+    """`unrecognized arguments: --learnig_rate 1e-5; the closest flag is --learning_rate.` (one sentence)."""
+    import difflib
+
+    flags = [f for action in parser._actions for f in action.option_strings]
+    first = unknown[0].split("=", 1)[0]
+    close = difflib.get_close_matches(first, flags, n=1, cutoff=0.6) if first.startswith("-") else []
+    hint = f"; the closest flag is {close[0]}." if close else f" (see '{prog} --help')."
+    return f"unrecognized arguments: {' '.join(unknown)}{hint}"
+
+
 def parse_config(argv: list[str] | None = None, prog: str = "tau2cl train") -> GRPOConfig:
     """Defaults, then --config file values, then explicit flags, then validation."""
-    given = vars(build_parser(prog).parse_args(argv))
+    parser = build_parser(prog)
+    argv = _join_negative_numbers(parser, sys.argv[1:] if argv is None else list(argv))
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UserError(_unknown_flag_message(parser, unknown, prog))
+    given = vars(known)
     values = load_config_file(given.pop("config")) if "config" in given else {}
     values.update(given)
     return GRPOConfig.from_dict(values)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 import shutil
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -23,8 +24,8 @@ from tau2cl.agent.policy import DTYPES, Policy, load_model, load_tokenizer
 from tau2cl.agent.users.build import build_user
 from tau2cl.cl.context import CLContext, Progress
 from tau2cl.cl.measures import transfer_metrics
-from tau2cl.cl.strategies.base import build_strategy
-from tau2cl.config import REFERENCE_USER, GRPOConfig
+from tau2cl.cl.strategies.base import CLStrategy, build_strategy
+from tau2cl.config import REFERENCE_USER, RESUME_MAY_CHANGE, GRPOConfig
 from tau2cl.distributed import (
     DistInfo,
     all_gather_objects,
@@ -43,8 +44,9 @@ from tau2cl.evaluation.stats import EvalSummary
 from tau2cl.reporting.report import write_report
 from tau2cl.reporting.tracker import MetricsTracker
 from tau2cl.rl.grpo import group_advantages, zero_std_group_fraction
-from tau2cl.rl.lora import adapters_disabled, add_lora, base_dtype, check_resume
+from tau2cl.rl.lora import adapters_disabled, add_lora, base_dtype
 from tau2cl.rl.rewards import load_reward_fn, score_trajectories
+from tau2cl.rl.schedule import learning_rate
 from tau2cl.rl.training_model import TrainingModel
 from tau2cl.rl.update import (
     LossSettings,
@@ -56,12 +58,14 @@ from tau2cl.rl.update import (
     sequence_logprobs,
 )
 from tau2cl.runs.checkpoint import (
+    CheckpointSaveError,
     check_writable,
     count_lines,
     domain_checkpoint_name,
     find_checkpoint,
     load_model_weights,
     load_state,
+    non_finite_count,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -69,7 +73,9 @@ from tau2cl.runs.checkpoint import (
     truncate_lines,
 )
 from tau2cl.runs.files import METRICS_FILE
-from tau2cl.runs.interrupt import StopRequest, TrainingInterrupted
+from tau2cl.runs.interrupt import RunStop, StopRequest, TrainingInterrupted, agreed
+from tau2cl.runs.resume_check import config_differences, refusal
+from tau2cl.runs.run_folder import RunLock, guard_log_dir, tidy_checkpoint_temporaries
 
 
 class GRPOTrainer:
@@ -80,27 +86,30 @@ class GRPOTrainer:
         self.dist: DistInfo = compute_init(timeout=timedelta(minutes=config.dist_timeout_minutes))
         tau2_compat.set_tau2_verbosity(config.verbose)
         self.order = list(config.task_order)
-        if self.dist.is_main:
-            check_writable(config.log_dir)
-        self.stop_request = StopRequest()
+        self.lock = RunLock(config.log_dir)
+        self._prepare_log_dir()
+        self.stop_request = StopRequest(announce=self.dist.is_main)
+        self.last_checkpoint: Path | None = None  # the newest complete checkpoint of this run
+        self._boundary_rng = None  # random state at the last boundary a stop returns to
+        self._where = "before training"  # what the run is doing, for the stop line
         self.domains: dict[str, Domain] = {n: self._load_domain(n) for n in self.order}
         self._check_batch_fits()
-        self.compute_dtype = _compute_dtype(config.model_dtype)
+        self.compute_dtype = _compute_dtype(config.model_dtype, self.dist)
         self.policy = self._load_policy()
+        self._check_context_fits()
         self.reference = self._load_reference()
         self.training = TrainingModel(self.policy.model, self.dist, config.parallelism)
         self.params = self.training.params
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        warmup = config.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
-        )
         user = build_user(config, reference=self._reference_policy, device=self.dist.device)
         self.user = user
         common = dict(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
                       max_context_tokens=config.max_context_tokens, top_p=config.top_p)
-        self.train_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.temperature, **common))
-        self.eval_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.eval_temperature, **common))
+        check = self.stop_request.check
+        self.train_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.temperature, **common), check)
+        self.eval_engine = RolloutEngine(
+            self.policy, user, RolloutSettings(temperature=config.eval_temperature, **common), check
+        )
         self.reward_fn = load_reward_fn(config.reward_fn)
         self.strategy = build_strategy(config)
         self.generator = torch.Generator(device=self.dist.device)
@@ -119,19 +128,49 @@ class GRPOTrainer:
             self.tracker.log_message(self.lora.describe())
         self.cl_context = CLContext(
             config=config, dist=self.dist, order=self.order, domains=self.domains, params=self.params,
-            progress=self.progress, rollout=lambda requests: self.train_engine.run(requests, self.generator),
+            progress=self.progress, rollout=lambda requests: agreed(lambda: self.train_engine.run(requests, self.generator)),
             generated_logprob=self._generated_logprob, snapshot_weights=self._snapshot_weights,
             load_weights=self._load_weights, accuracy_matrix=lambda: self.reward_matrix,
         )
         self.strategy.setup(self.cl_context)
 
     # ---- setup ------------------------------------------------------------------------------
+    def _prepare_log_dir(self) -> None:
+        """Rank 0 checks, locks and tidies the log_dir; every rank raises the same refusal."""
+        cfg, problem = self.config, None
+        if self.dist.is_main:
+            try:
+                check_writable(cfg.log_dir)
+                self.lock.acquire()
+                guard_log_dir(cfg.log_dir, cfg.resume_from, cfg.overwrite_log_dir)
+                for line in tidy_checkpoint_temporaries(cfg.log_dir):
+                    print(f"tau2cl: {line} (left by an interrupted checkpoint save)", file=sys.stderr)
+            except UserError as error:
+                problem = str(error)
+        problem = all_gather_objects(problem)[0]
+        if problem:
+            self.lock.release()
+            raise UserError(problem)
+
     def _check_batch_fits(self) -> None:
         for name, domain in self.domains.items():
             if self.config.batch_size_per_gpu > len(domain.train_tasks):
                 raise UserError(
                     f"batch_size_per_gpu {self.config.batch_size_per_gpu} is larger than the {name} train split "
                     f"({len(domain.train_tasks)} tasks); lower it or raise max_tasks_per_domain."
+                )
+
+    def _check_context_fits(self) -> None:
+        """Refuse a --max_context_tokens that leaves no room for a domain's prompt and one reply."""
+        cfg = self.config
+        for name, domain in self.domains.items():
+            task = domain.train_tasks[0]
+            prompt = len(self.policy.renderer.prompt_ids(domain.system_prompt(task), domain.tool_schemas, []))
+            if prompt + cfg.max_new_tokens > cfg.max_context_tokens:
+                raise UserError(
+                    f"--max_context_tokens {cfg.max_context_tokens} leaves no room for the {name} prompt "
+                    f"({prompt} tokens) plus --max_new_tokens {cfg.max_new_tokens}; raise it to at least "
+                    f"{prompt + cfg.max_new_tokens}."
                 )
 
     def _load_policy(self) -> Policy:
@@ -158,7 +197,7 @@ class GRPOTrainer:
             return None
         if self.lora is not None:  # the policy's own base, run with the adapters off
             return self.policy.model
-        dtype = self.config.model_dtype if self.config.model_dtype != "auto" else "float32"
+        dtype = self.config.model_dtype if self.config.model_dtype != "auto" and self.compute_dtype else "float32"
         model = load_model(self.config.model_name_or_path, dtype, self.dist.device)
         model.eval().requires_grad_(False)
         return model
@@ -201,15 +240,21 @@ class GRPOTrainer:
         """Run the whole domain sequence; returns the summary written to summary.json."""
         self.stop_request.install()
         try:
-            if self.progress.stages_done == 0:
-                self._evaluate_stage(0)
-            for task_idx in range(self.progress.task_idx, len(self.order)):
-                self._train_domain(task_idx)
+            try:
+                if self.progress.stages_done == 0:
+                    self._boundary_rng = rng_state(self.generator)
+                    self._where = "during the evaluation before training"
+                    self._evaluate_stage(0)
+                for task_idx in range(self.progress.task_idx, len(self.order)):
+                    self._train_domain(task_idx)
+            except RunStop as stop:
+                self._stop_at_boundary(stop)
             return self._finish()
         finally:
             self.stop_request.uninstall()
             self.user.close()
             self.tracker.close()
+            self.lock.release()
             compute_cleanup()
 
     def evaluate_task(self, domain_name: str, label: str | None = None) -> EvalSummary:
@@ -221,10 +266,12 @@ class GRPOTrainer:
             max_tasks=self.config.eval_max_tasks,
             episodes_per_batch=self.config.batch_size_per_gpu * self.config.num_samples_per_prompt,
             judge_model=self.config.judge_model,
+            reward_timeout=self.config.reward_timeout,
         )
         summary, records = evaluate_domain(
             self.eval_engine, self.domains[domain_name], settings, self.dist.rank, self.dist.world_size,
-            self.reward_fn, self.generator,
+            self.reward_fn, self.generator, guard=agreed,
+            on_progress=lambda done, total: self.tracker.eval_progress(label or "eval", domain_name, done, total),
         )
         if self.dist.is_main and label is not None:
             self._write_eval_results(domain_name, label, records)
@@ -237,33 +284,63 @@ class GRPOTrainer:
         steps = self.config.num_steps_per_task
         if self.progress.step == 0:
             self.strategy.before_domain(self.cl_context, task_idx, name)
+            if task_idx > 0 and self.config.domain_restart == "optimizer":
+                self.optimizer.state.clear()  # AdamW's moments start afresh with the domain
         self.tracker.start_domain(task_idx, name, len(domain.train_tasks), steps, self.progress.step)
+        if self.progress.pending == "eval":  # a stop interrupted it: redo it first
+            self._mid_domain_eval(task_idx, name, self.progress.step)
         for step in range(self.progress.step + 1, steps + 1):
+            self._at_boundary(f"at Task {task_idx} ({name}) step {step - 1}/{steps}")
             stats = self._train_step(task_idx, domain, step)
             self.progress.step = step
             self.progress.global_step += 1
             self.tracker.log_train(task_idx, name, step, self.progress.global_step, stats)
             if self.config.eval_interval and step % self.config.eval_interval == 0 and step < steps:
-                summary = self.evaluate_task(name, label=f"task{task_idx}_step{step}")
-                self.tracker.log_eval(task_idx, step, self.progress.global_step, summary, name)
+                self._mid_domain_eval(task_idx, name, step)
             if self.config.save_interval and step % self.config.save_interval == 0 and step < steps:
                 self._save_step_checkpoint()
             self._stop_if_requested(task_idx, name, step)
         self.tracker.end_domain()
-        self.strategy.after_domain(self.cl_context, task_idx, name)
+        if self.progress.pending != "stage":
+            self._at_boundary(f"after Task {task_idx} ({name}), in the {self.strategy.name} strategy's end-of-domain work")
+            if type(self.strategy).after_domain is not CLStrategy.after_domain:
+                self.tracker.log_message(f"{self.strategy.name}: end-of-domain work on {name} ...")
+            self.strategy.after_domain(self.cl_context, task_idx, name)
+        self.progress.pending = "stage"
+        self._at_boundary(f"during the evaluation after Task {task_idx} ({name})")
         self._evaluate_stage(task_idx + 1)
-        self.progress.set(task_idx=task_idx + 1, step=0, stages_done=task_idx + 2)
+        self.progress.set(task_idx=task_idx + 1, step=0, stages_done=task_idx + 2, pending="")
         self._save(domain_checkpoint_name(task_idx))
+
+    def _mid_domain_eval(self, task_idx: int, name: str, step: int) -> None:
+        self.progress.pending = "eval"
+        self._at_boundary(f"during the evaluation at Task {task_idx} ({name}) step {step}")
+        summary = self.evaluate_task(name, label=f"task{task_idx}_step{step}")
+        self.tracker.log_eval(task_idx, step, self.progress.global_step, summary, name)
+        self.progress.pending = ""
+
+    def _at_boundary(self, where: str) -> None:
+        """Remember the random state a stop in the coming work returns to, and what that work is."""
+        self._boundary_rng = rng_state(self.generator)
+        self._where = where
 
     def _train_step(self, task_idx: int, domain: Domain, step: int) -> dict:
         cfg = self.config
         t0 = time.perf_counter()
         requests = self.strategy.augment_batch(self.cl_context, self._step_requests(task_idx, domain, step))
-        with _out_of_memory_names_the_knobs("rollout"):
-            trajectories = self.train_engine.run(requests, self.generator)
-        t1 = time.perf_counter()
-        score_trajectories(trajectories, self.domains, self.reward_fn, self.config.judge_model)
-        t2 = time.perf_counter()
+        times: list[float] = []
+
+        def rollout_and_score() -> list[Trajectory]:  # rank-local: a stop or a reward fault leaves it
+            with _out_of_memory_names_the_knobs("rollout"):
+                out = self.train_engine.run(requests, self.generator)
+            times.append(time.perf_counter())
+            score_trajectories(
+                out, self.domains, self.reward_fn, cfg.judge_model, cfg.reward_timeout, self.stop_request.check
+            )
+            return out
+
+        trajectories = agreed(rollout_and_score)
+        t1, t2 = times[0], time.perf_counter()
         rewards = torch.tensor([t.train_reward for t in trajectories])
         advantages = group_advantages(rewards, cfg.num_samples_per_prompt, cfg.advantage_normalization)
         self.strategy.after_rollout(self.cl_context, trajectories)
@@ -274,8 +351,7 @@ class GRPOTrainer:
         stats.update(self._episode_stats(trajectories, rewards))
         stats.update(self.strategy.step_metrics(self.cl_context, trajectories))
         # disjoint parts: the reference model's log-probs (time_ref, timed in _update) are not update time
-        stats.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2 - stats["time_ref"],
-                     lr=self.scheduler.get_last_lr()[0])
+        stats.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2 - stats["time_ref"])
         return stats
 
     def _step_requests(self, task_idx: int, domain: Domain, step: int) -> list[RolloutRequest]:
@@ -316,6 +392,10 @@ class GRPOTrainer:
         settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef,
                                 self.compute_dtype, cfg.dual_clip, cfg.tis_cap)
         self.training.module.train()
+        restart = cfg.domain_restart != "none"
+        lr = learning_rate(cfg.learning_rate, cfg.warmup_steps, self.progress.step if restart else self.progress.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         stats: dict = {}
         for _ in range(cfg.num_updates_per_batch):
             # DDP/FSDP average the gradients over ranks in the last micro-batch's backward
@@ -330,9 +410,9 @@ class GRPOTrainer:
                 self.skipped_updates += 1
             self.optimizer.zero_grad(set_to_none=True)
             stats["grad_norm"] = float(grad_norm)
-        self.scheduler.step()
         self.training.refresh_rollout_model()
         stats = _token_weighted_across_ranks(stats)
+        stats["lr"] = lr  # the learning rate this step used
         stats["time_ref"] = time_ref
         stats["skipped_updates"] = self.skipped_updates
         return stats
@@ -429,14 +509,23 @@ class GRPOTrainer:
         signum = int(all_reduce_max_(flag).item())
         if not signum:
             return
+        self._at_boundary(f"at Task {task_idx} ({name}) step {step}/{self.config.num_steps_per_task}")
+        self._stop_at_boundary(RunStop(signum, None))
+
+    def _stop_at_boundary(self, stop: RunStop) -> None:
+        """Every rank: save the last boundary's checkpoint, then end with the stop's own line."""
         self.tracker.end_domain()
-        path = self._save_step_checkpoint()
-        where = f"at Task {task_idx} ({name}) step {step}/{self.config.num_steps_per_task}"
-        raise TrainingInterrupted(signum, str(path), where)
+        path = self._save_step_checkpoint(rng=self._boundary_rng)
+        if stop.signum is not None:
+            raise TrainingInterrupted(stop.signum, str(path), self._where)
+        raise UserError(
+            f"{stop.reason.rstrip('.')}; stopped {self._where}, checkpoint saved to {path}: fix the cause and "
+            f"resume with --resume_from {path}."
+        )
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def _save_step_checkpoint(self) -> Path:
-        path = self._save(step_checkpoint_name(self.progress.global_step))
+    def _save_step_checkpoint(self, rng: dict | None = None) -> Path:
+        path = self._save(step_checkpoint_name(self.progress.global_step), rng)
         if path in self.saved_step_checkpoints:
             return path
         self.saved_step_checkpoints.append(path)
@@ -447,12 +536,29 @@ class GRPOTrainer:
                 shutil.rmtree(old)
         return path
 
-    def _save(self, name: str) -> Path:
-        rng = all_gather_objects(rng_state(self.generator))
+    def _save(self, name: str, rng: dict | None = None) -> Path:
+        """Save a checkpoint (rank 0 writes; all ranks take part); `rng` = this rank's random state
+        to store (default: the current one). A failed write ends every rank with one line."""
+        rng = all_gather_objects(rng if rng is not None else rng_state(self.generator))
         optimizer_state = self.training.optimizer_state(self.optimizer)  # a collective when sharded
         path = Path(self.config.log_dir) / name
-        if not self.dist.is_main:
-            return path
+        problem = None
+        if self.dist.is_main:
+            try:
+                self._write_checkpoint(path, rng, optimizer_state)
+            except CheckpointSaveError as error:
+                last = f"'{self.last_checkpoint}'" if self.last_checkpoint else "none"
+                problem = (
+                    f"{error}; the last complete checkpoint is {last}. Free space or fix the folder's "
+                    "permissions, then resume from it."
+                )
+        problem = all_gather_objects(problem)[0]
+        if problem:
+            raise UserError(problem)
+        self.last_checkpoint = path
+        return path
+
+    def _write_checkpoint(self, path: Path, rng: list, optimizer_state: dict) -> None:
         state = {
             "metrics_lines": count_lines(Path(self.config.log_dir) / METRICS_FILE),
             "progress": vars(self.progress).copy(),
@@ -460,7 +566,6 @@ class GRPOTrainer:
             "pass_matrix": self.pass_matrix,
             "optimizer": optimizer_state,
             "optimizer_sharded": self.training.sharded,
-            "scheduler": self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
             "rng": rng,
             "skipped_updates": self.skipped_updates,
@@ -468,19 +573,23 @@ class GRPOTrainer:
             "config": self.config.to_dict(),
         }
         model = self.policy.model if self.lora is None else self.lora  # LoRA: the adapter files
-        return save_checkpoint(path, model, self.policy.tokenizer, state)
+        save_checkpoint(path, model, self.policy.tokenizer, state)
 
     def _resume(self, path: str) -> str | None:
-        ckpt = find_checkpoint(path)
+        def skipped(line: str) -> None:
+            if self.dist.is_main:
+                print(f"tau2cl: {line}", file=sys.stderr)
+
+        ckpt = find_checkpoint(path, skipped)
         state = load_state(ckpt)
-        saved = state["config"]
-        for key in ("task_order", "model_name_or_path", "num_samples_per_prompt"):
-            if saved[key] != getattr(self.config, key):
-                raise UserError(
-                    f"cannot resume from '{ckpt}': it was trained with {key} {saved[key]!r}, "
-                    f"not {getattr(self.config, key)!r}."
-                )
-        check_resume(saved, self.config, ckpt)
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            raise UserError(f"cannot resume from '{ckpt}': its trainer_state.pt holds no config.")
+        differences = config_differences(
+            saved, self.config.to_dict(), RESUME_MAY_CHANGE, _defaults()
+        )
+        if differences:
+            raise UserError(refusal(str(ckpt), differences))
         if state.get("optimizer_sharded", False) != self.training.sharded:
             raise UserError(
                 f"cannot resume from '{ckpt}': its optimizer state was saved "
@@ -491,12 +600,14 @@ class GRPOTrainer:
         if self.dist.is_main:  # drop what was logged after the checkpoint: no step twice
             truncate_lines(Path(self.config.log_dir) / METRICS_FILE, state["metrics_lines"])
         if self.lora is not None:
-            self.lora.load_weights(ckpt)
+            self.lora.load_weights(ckpt)  # refuses non-finite adapters
         else:
-            load_model_weights(self.policy.model, ckpt)
+            load_model_weights(self.policy.model, ckpt)  # refuses non-finite weights
+        bad = non_finite_count(state["optimizer"])
+        if bad:
+            raise UserError(f"checkpoint '{ckpt}' holds {bad} non-finite optimizer values; resume from an earlier checkpoint.")
         self.training.load_from_rollout_model()
         self.training.load_optimizer_state(self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.strategy.load_state_dict(state["strategy"])
         self.progress.set(**state["progress"])
         self.reward_matrix, self.pass_matrix = state["reward_matrix"], state["pass_matrix"]
@@ -504,6 +615,7 @@ class GRPOTrainer:
         rng = state["rng"]
         if self.dist.rank < len(rng):
             set_rng_state(self.generator, rng[self.dist.rank])
+        self.last_checkpoint = ckpt
         return state.get("wandb_run_id")
 
 
@@ -520,9 +632,25 @@ def _out_of_memory_names_the_knobs(phase: str):
         raise UserError(f"out of GPU memory during {phase}; lower the load with {knobs}.") from None
 
 
-def _compute_dtype(name: str) -> torch.dtype | None:
-    """The autocast dtype for forward passes (None = plain fp32)."""
-    return DTYPES.get(name) if name in ("bfloat16", "float16") else None
+def _defaults() -> dict:
+    """Every flag's default, for checkpoints saved before a flag existed."""
+    return GRPOConfig().to_dict()
+
+
+def _compute_dtype(name: str, dist: DistInfo) -> torch.dtype | None:
+    """The autocast dtype for forward passes (None = plain fp32).
+
+    Without a GPU, bfloat16 and float16 compute several times slower than float32 (CPUs emulate
+    them), so a CPU run computes in float32 and says so once.
+    """
+    if name not in ("bfloat16", "float16"):
+        return None
+    if dist.device.type == "cpu":
+        if dist.is_main:
+            print(f"tau2cl: no GPU: computing in float32 instead of --model_dtype {name}, which is several times "
+                  "slower on a CPU.", file=sys.stderr)
+        return None
+    return DTYPES[name]
 
 
 def _token_weighted_across_ranks(stats: dict) -> dict:

@@ -356,3 +356,41 @@ def test_run_multi_gpu_script_trains_with_two_processes(tmp_path):
     summary = json.loads((log_dir / "summary.json").read_text())
     assert summary["config"]["cl_algorithm"] == "sequential" and summary["stages_completed"] == 1
     assert not (tmp_path / "runs").exists()  # --log_dir given last overrode the script's default
+
+
+# ----------------------------------------------------------------------------- stops
+
+
+def test_sigterm_during_the_first_evaluation_stops_both_ranks_together_and_resumes(tmp_path):
+    """torchrun forwards SIGTERM to both ranks mid-evaluation; they agree, save one checkpoint, exit;
+    the resumed run redoes that evaluation once and trains every step once."""
+    log_dir = tmp_path / "run"
+    args = _torchrun(
+        "-m", "tau2cl.train", *TINY[:5], "airline", *TINY[7:], "--num_steps_per_task", "2",
+        "--log_dir", str(log_dir), "--no-use_progress_bar",
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        log = log_dir / "train.log"
+        deadline = time.monotonic() + 300
+        while not (log.exists() and "(before_training): 0/" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # the agent only: it forwards the signal to each rank once
+        signalled = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - signalled < 30, stderr[-3000:]
+    assert stderr.count("stopped by SIGTERM during the evaluation before training") == 1, stderr[-3000:]
+    assert stderr.count("SIGTERM received: stopping within seconds") == 1  # rank 0 only
+    assert sorted(p.name for p in log_dir.glob("checkpoint_*")) == ["checkpoint_step_0"]
+
+    resumed = _run([*args, "--resume_from", str(log_dir)], timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    evals = [(r["stage"], r["eval_domain"]) for r in _records(log_dir, "eval")]
+    assert evals == [(0, "airline"), (1, "airline")]  # the interrupted evaluation once, then the final one
+    assert [r["step"] for r in _records(log_dir, "train")] == [1, 2]

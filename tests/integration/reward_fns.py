@@ -9,3 +9,14 @@ def first_reply_length(domain: str, task, messages) -> float:
     if not agent:
         return 0.0
     return min(1.0, len(agent[0].raw_data.get("text", "")) / 200)
+
+
+CALLS = {"n": 0}
+
+
+def fails_on_fourth_call(domain: str, task, messages) -> float:
+    """first_reply_length, but the fourth call raises (a user reward function with a bug)."""
+    CALLS["n"] += 1
+    if CALLS["n"] == 4:
+        raise ZeroDivisionError("division by zero")
+    return first_reply_length(domain, task, messages)

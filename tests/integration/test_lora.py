@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 
 import tau2cl.trainer as trainer_module
 from tau2cl.agent.policy import Policy, load_model
-from tau2cl.config import GRPOConfig
+from tau2cl.config import RESUME_MAY_CHANGE, GRPOConfig
 from tau2cl.errors import UserError
-from tau2cl.rl.lora import ADAPTER_WEIGHTS, MERGED_DIR, add_lora, check_resume
+from tau2cl.rl.lora import ADAPTER_WEIGHTS, MERGED_DIR, add_lora
 from tau2cl.rl.update import sequence_logprobs
+from tau2cl.runs.resume_check import config_differences
 from tau2cl.trainer import GRPOTrainer
 
 R, ALPHA = 4, 32.0
@@ -177,11 +178,13 @@ def test_resuming_a_lora_run_from_its_domain_checkpoint_is_exact(lora_run, tmp_p
     assert steps == [(r["task_idx"], r["step"], r["loss"], r["reward_mean"]) for r in _records(straight)[2:]]
 
 
-def test_a_checkpoint_resumes_only_with_its_own_lora_rank(tmp_path):
-    check_resume({"lora_r": 4}, GRPOConfig(lora_r=4), tmp_path)
-    check_resume({}, GRPOConfig(), tmp_path)  # saved before LoRA existed: full fine-tuning
-    with pytest.raises(UserError, match="trained with lora_r 4, not 0"):
-        check_resume({"lora_r": 4}, GRPOConfig(), tmp_path)
+def test_a_checkpoint_resumes_only_with_its_own_lora_rank():
+    defaults = GRPOConfig().to_dict()
+    changed = config_differences({"lora_r": 4}, GRPOConfig().to_dict(), RESUME_MAY_CHANGE, defaults)
+    assert changed == [("lora_r", 4, 0)]
+    assert config_differences({"lora_r": 4}, GRPOConfig(lora_r=4).to_dict(), RESUME_MAY_CHANGE, defaults) == []
+    # saved before LoRA existed: full fine-tuning, the default
+    assert config_differences({}, GRPOConfig().to_dict(), RESUME_MAY_CHANGE, defaults) == []
 
 
 def test_unknown_target_modules_are_one_clear_error(tiny_model):

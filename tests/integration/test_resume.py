@@ -15,7 +15,7 @@ import torch
 
 import tau2cl.rl.update as update_module
 from tau2cl.config import GRPOConfig
-from tau2cl.runs.checkpoint import load_state, save_checkpoint
+from tau2cl.runs.checkpoint import build_manifest, load_state, save_checkpoint
 from tau2cl.trainer import GRPOTrainer
 
 HERE = Path(__file__).parent
@@ -56,9 +56,12 @@ def test_sigterm_mid_domain_then_resume_ends_like_an_uninterrupted_run(tmp_path)
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
+    signalled = time.time()
     _, err = proc.communicate(timeout=600)
+    assert time.time() - signalled < 30  # mid-rollout: the step is abandoned, not finished
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "Traceback" not in err and "--resume_from" in err
+    assert "SIGTERM received: stopping within seconds" in err  # acknowledged at once
     assert not (cut / "summary.json").exists() or json.loads((cut / "summary.json").read_text())["stages_completed"] < 2
 
     resumed = subprocess.run(
@@ -111,7 +114,7 @@ TINY = ["--model_name_or_path", "tiny", "--model_dtype", "float32", "--max_tasks
 
 def test_a_model_that_cannot_be_loaded_offline_is_one_clear_error(tmp_path):
     result = _run_cli("--model_name_or_path", str(tmp_path / "no-such-model"), "--log_dir", str(tmp_path / "r"))
-    _assert_one_line_error(result, "cannot load model")
+    _assert_one_line_error(result, "model path", "does not exist")
 
 
 def test_a_model_without_a_chat_template_is_one_clear_error(tmp_path, tiny_tokenizer, tiny_model):
@@ -144,6 +147,7 @@ def test_resuming_from_an_incompatible_run_is_one_clear_error(tmp_path):
     checkpoint.mkdir(parents=True)
     old = GRPOConfig(model_name_or_path="tiny", task_order=["retail", "airline"]).to_dict()
     torch.save({"config": old, "progress": {"global_step": 3}}, checkpoint / "trainer_state.pt")
+    (checkpoint / "manifest.json").write_text(json.dumps(build_manifest(checkpoint)))
     result = _run_cli(*TINY, "--log_dir", str(tmp_path / "r"), "--resume_from", str(tmp_path / "old"))
     _assert_one_line_error(result, "cannot resume", "task_order")
 

@@ -350,3 +350,18 @@ def test_every_field_has_help_a_known_group_and_a_flag():
         assert f"--{f.name}" in parser_flags, f.name
         for choice in f.metadata.get("choices", ()):
             assert choice in f.metadata["help"], (f.name, choice)
+
+
+def test_negative_numbers_parse_after_a_space_and_a_misspelled_flag_gets_a_suggestion():
+    assert parse_config(["--seed", "-3", "--clip_range", "0.1"]).seed == -3
+    with pytest.raises(UserError, match=r"^--learning_rate must be 0 or more, got -1e-05\.$"):
+        parse_config(["--learning_rate", "-1e-5"])
+    with pytest.raises(UserError, match=r"^unrecognized arguments: --learnig_rate 1e-5; the closest flag is --learning_rate\.$"):
+        parse_config(["--learnig_rate", "1e-5"])
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"seed: 1\nlog_dir: caf\xe9\n")
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 20 cannot be read\)"):
+        parse_config(["--config", str(path)])

@@ -16,6 +16,7 @@ orchestrator; the agent sees only the user's text. User tokens never carry loss 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,15 +62,20 @@ class RolloutSettings:
 class RolloutEngine:
     """Runs batches of episodes with one policy and one user simulator."""
 
-    def __init__(self, policy: Policy, user: UserSimulator, settings: RolloutSettings):
+    def __init__(
+        self, policy: Policy, user: UserSimulator, settings: RolloutSettings, check_stop: Callable[[], None] | None = None
+    ):
         self.policy = policy
         self.user = user
         self.settings = settings
+        self.check_stop = check_stop  # called between turns; raises to abandon the batch when the run stops
 
     def run(self, requests: list[RolloutRequest], generator: torch.Generator | None = None) -> list[Trajectory]:
         self.policy.reset_prefix_cache()  # the weights may have changed since the last run
         episodes = [self._start(r) for r in requests]
         while True:
+            if self.check_stop is not None:
+                self.check_stop()
             waiting = [e for e in episodes if e.termination is None and e.awaiting == AWAITING_POLICY]
             waiting = [e for e in waiting if self._fits_context(e)]
             for group in _by_domain(waiting):  # one domain shares one prompt prefix
@@ -252,8 +258,17 @@ def run_agent_tools(episode: Episode, parsed: ParsedTurn, calls: list[ToolCall])
 
 
 def _execute(env: Any, call: ToolCall) -> ToolMessage:
-    """tau2's own tool execution: unknown tools and bad arguments come back as 'Error: ...'."""
-    return env.get_response(call)
+    """tau2's own tool execution: unknown tools and bad arguments come back as 'Error: ...'.
+
+    An exception that escapes the environment itself (tau2 catches only the tool's own) becomes
+    that call's tool error in the same form, counted in the episode's tool errors like any other.
+    """
+    try:
+        return env.get_response(call)
+    except Exception as exc:
+        return ToolMessage(
+            id=call.id, content=f"Error: {type(exc).__name__}: {exc}", requestor=call.requestor, role="tool", error=True
+        )
 
 
 def _content_with_malformed(parsed: ParsedTurn) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tau2cl.agent.chat import ChatRenderer
+from tau2cl.agent.model_source import check_model_source
 from tau2cl.agent.tiny_model import resolve_model_path
 from tau2cl.errors import UserError
 from tau2cl.rl.update import autocast_for
@@ -46,6 +47,7 @@ def _split_gguf(path: str) -> tuple[str, dict]:
 def load_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
+    check_model_source(resolve_model_path(name_or_path))
     path, extra = _split_gguf(resolve_model_path(name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
@@ -61,6 +63,7 @@ def load_tokenizer(name_or_path: str) -> Any:
 def load_model(name_or_path: str, dtype: str, device: torch.device | str, gradient_checkpointing: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
+    check_model_source(resolve_model_path(name_or_path))
     path, extra = _split_gguf(resolve_model_path(name_or_path))
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     try:

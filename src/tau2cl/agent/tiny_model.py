@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import before any tau2 import)
+from tau2cl.errors import UserError
 
 TINY_MODEL_NAME = "tiny"
 TINY_MODEL_VERSION = "v1"  # bump when the recipe below changes, so stale caches are not reused
@@ -293,7 +294,15 @@ def resolve_model_path(name_or_path: str) -> str:
     target = root / f"tiny-model-{TINY_MODEL_VERSION}-seed0"
     if target.is_dir():
         return str(target)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the model cache '{root}' ({exc.strerror or exc}); set {CACHE_ENV_VAR} to a writable folder."
+        ) from None
     with _build_lock(root):
         if not target.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=".tiny-model-", dir=root))

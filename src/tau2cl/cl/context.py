@@ -25,8 +25,11 @@ class Progress:
     step: int = 0  # steps completed on that domain
     global_step: int = 0
     stages_done: int = 0  # rows of the accuracy matrix filled (row 0 = before training)
+    # work a stop interrupted at this position, redone on resume: "eval" = the mid-domain evaluation
+    # after `step`; "stage" = the evaluation stage after the domain (its after_domain hook is done)
+    pending: str = ""
 
-    def set(self, **fields: int) -> None:
+    def set(self, **fields: int | str) -> None:
         for name, value in fields.items():
             if not hasattr(self, name):
                 raise AttributeError(f"Progress has no field {name!r}")

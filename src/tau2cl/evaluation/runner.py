@@ -6,6 +6,7 @@ back in episode order, so the figures equal a single-process evaluation of the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tau2cl.distributed import all_gather_objects
 from tau2cl.env.domains import Domain
 from tau2cl.evaluation.stats import EvalSummary, summarize
 from tau2cl.rl.rewards import RewardFn, score_trajectories
+from tau2cl.runs.files import EVAL_RESULTS_DIR
 
 
 @dataclass
@@ -38,6 +40,7 @@ class EvalSettings:
     max_tasks: int | None
     episodes_per_batch: int
     judge_model: str | None = None  # litellm judge of tau2's NL assertions (None: not evaluated)
+    reward_timeout: float | None = None  # seconds a custom reward call may take
 
 
 def evaluate_domain(
@@ -48,18 +51,36 @@ def evaluate_domain(
     world_size: int,
     reward_fn: RewardFn | None = None,
     generator: torch.Generator | None = None,
+    guard: Callable[[Callable[[], Any]], Any] = lambda work: work(),
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[EvalSummary, list[EvalRecord]]:
-    """Evaluate on the test split; every rank returns the same summary and all records."""
+    """Evaluate on the test split; every rank returns the same summary and all records.
+
+    `guard` runs this rank's episodes (no collectives inside) before they are gathered, so a stop
+    can leave on every rank together; `on_progress(done, total)` follows the episodes (rank 0's
+    share times the ranks, an estimate of the whole).
+    """
     tasks = domain.tasks("test")[: settings.max_tasks] if settings.max_tasks else domain.tasks("test")
     k = settings.samples_per_task
-    mine = [i for i in range(len(tasks) * k) if i % world_size == rank]
-    records: list[EvalRecord] = []
-    for start in range(0, len(mine), settings.episodes_per_batch):
-        chunk = mine[start : start + settings.episodes_per_batch]
-        requests = [RolloutRequest(domain, tasks[i // k], group=i) for i in chunk]
-        trajectories = engine.run(requests, generator)
-        score_trajectories(trajectories, {domain.name: domain}, reward_fn, settings.judge_model)
-        records += [_record(i, i % k, t, reward_fn is not None) for i, t in zip(chunk, trajectories, strict=True)]
+    total = len(tasks) * k
+    mine = [i for i in range(total) if i % world_size == rank]
+
+    def run_mine() -> list[EvalRecord]:
+        records: list[EvalRecord] = []
+        on_progress(0, total)
+        for start in range(0, len(mine), settings.episodes_per_batch):
+            chunk = mine[start : start + settings.episodes_per_batch]
+            requests = [RolloutRequest(domain, tasks[i // k], group=i) for i in chunk]
+            trajectories = engine.run(requests, generator)
+            score_trajectories(
+                trajectories, {domain.name: domain}, reward_fn, settings.judge_model,
+                settings.reward_timeout, engine.check_stop,
+            )
+            records += [_record(i, i % k, t, reward_fn is not None) for i, t in zip(chunk, trajectories, strict=True)]
+            on_progress(min(total, (start + len(chunk)) * world_size), total)
+        return records
+
+    records = guard(run_mine)
     gathered = sorted((r for part in all_gather_objects(records) for r in part), key=lambda r: r.index)
     summary = summarize(
         domain.name,
@@ -104,4 +125,4 @@ def to_simulation(traj: Trajectory, index: int, trial: int) -> Any:
 
 
 def results_path(log_dir: str | Path, label: str, domain: str) -> Path:
-    return Path(log_dir) / "eval_results" / f"{label}_{domain}.json"
+    return Path(log_dir) / EVAL_RESULTS_DIR / f"{label}_{domain}.json"

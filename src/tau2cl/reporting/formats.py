@@ -16,6 +16,7 @@ NAME_WIDTH = 10  # domain column of the transfer rows: "airline    | Reward: ...
 DETAIL_INDENT = " " * 8
 # The bar has no rate field: "100/100 [10:23<00:00, loss: 2.1234, reward: 0.456, kl: ...]".
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+EVAL_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} episodes [{elapsed}<{remaining}]"
 # The transfer block prints the measures in this order; any other key follows in the order given.
 MEASURE_ORDER = ("backward_transfer", "average_performance", "forgetting", "forward_transfer")
 

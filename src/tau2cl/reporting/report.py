@@ -15,10 +15,8 @@ from pathlib import Path
 from tau2cl.reporting.formats import format_matrix, format_measures
 from tau2cl.reporting.plots import plot_accuracy_matrix, plot_learning_curves
 from tau2cl.reporting.run_data import MEASURE_LABELS, MEASURE_NAMES, RunData, load_run
+from tau2cl.runs.files import CURVES_PNG, MATRIX_PNG, REPORT_TXT
 
-MATRIX_PNG = "accuracy_matrix.png"
-CURVES_PNG = "learning_curves.png"
-REPORT_TXT = "report.txt"
 COMPARISON_MD = "comparison.md"
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from tau2cl.errors import UserError
 from tau2cl.evaluation.stats import EvalSummary
 from tau2cl.reporting.formats import (
     BAR_FORMAT,
+    EVAL_BAR_FORMAT,
     format_banner,
     format_eval_detail,
     format_eval_line,
@@ -118,6 +119,7 @@ class MetricsTracker:
         self.verbose = verbose
         self._stream = stream if stream is not None else sys.stdout
         self._bar: tqdm | None = None
+        self._eval_bar: tqdm | None = None
         self._domain, self._num_steps, self._step = None, None, 0
         self._last_kind: str | None = None  # what was printed last; decides blank separator lines
         self._jsonl = None
@@ -334,13 +336,40 @@ class MetricsTracker:
         os.replace(tmp_path, path)
 
     @_main_only
+    def eval_progress(self, label: str, domain: str, done: int, total: int) -> None:
+        """An evaluation's episodes as they finish: a bar, or one compact line per batch.
+
+        Called with done=0 before the first episode (so its header comes before the work) and after
+        every batch; the bar closes itself when done reaches total.
+        """
+        desc = f"Eval {domain} ({label})"
+        if not self.use_progress_bar:
+            self._write(f"[EVAL] {domain} ({label}): {done}/{total} episodes", "progress")
+            return
+        if done == 0 or self._eval_bar is None:
+            self._close_eval_bar()
+            self._eval_bar = tqdm(
+                total=total, desc=desc, file=self._stream, bar_format=EVAL_BAR_FORMAT,
+                dynamic_ncols=True, mininterval=0, miniters=1, leave=False,  # a batch takes seconds
+            )
+        self._eval_bar.update(done - self._eval_bar.n)
+        if done >= total:
+            self._close_eval_bar()
+
+    def _close_eval_bar(self) -> None:
+        if self._eval_bar is not None:
+            self._eval_bar.close()  # leave=False: the [EVAL] line that follows stays instead
+            self._eval_bar = None
+
+    @_main_only
     def log_message(self, text: str) -> None:
         """Any other line from the trainer, printed without garbling the bar."""
         self._write(text, "message")
 
     @_main_only
     def close(self) -> None:
-        """Close the bar, the metrics file and the wandb run; safe to call twice."""
+        """Close the bars, the metrics file and the wandb run; safe to call twice."""
+        self._close_eval_bar()
         self._close_bar()
         if self._jsonl is not None:
             self._jsonl.close()

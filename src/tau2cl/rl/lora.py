@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from tau2cl.errors import UserError
+from tau2cl.runs.checkpoint import non_finite_count
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names in a saved adapter folder
 ADAPTER_CONFIG = "adapter_config.json"
@@ -109,7 +110,11 @@ class LoraPolicy:
                 f"checkpoint '{folder}' holds no LoRA adapter ({ADAPTER_WEIGHTS}); resume it with "
                 "--lora_r 0, the setting it was trained with."
             )
-        result = set_peft_model_state_dict(self.peft, load_file(str(path)))
+        state = load_file(str(path))
+        bad = non_finite_count(state)
+        if bad:
+            raise UserError(f"checkpoint '{folder}' holds {bad} non-finite adapter weights; resume from an earlier checkpoint.")
+        result = set_peft_model_state_dict(self.peft, state)
         missing = [k for k in result.missing_keys if ".lora_" in k]
         if missing or result.unexpected_keys:
             raise UserError(
@@ -117,15 +122,6 @@ class LoraPolicy:
                 f"(missing {missing[:2]}, unexpected {list(result.unexpected_keys)[:2]}); resume "
                 "with the LoRA settings it was trained with."
             )
-
-
-def check_resume(saved_config: dict, config: Any, checkpoint: Path) -> None:
-    """A checkpoint resumes only with the LoRA rank it was trained with (0 = full fine-tuning)."""
-    saved = saved_config.get("lora_r", 0)
-    if saved != config.lora_r:
-        raise UserError(
-            f"cannot resume from '{checkpoint}': it was trained with lora_r {saved}, not {config.lora_r}."
-        )
 
 
 def adapters_disabled(lora: LoraPolicy | None) -> contextlib.AbstractContextManager:

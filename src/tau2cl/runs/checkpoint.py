@@ -1,15 +1,21 @@
 """Checkpoints: a from_pretrained-loadable model + tokenizer, and the trainer state to resume.
 
 A checkpoint is written into a temporary sibling folder and renamed into place, so a kill during a
-save leaves the previous checkpoint intact.
+save leaves the previous checkpoint intact. Its last file is `manifest.json`: the size and SHA-256
+of every other file in the folder (whatever wrote them: weights, adapters, tokenizer, state), so a
+checkpoint is complete only when its manifest is there and every file still matches it. Resuming
+from a log_dir takes the latest checkpoint that verifies and names each one it skips.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,18 @@ from tau2cl.errors import UserError
 
 STATE_FILE = "trainer_state.pt"
 PROGRESS_FILE = "progress.json"
+MANIFEST_FILE = "manifest.json"
+_CHUNK = 1 << 22  # bytes read at a time when hashing
+
+
+class CheckpointSaveError(Exception):
+    """A checkpoint could not be written; its temporary folder is already removed."""
+
+    def __init__(self, path: Path, cause: BaseException):
+        text = str(cause).strip()
+        reason = getattr(cause, "strerror", None) or (text.splitlines()[0] if text else type(cause).__name__)
+        super().__init__(f"could not save checkpoint '{path}' ({reason})")
+        self.path = path
 
 
 def domain_checkpoint_name(task_idx: int) -> str:
@@ -35,12 +53,17 @@ def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_FILE)
-    # the position alone, so finding the latest checkpoint never loads optimizer states
-    (tmp / PROGRESS_FILE).write_text(json.dumps(state.get("progress", {})))
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        # the position alone, so finding the latest checkpoint never loads optimizer states
+        (tmp / PROGRESS_FILE).write_text(json.dumps(state.get("progress", {})))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(build_manifest(tmp), indent=1))  # last: marks it complete
+    except (OSError, RuntimeError) as exc:  # disk full, folder gone or unwritable (torch wraps OSErrors)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(path, exc) from exc
     old = path.with_name(path.name + ".old")
     if path.exists():
         os.replace(path, old)
@@ -50,29 +73,101 @@ def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path
     return path
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the latest checkpoint inside a log_dir."""
+# ---- the manifest ----------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_manifest(folder: Path) -> dict:
+    """{"files": {relative path: {"size", "sha256"}}} of every file under `folder` but the manifest."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    return {
+        "files": {
+            p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files
+        }
+    }
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (incomplete, changed, unreadable), or None."""
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.exists():
+        return "it has no manifest.json, so its save never finished"
+    try:
+        listed = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its manifest.json is unreadable"
+    for name, entry in listed.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{name} has {file.stat().st_size} bytes, not the {entry['size']} saved"
+        if _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its checksum (changed or corrupted after the save)"
+    return None
+
+
+def find_checkpoint(path: str | Path, skipped: Callable[[str], None] = lambda line: None) -> Path:
+    """A checkpoint folder, or the latest complete checkpoint inside a log_dir.
+
+    Candidates are tried from the latest back; each one that does not verify is reported through
+    `skipped` (one line) and the previous one is tried.
+    """
     path = Path(path)
-    if (path / STATE_FILE).exists():
+    if (path / STATE_FILE).exists() or (path / MANIFEST_FILE).exists():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"checkpoint '{path}' cannot be resumed: {problem}; give an earlier checkpoint or its log_dir.")
         return path
     candidates = [
         p for p in (path.glob("checkpoint_*") if path.is_dir() else [])
-        if p.suffix not in (".tmp", ".old") and (p / STATE_FILE).exists()
+        if p.is_dir() and p.suffix not in (".tmp", ".old")
     ]
     if not candidates:
         raise UserError(f"no checkpoint found at '{path}' (expected a checkpoint folder or a log_dir holding one).")
-    return max(candidates, key=_position)
+    for checkpoint in sorted(candidates, key=_position, reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        skipped(f"skipping checkpoint '{checkpoint}': {problem}.")
+    raise UserError(f"no complete checkpoint in '{path}': every one failed verification (see the lines above).")
 
 
 def _position(checkpoint: Path) -> tuple[int, int]:
-    """How far a checkpoint got: global step, then matrix rows filled (a domain end comes last)."""
-    small = checkpoint / PROGRESS_FILE
-    progress = json.loads(small.read_text()) if small.exists() else load_state(checkpoint).get("progress", {})
-    return progress.get("global_step", 0), progress.get("stages_done", 0)
+    """How far a checkpoint got: global step, then matrix rows filled (a domain end comes last).
+
+    An unreadable progress.json sorts first, so it is tried last (and its verification says why).
+    """
+    try:
+        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
+        return int(progress.get("global_step", 0)), int(progress.get("stages_done", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return -1, -1
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated, empty or garbled: the user's file, not a bug
+        raise UserError(f"cannot read '{Path(path) / STATE_FILE}' ({type(exc).__name__}); resume from an earlier checkpoint.") from None
+
+
+def non_finite_count(tensors) -> int:
+    """Elements that are NaN or infinite, over floating-point tensors found in nested containers."""
+    if isinstance(tensors, torch.Tensor):
+        return int((~torch.isfinite(tensors)).sum()) if tensors.is_floating_point() else 0
+    if isinstance(tensors, dict):
+        return sum(non_finite_count(v) for v in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return sum(non_finite_count(v) for v in tensors)
+    if isinstance(tensors, float):
+        return int(not math.isfinite(tensors))
+    return 0
 
 
 def load_model_weights(model: Any, path: Path) -> None:
@@ -81,7 +176,13 @@ def load_model_weights(model: Any, path: Path) -> None:
 
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(Path(path).glob("*.safetensors")):
-        state.update(load_file(str(shard)))
+        try:
+            state.update(load_file(str(shard)))
+        except Exception as exc:  # truncated or garbled file
+            raise UserError(f"cannot read '{shard}' ({exc}); resume from an earlier checkpoint.") from None
+    bad = non_finite_count(state)
+    if bad:
+        raise UserError(f"checkpoint '{path}' holds {bad} non-finite weights; resume from an earlier checkpoint.")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:

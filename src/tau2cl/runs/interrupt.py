@@ -1,7 +1,14 @@
-"""Ctrl-C and scheduler preemption (SIGINT, SIGTERM) become a stop at the next step boundary.
+"""Ctrl-C and scheduler preemption (SIGINT, SIGTERM) become a stop within seconds, wherever the run is.
 
-The first signal only sets a flag; the trainer checks it between steps (all ranks agree through
-one all-reduce), saves a checkpoint and exits. A second signal exits at once.
+The first signal sets a flag and prints one line (rank 0) saying what will happen. Work that
+touches no other process (rollouts, reward calls, the episodes of an evaluation, a Fisher's
+rollouts) checks the flag between turns and gives up at once (`StopNow`); it runs inside
+`agreed`, which then gathers every rank's outcome, so all ranks leave the phase together
+(`RunStop`) and save the checkpoint of the last boundary. Between steps the trainer also checks the
+flag with one all-reduce. A second signal exits at once, without saving.
+
+A UserError raised inside such work (a custom reward function that fails, a task that needs a
+judge) takes the same path: all ranks stop, the boundary checkpoint is saved, one line says why.
 """
 
 from __future__ import annotations
@@ -9,8 +16,50 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from tau2cl.distributed import all_gather_objects
+from tau2cl.errors import UserError
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+T = TypeVar("T")
+
+
+class StopNow(Exception):
+    """Raised on one rank at a safe point of rank-local work once a stop signal has arrived."""
+
+
+class RunStop(Exception):
+    """Every rank leaves the current phase: a stop signal (`signum`) or a fault (`reason`)."""
+
+    def __init__(self, signum: int | None, reason: str | None):
+        super().__init__(reason or f"signal {signum}")
+        self.signum = signum
+        self.reason = reason
+
+
+def agreed(work: Callable[[], T]) -> T:
+    """Run rank-local `work` (no collectives inside); then all ranks agree whether to go on.
+
+    One all-gather of a small object per call: if any rank was stopped by a signal or failed with a
+    UserError, every rank raises the same RunStop (a fault's message wins over a signal).
+    """
+    outcome: tuple[str, object] | None = None
+    result = None
+    try:
+        result = work()
+    except StopNow as stop:
+        outcome = ("signal", stop.args[0])
+    except UserError as error:
+        outcome = ("fault", str(error))
+    outcomes = [o for o in all_gather_objects(outcome) if o is not None]
+    faults = [detail for kind, detail in outcomes if kind == "fault"]
+    if faults:
+        raise RunStop(None, str(faults[0]))
+    if outcomes:
+        raise RunStop(int(outcomes[0][1]), None)
+    return result  # type: ignore[return-value]
 
 
 class TrainingInterrupted(Exception):
@@ -30,9 +79,15 @@ class TrainingInterrupted(Exception):
 class StopRequest:
     """Holds the first stop signal received; a second one ends the process immediately."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
+        self.announce = announce  # print the one acknowledgement line (rank 0 only)
         self._previous: dict[int, object] = {}
+
+    def check(self) -> None:
+        """Raise StopNow once a stop signal has arrived (called at safe points of rank-local work)."""
+        if self.signum is not None:
+            raise StopNow(self.signum)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -49,3 +104,13 @@ class StopRequest:
         if self.signum is not None:
             os._exit(128 + signum)  # second signal: no checkpoint, no cleanup
         self.signum = signum
+        if self.announce:  # os.write: safe inside a signal handler, unlike print
+            os.write(2, acknowledgement(signum).encode() + b"\n")
+
+
+def acknowledgement(signum: int) -> str:
+    """The line printed as soon as the first stop signal arrives."""
+    return (
+        f"tau2cl: {signal.Signals(signum).name} received: stopping within seconds at the next safe point "
+        "and saving a checkpoint to resume from (send it again to exit at once without saving)."
+    )
