@@ -14,9 +14,10 @@ It runs tau2cl's own code in-process so that a test can look inside each rank, w
         rank 0 writes the summaries (EvalSummary.to_dict()) and the world size to OUT, and the
         trainer writes the episodes to LOG_DIR/eval_results/probe_<domain>.json (tau2 Results).
     dist_probe.py lora_step OUT.json
-        The tiny model with LoRA adapters (bf16 base, fp32 adapters) takes two GRPO steps on a
-        rank-specific synthetic batch, once under DDP and once under FSDP2, through tau2cl's
-        TrainingModel; rank 0 writes every rank's digests of the rollout model's weights to OUT
+        The tiny model with LoRA adapters (bf16 base, fp32 adapters) takes three GRPO steps with
+        the KL to the reference (the rollout model with the adapters off) on a rank-specific
+        synthetic batch, once under DDP and once under FSDP2, through tau2cl's TrainingModel;
+        rank 0 writes every rank's digests of the rollout model's weights to OUT
         and its adapters after each parallelism to OUT with the suffix .pt.
     dist_probe.py skip_collective TIMEOUT_S
         compute_init(timeout=TIMEOUT_S), then only rank 0 enters all_gather_objects while the
@@ -128,11 +129,11 @@ def probe_lora_step(out: str) -> int:
     from tau2cl.config import GRPOConfig
     from tau2cl.rl.lora import add_lora
     from tau2cl.rl.training_model import TrainingModel
-    from tau2cl.rl.update import LossSettings, accumulate_gradients
+    from tau2cl.rl.update import LossSettings, accumulate_gradients, reference_logprobs
 
     info = distributed.compute_init()
     config = GRPOConfig(model_name_or_path="tiny", model_dtype="bfloat16", lora_r=4)
-    settings = LossSettings(1.0, 0.2, 0.2, 0.0, compute_dtype=torch.bfloat16)
+    settings = LossSettings(1.0, 0.2, 0.2, 0.5, compute_dtype=torch.bfloat16)  # with the KL
     record: dict = {"rank": info.rank}
     adapters = {}
     for parallelism in ("ddp", "fsdp"):
@@ -144,14 +145,19 @@ def probe_lora_step(out: str) -> int:
         optimizer = torch.optim.AdamW(training.params, lr=1e-2)
         batch = _synthetic_batch(info.rank, pad_id=0)
         tokens = batch.num_tokens * info.world_size  # both ranks' batches have the same count
-        for _ in range(2):
-            accumulate_gradients(training.module, batch, [[0], [1]], settings, tokens / info.world_size)
+        kl = []
+        for _ in range(3):  # the reference is the rollout model with the adapters off, as in the trainer
+            with lora.reference():
+                batch.ref_logprobs = reference_logprobs(lora.lm, batch, [[0, 1]], 1.0, torch.bfloat16)
+            stats = accumulate_gradients(training.module, batch, [[0], [1]], settings, tokens / info.world_size)
+            kl.append(stats["kl"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             training.refresh_rollout_model()
         weights = dict(lora.lm.named_parameters())
         record[parallelism] = {
             "initial_digest": initial,
+            "kl": kl,
             "digest": parameter_digest(lora.lm),
             "trained": len(training.params),
             "base_unchanged": all(torch.equal(weights[k], v) for k, v in base.items()),
