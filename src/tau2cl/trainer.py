@@ -44,6 +44,7 @@ from tau2cl.reporting.report import write_report
 from tau2cl.reporting.tracker import MetricsTracker
 from tau2cl.rl.grpo import group_advantages, zero_std_group_fraction
 from tau2cl.rl.rewards import load_reward_fn, score_trajectories
+from tau2cl.rl.sft import SupervisedWarmStart
 from tau2cl.rl.training_model import TrainingModel
 from tau2cl.rl.update import (
     LossSettings,
@@ -63,6 +64,7 @@ from tau2cl.runs.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    sft_checkpoint_name,
     step_checkpoint_name,
     truncate_lines,
 )
@@ -100,6 +102,7 @@ class GRPOTrainer:
         self.train_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.temperature, **common))
         self.eval_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.eval_temperature, **common))
         self.reward_fn = load_reward_fn(config.reward_fn)
+        self.sft = SupervisedWarmStart(config, self.dist, self.policy, self.training, user, self.compute_dtype)
         self.strategy = build_strategy(config)
         self.generator = torch.Generator(device=self.dist.device)
         self.generator.manual_seed(config.seed * 1000 + self.dist.rank)
@@ -202,9 +205,12 @@ class GRPOTrainer:
         name = self.order[task_idx]
         domain = self.domains[name]
         steps = self.config.num_steps_per_task
-        if self.progress.step == 0:
+        if self.progress.step == 0 and self.progress.sft_step == 0:
             self.strategy.before_domain(self.cl_context, task_idx, name)
         self.tracker.start_domain(task_idx, name, len(domain.train_tasks), steps, self.progress.step)
+        if self.progress.step == 0:
+            self.sft.run(task_idx, domain, self.progress, self.tracker,
+                         after_step=lambda s: self._stop_if_requested(task_idx, name, s, sft=True))
         for step in range(self.progress.step + 1, steps + 1):
             stats = self._train_step(task_idx, domain, step)
             self.progress.step = step
@@ -219,7 +225,7 @@ class GRPOTrainer:
         self.tracker.end_domain()
         self.strategy.after_domain(self.cl_context, task_idx, name)
         self._evaluate_stage(task_idx + 1)
-        self.progress.set(task_idx=task_idx + 1, step=0, stages_done=task_idx + 2)
+        self.progress.set(task_idx=task_idx + 1, step=0, sft_step=0, stages_done=task_idx + 2)
         self._save(domain_checkpoint_name(task_idx))
 
     def _train_step(self, task_idx: int, domain: Domain, step: int) -> dict:
@@ -386,13 +392,17 @@ class GRPOTrainer:
         )
 
     # ---- interruption -----------------------------------------------------------------------
-    def _stop_if_requested(self, task_idx: int, name: str, step: int) -> None:
+    def _stop_if_requested(self, task_idx: int, name: str, step: int, sft: bool = False) -> None:
         """At a step boundary: if any rank got SIGINT/SIGTERM, all save and stop together."""
         flag = torch.tensor([float(self.stop_request.signum or 0)], dtype=torch.float64)
         signum = int(all_reduce_max_(flag).item())
         if not signum:
             return
         self.tracker.end_domain()
+        if sft:
+            path = self._save(sft_checkpoint_name(task_idx, step))
+            where = f"at Task {task_idx} ({name}) supervised step {step}/{self.config.sft_steps_per_task}"
+            raise TrainingInterrupted(signum, str(path), where)
         path = self._save_step_checkpoint()
         where = f"at Task {task_idx} ({name}) step {step}/{self.config.num_steps_per_task}"
         raise TrainingInterrupted(signum, str(path), where)
@@ -413,6 +423,7 @@ class GRPOTrainer:
     def _save(self, name: str) -> Path:
         rng = all_gather_objects(rng_state(self.generator))
         optimizer_state = self.training.optimizer_state(self.optimizer)  # a collective when sharded
+        sft_state = self.sft.state_dict()  # likewise, while supervised steps are under way
         path = Path(self.config.log_dir) / name
         if not self.dist.is_main:
             return path
@@ -423,6 +434,7 @@ class GRPOTrainer:
             "pass_matrix": self.pass_matrix,
             "optimizer": optimizer_state,
             "optimizer_sharded": self.training.sharded,
+            "sft_optimizer": sft_state,
             "scheduler": self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
             "rng": rng,
@@ -456,6 +468,7 @@ class GRPOTrainer:
         self.training.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.strategy.load_state_dict(state["strategy"])
+        self.sft.load_state_dict(state.get("sft_optimizer"))
         self.progress.set(**state["progress"])
         self.reward_matrix, self.pass_matrix = state["reward_matrix"], state["pass_matrix"]
         self.skipped_updates = state["skipped_updates"]

@@ -65,6 +65,16 @@ def format_train_line(
     )
 
 
+def format_sft_line(task_idx: int, step: int, num_steps: int, stats: Mapping[str, Any]) -> str:
+    """Supervised step: "[SFT] Task 0 Step 3/10 | loss: 2.3100 | token acc: 45.2% | 6.1s"."""
+    return (
+        f"[SFT] Task {task_idx} Step {step}/{num_steps}"
+        f" | loss: {_num(stats.get('loss'), '.4f')}"
+        f" | token acc: {_pct(stats.get('token_accuracy'))}"
+        f" | {_num(stats.get('time_step'), '.1f')}s"
+    )
+
+
 def format_train_detail(stats: Mapping[str, Any]) -> str:
     """Verbose line under a [TRAIN] line: where the step's time went and the optimiser's state."""
 

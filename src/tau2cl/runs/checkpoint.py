@@ -29,6 +29,11 @@ def step_checkpoint_name(global_step: int) -> str:
     return f"checkpoint_step_{global_step}"
 
 
+def sft_checkpoint_name(task_idx: int, sft_step: int) -> str:
+    """A checkpoint taken during a domain's supervised warm-start steps (they do not count as global steps)."""
+    return f"checkpoint_task_{task_idx}_sft_{sft_step}"
+
+
 def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path:
     """Write model, tokenizer and `state` (torch-saveable) to `path` atomically."""
     path = Path(path)
@@ -64,11 +69,12 @@ def find_checkpoint(path: str | Path) -> Path:
     return max(candidates, key=_position)
 
 
-def _position(checkpoint: Path) -> tuple[int, int]:
-    """How far a checkpoint got: global step, then matrix rows filled (a domain end comes last)."""
+def _position(checkpoint: Path) -> tuple[int, int, int]:
+    """How far a checkpoint got: global step, then matrix rows filled (a domain end comes last),
+    then supervised steps into the next domain."""
     small = checkpoint / PROGRESS_FILE
     progress = json.loads(small.read_text()) if small.exists() else load_state(checkpoint).get("progress", {})
-    return progress.get("global_step", 0), progress.get("stages_done", 0)
+    return progress.get("global_step", 0), progress.get("stages_done", 0), progress.get("sft_step", 0)
 
 
 def load_state(path: Path) -> dict:

@@ -1,0 +1,1 @@
+"""A run's folder: file names, checkpoints and stop signals."""
