@@ -52,13 +52,14 @@ def golden_turns(domain: Domain, task: Task) -> list[dict]:
 
 
 class ScriptedPolicy:
-    """A policy that writes a fixed list of assistant turns, one per call, for one episode.
+    """A policy that writes a fixed list of assistant turns, one per call, for one episode, then
+    `off_script` on every later call (with no turns it plays any number of episodes at once).
 
     It borrows the real policy's tokenizer, renderer and stop tokens, so the engine renders and
     parses its turns exactly as it does the model's. Its log-probs are 0 (nothing is sampled).
     """
 
-    def __init__(self, policy: Policy, turns: list[dict]):
+    def __init__(self, policy: Policy, turns: list[dict], off_script: str = OFF_SCRIPT_TEXT):
         self.policy = policy
         self.renderer = policy.renderer
         self.tokenizer = policy.tokenizer
@@ -68,7 +69,7 @@ class ScriptedPolicy:
         for ids in self.turn_ids:
             if not ids or ids[-1] not in self.stop_ids:
                 raise ValueError("a rendered assistant turn does not end with a stop token")
-        self.off_script = self.renderer.assistant_turn_ids(assistant_chat_message(OFF_SCRIPT_TEXT, []), self.end_of_turn_text)
+        self.off_script = self.renderer.assistant_turn_ids(assistant_chat_message(off_script, []), self.end_of_turn_text)
         self.turns_written = 0
 
     def reset_prefix_cache(self) -> None:
@@ -85,8 +86,11 @@ class ScriptedPolicy:
         return max(len(ids) for ids in self.turn_ids + [self.off_script])
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *args, **kwargs) -> list[Generation]:
+        if not self.turn_ids:  # stateless: the same turn for every episode
+            return [Generation(token_ids=list(self.off_script), logprobs=[0.0] * len(self.off_script), finished=True)
+                    for _ in prompts]
         if len(prompts) != 1:
-            raise ValueError("a ScriptedPolicy plays one episode at a time")
+            raise ValueError("a ScriptedPolicy with a script plays one episode at a time")
         index = self.turns_written
         ids = self.turn_ids[index] if index < len(self.turn_ids) else self.off_script
         self.turns_written += 1
