@@ -38,6 +38,7 @@ from tau2cl.env import tau2_compat
 from tau2cl.env.domains import Domain, load_domain
 from tau2cl.env.results_files import write_results
 from tau2cl.errors import UserError
+from tau2cl.evaluation.floor import do_nothing_floor
 from tau2cl.evaluation.runner import EvalSettings, evaluate_domain, results_path
 from tau2cl.evaluation.stats import EvalSummary
 from tau2cl.reporting.report import write_report
@@ -111,6 +112,7 @@ class GRPOTrainer:
         self.reward_matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
         self.pass_matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
         self.skipped_updates = 0
+        self.floor: dict[str, float] | None = None  # do-nothing reward per domain on the evaluated tasks
         wandb_id = None
         if config.resume_from:
             wandb_id = self._resume(config.resume_from)
@@ -171,6 +173,7 @@ class GRPOTrainer:
         """Run the whole domain sequence; returns the summary written to summary.json."""
         self.stop_request.install()
         try:
+            self._compute_floor()
             if self.progress.stages_done == 0:
                 self._evaluate_stage(0)
             for task_idx in range(self.progress.task_idx, len(self.order)):
@@ -191,6 +194,7 @@ class GRPOTrainer:
             max_tasks=self.config.eval_max_tasks,
             episodes_per_batch=self.config.batch_size_per_gpu * self.config.num_samples_per_prompt,
             judge_model=self.config.judge_model,
+            split=self.config.eval_split,
         )
         summary, records = evaluate_domain(
             self.eval_engine, self.domains[domain_name], settings, self.dist.rank, self.dist.world_size,
@@ -346,9 +350,20 @@ class GRPOTrainer:
         self.progress.stages_done = stage + 1
         self.tracker.write_summary(self._summary())
 
+    def _compute_floor(self) -> None:
+        """The do-nothing floor of every domain on the evaluated tasks (scripted user, tau2's evaluator)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.floor = do_nothing_floor(self.policy, self.domains, cfg.eval_split, cfg.eval_max_tasks, cfg.user_max_turns)
+        figures = " | ".join(f"{name} {value:.3f}" for name, value in self.floor.items())
+        self.tracker.log_message(
+            f"[FLOOR] do-nothing reward on the {cfg.eval_split} split: {figures} ({time.perf_counter() - t0:.1f}s)"
+        )
+
     def _finish(self) -> dict:
         summary = self._summary()
-        self.tracker.log_final_summary(self.order, self.reward_matrix, summary["final_measures"])
+        self.tracker.log_final_summary(self.order, self.reward_matrix, summary["final_measures"],
+                                       self.config.eval_split, self.floor)
         self.tracker.write_summary(summary)
         if self.dist.is_main:
             self._write_report()
@@ -373,6 +388,8 @@ class GRPOTrainer:
             "accuracy_matrix": self.reward_matrix,
             "pass_rate_matrix": self.pass_matrix,
             "matrix_rows": ["before_training"] + [f"after_{n}" for n in self.order],
+            "eval_split": self.config.eval_split,
+            "do_nothing_floor": self.floor,
             "final_measures": measures,
             "final_measures_pass_rate": pass_measures,
             "global_step": self.progress.global_step,
@@ -383,7 +400,7 @@ class GRPOTrainer:
     def _write_eval_results(self, domain_name: str, label: str, records: list) -> None:
         cfg = self.config
         domain = self.domains[domain_name]
-        tasks = {t.id: t for t in domain.tasks("test")}
+        tasks = {t.id: t for t in domain.tasks(cfg.eval_split)}
         used = [tasks[tid] for tid in dict.fromkeys(r.task_id for r in records)]
         write_results(
             results_path(cfg.log_dir, label, domain_name), domain, used, [r.simulation for r in records],

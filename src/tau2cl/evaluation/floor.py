@@ -18,6 +18,7 @@ from tau2cl.agent.episode import RolloutRequest, Trajectory
 from tau2cl.agent.policy import Policy
 from tau2cl.agent.users.scripted import ScriptedUser
 from tau2cl.env.domains import STOP_TOOL_NAME, Domain
+from tau2cl.evaluation.runner import evaluated_tasks
 from tau2cl.rl.rewards import score_trajectories
 
 DO_NOTHING_TEXT = "I see."  # no tool call, no information, nothing the scripted user takes as a closing
@@ -52,7 +53,7 @@ def do_nothing_floor(
     """Each domain's mean do-nothing reward over the evaluated tasks of `split`."""
     floor = {}
     for name, domain in domains.items():
-        tasks = domain.tasks(split)[:max_tasks] if max_tasks else domain.tasks(split)
+        tasks = evaluated_tasks(domain, split, max_tasks)
         rewards = [t.reward for t in do_nothing_trajectories(policy, domain, tasks, user_max_turns)]
         floor[name] = sum(rewards) / len(rewards) if rewards else 0.0
     return floor

@@ -1,4 +1,4 @@
-"""Evaluation of the policy on a domain's test split, sharded across ranks and gathered.
+"""Evaluation of the policy on a domain's test (or train) split, sharded across ranks and gathered.
 
 Episode i (task i // k, sample i % k) runs on rank i % world_size; the gathered records are put
 back in episode order, so the figures equal a single-process evaluation of the same episodes.
@@ -38,6 +38,7 @@ class EvalSettings:
     max_tasks: int | None
     episodes_per_batch: int
     judge_model: str | None = None  # litellm judge of tau2's NL assertions (None: not evaluated)
+    split: str = "test"  # "train" evaluates the tasks trained on
 
 
 def evaluate_domain(
@@ -49,8 +50,8 @@ def evaluate_domain(
     reward_fn: RewardFn | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[EvalSummary, list[EvalRecord]]:
-    """Evaluate on the test split; every rank returns the same summary and all records."""
-    tasks = domain.tasks("test")[: settings.max_tasks] if settings.max_tasks else domain.tasks("test")
+    """Evaluate on `settings.split`; every rank returns the same summary and all records."""
+    tasks = evaluated_tasks(domain, settings.split, settings.max_tasks)
     k = settings.samples_per_task
     mine = [i for i in range(len(tasks) * k) if i % world_size == rank]
     records: list[EvalRecord] = []
@@ -69,6 +70,11 @@ def evaluate_domain(
         [r.custom_reward for r in gathered] if reward_fn is not None else None,
     )
     return summary, gathered
+
+
+def evaluated_tasks(domain: Domain, split: str, max_tasks: int | None) -> list:
+    """The tasks an evaluation runs: the split's first `max_tasks` (all when None)."""
+    return domain.tasks(split)[:max_tasks] if max_tasks else domain.tasks(split)
 
 
 def _record(index: int, trial: int, traj: Trajectory, custom: bool) -> EvalRecord:

@@ -160,12 +160,29 @@ def format_initial_block(summaries: Mapping[str, EvalSummary]) -> str:
     return "\n".join([RULE, "Evaluation before training (Task -)", RULE, *format_domain_rows(summaries, None)])
 
 
-def format_matrix(domains: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> list[str]:
-    """Accuracy matrix R as a table: rows "before", "after <domain>", ...; "-" if not evaluated."""
+FLOOR_LABEL = "do-nothing"  # the row of the do-nothing floor under an accuracy matrix
+
+
+def matrix_title(split: str = "test") -> str:
+    return f"Accuracy matrix (rows: model after each stage; columns: {split} split of each domain)"
+
+
+def format_matrix(
+    domains: Sequence[str],
+    matrix: Sequence[Sequence[float | None]],
+    floor: Mapping[str, float] | None = None,
+) -> list[str]:
+    """Accuracy matrix R as a table: rows "before", "after <domain>", ...; "-" if not evaluated.
+
+    With `floor`, a last row gives each domain's do-nothing reward, the level any entry is read against.
+    """
     labels = ["before"] + [
         f"after {domains[i]}" if i < len(domains) else f"after stage {i + 1}"
         for i in range(len(matrix) - 1)
     ]
+    if floor is not None:
+        labels.append(FLOOR_LABEL)
+        matrix = [*matrix, [floor.get(d) for d in domains]]
     label_width = max(len(label) for label in labels)
     widths = [max(len(d), 5) for d in domains]  # 5 = len("0.456")
     lines = [
@@ -182,14 +199,16 @@ def format_final_summary(
     domains: Sequence[str],
     matrix: Sequence[Sequence[float | None]],
     measures: Mapping[str, float | None],
+    split: str = "test",
+    floor: Mapping[str, float] | None = None,
 ) -> str:
     return "\n".join(
         [
             RULE,
             "Final Summary",
             RULE,
-            "Accuracy matrix (rows: model after each stage; columns: test domain)",
-            *format_matrix(domains, matrix),
+            matrix_title(split),
+            *format_matrix(domains, matrix, floor),
             "",
             "=== Final Transfer Metrics ===",
             *format_measures(measures),

@@ -330,9 +330,11 @@ class MetricsTracker:
         domains: Sequence[str],
         matrix: Sequence[Sequence[float | None]],
         measures: Mapping[str, float | None],
+        split: str = "test",
+        floor: Mapping[str, float] | None = None,
     ) -> None:
         self._close_bar()
-        self._write(format_final_summary(domains, matrix, measures), "block")
+        self._write(format_final_summary(domains, matrix, measures, split, floor), "block")
         self._wandb.summary.update(_numbers("final", measures))
 
     @_main_only
