@@ -6,7 +6,7 @@ agent/demonstrations.py), keeps those tau2 scores 1.0 on every rank, and takes
 `sft_steps_per_task` steps. Each step draws batch_size_per_gpu demonstrations per rank (the same
 draw on every rank, each rank its own shard), accumulates the token-mean cross-entropy over
 gradient_accumulation_steps micro-batches (DDP/FSDP average the gradients on the last one) and
-steps its own AdamW (constant --sft_learning_rate, fresh for each domain, checkpointed while a
+steps its own AdamW (constant --sft_learning_rate, betas SFT_BETAS, fresh for each domain, checkpointed while a
 domain's supervised steps are under way so a run resumes mid-SFT).
 """
 
@@ -26,6 +26,7 @@ from tau2cl.env.domains import Domain
 from tau2cl.rl.update import TokenBatch, as_trained_forward, collate, micro_batches_by_length
 
 SFT_SEED_TAG = "sft"  # keeps the demonstration draw apart from the GRPO task draw
+SFT_BETAS = (0.9, 0.95)  # AdamW betas of the supervised steps, as is usual for language-model fine-tuning
 
 
 def sft_loss(
@@ -104,7 +105,9 @@ class SupervisedWarmStart:
             tracker.log_message(f"[SFT] Task {task_idx} ({domain.name}): no usable demonstration; skipped")
             progress.sft_step = total
             return
-        self.optimizer = torch.optim.AdamW(self.training.params, lr=self.learning_rate, weight_decay=self.config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.training.params, lr=self.learning_rate, betas=SFT_BETAS, weight_decay=self.config.weight_decay
+        )
         if self._saved_optimizer is not None and progress.sft_step > 0:
             self.training.load_optimizer_state(self.optimizer, self._saved_optimizer)
         self._saved_optimizer = None
