@@ -43,6 +43,7 @@ from tau2cl.evaluation.runner import EvalSettings, evaluate_domain, results_path
 from tau2cl.evaluation.stats import EvalSummary
 from tau2cl.reporting.report import write_report
 from tau2cl.reporting.tracker import MetricsTracker
+from tau2cl.rl.dynamic_sampling import resample_zero_variance
 from tau2cl.rl.grpo import group_advantages, zero_std_group_fraction
 from tau2cl.rl.rewards import load_reward_fn, score_trajectories
 from tau2cl.rl.sft import SupervisedWarmStart
@@ -240,6 +241,9 @@ class GRPOTrainer:
             trajectories = self.train_engine.run(requests, self.generator)
         t1 = time.perf_counter()
         score_trajectories(trajectories, self.domains, self.reward_fn, self.config.judge_model)
+        resampled: dict = {}
+        if cfg.dynamic_sampling:
+            trajectories, resampled = self._resample(task_idx, step, trajectories)
         t2 = time.perf_counter()
         rewards = torch.tensor([t.train_reward for t in trajectories])
         advantages = group_advantages(rewards, cfg.num_samples_per_prompt, cfg.advantage_normalization)
@@ -249,6 +253,7 @@ class GRPOTrainer:
         self.strategy.after_update(self.cl_context, step)
         t3 = time.perf_counter()
         stats.update(self._episode_stats(trajectories, rewards))
+        stats.update(resampled)
         stats.update(self.strategy.step_metrics(self.cl_context, trajectories))
         # disjoint parts: the reference model's log-probs (time_ref, timed in _update) are not update time
         stats.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2 - stats["time_ref"],
@@ -270,6 +275,24 @@ class GRPOTrainer:
             for g, i in enumerate(mine)
             for _ in range(cfg.num_samples_per_prompt)
         ]
+
+    def _resample(self, task_idx: int, step: int, trajectories: list[Trajectory]) -> tuple[list[Trajectory], dict]:
+        """Dynamic sampling: zero-variance groups replaced by fresh tasks' groups (all ranks together)."""
+        cfg = self.config
+
+        def rollout(requests: list[RolloutRequest]) -> list[Trajectory]:
+            fresh = self.train_engine.run(requests, self.generator)
+            score_trajectories(fresh, self.domains, self.reward_fn, cfg.judge_model)
+            return fresh
+
+        rng = random.Random(f"{cfg.seed}-{task_idx}-{step}-resample-{self.dist.rank}")
+        batch, report = resample_zero_variance(
+            trajectories, cfg.num_samples_per_prompt, self.domains, rollout, cfg.max_resample_rounds, rng
+        )
+        message = report.exhausted_message(cfg.max_resample_rounds)
+        if message:
+            self.tracker.log_message(message)
+        return batch, report.stats()
 
     # ---- the update -------------------------------------------------------------------------
     def _update(self, trajectories: list[Trajectory], advantages: list[float]) -> dict:
