@@ -9,3 +9,8 @@ def first_reply_length(domain: str, task, messages) -> float:
     if not agent:
         return 0.0
     return min(1.0, len(agent[0].raw_data.get("text", "")) / 200)
+
+
+def constant_on_task_zero(domain: str, task, messages) -> float:
+    """0 on every task whose id is "0" (its groups never vary), else first_reply_length."""
+    return 0.0 if task.id == "0" else first_reply_length(domain, task, messages)
