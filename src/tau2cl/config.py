@@ -47,6 +47,7 @@ RESUME_MAY_CHANGE = (
     "dist_timeout_minutes", "user_timeout", "user_max_retries", "user_api_base", "user_api_key",
     "reward_timeout", "gradient_checkpointing", "merge_lora_on_save",
 )
+EVAL_SPLITS = ("test", "train")
 
 # Argument groups of `tau2cl train --help`, in the order they are shown.
 GROUPS = {
@@ -258,6 +259,20 @@ class GRPOConfig:
         "mean = r - mean only, as in Dr. GRPO.",
         ADVANTAGE_NORMALIZATIONS,
     )
+    dynamic_sampling: bool = _option(
+        False,
+        "grpo",
+        "DAPO-style dynamic sampling: groups whose rewards are all equal (zero advantage, no "
+        "gradient) are dropped and fresh train tasks of the same domain rolled out in their place, "
+        "for up to max_resample_rounds extra rounds; each round costs the rollouts of the groups "
+        "it replaces. Logs the zero-variance share before and after and the extra episodes.",
+    )
+    max_resample_rounds: int = _option(
+        2,
+        "grpo",
+        "Dynamic sampling: extra rollout rounds per step at most; all ranks run the same number "
+        "of rounds (a round runs while any rank still has a zero-variance group).",
+    )
     reward_fn: str = _option(
         "tau2",
         "grpo",
@@ -281,7 +296,25 @@ class GRPOConfig:
         1, "optimization", "Micro-batches whose gradients are accumulated into one optimizer step."
     )
     num_steps_per_task: int = _option(
-        100, "optimization", "Training steps on each domain of task_order."
+        100,
+        "optimization",
+        "GRPO steps on each domain of task_order; 0 (with --sft_steps_per_task) trains by "
+        "supervised steps only, the plain sequential-SFT baseline.",
+    )
+    sft_steps_per_task: int = _option(
+        0,
+        "optimization",
+        "Supervised warm-start steps at the start of each domain, before its GRPO steps: "
+        "cross-entropy on the agent's tokens of the domain's golden demonstrations (each train "
+        "task's golden calls played through the rollout engine with the run's user; those tau2 "
+        "scores 1.0 are kept). Each step trains on batch_size_per_gpu demonstrations per rank "
+        "and costs one forward and backward over them (no sampling); 0 = none.",
+    )
+    sft_learning_rate: float | None = _option(
+        None,
+        "optimization",
+        "Learning rate of the supervised warm-start steps (constant, AdamW with its own state, "
+        "fresh for each domain); none uses learning_rate.",
     )
     learning_rate: float = _option(1e-6, "optimization", "Peak AdamW learning rate.")
     weight_decay: float = _option(0.0, "optimization", "AdamW weight decay.")
@@ -403,10 +436,17 @@ class GRPOConfig:
     eval_samples_per_task: int = _option(
         1, "evaluation", "Runs per test task; more than 1 also reports tau2's pass^k."
     )
+    eval_split: str = _option(
+        "test",
+        "evaluation",
+        "Split every evaluation runs on: test = held-out tasks; train = the tasks trained on "
+        "(shows what training learned, not how it generalises).",
+        EVAL_SPLITS,
+    )
     eval_max_tasks: int | None = _option(
         None,
         "evaluation",
-        "Cap on the test tasks per domain used for evaluation; none uses the whole test split.",
+        "Cap on the tasks per domain used for evaluation (of --eval_split); none uses the whole split.",
     )
 
     # --- distributed ---
@@ -617,7 +657,6 @@ _AT_LEAST_ONE = (
     "num_updates_per_batch",
     "batch_size_per_gpu",
     "gradient_accumulation_steps",
-    "num_steps_per_task",
     "replay_buffer_size",
     "ewc_fisher_samples",
     "eval_samples_per_task",
@@ -633,6 +672,10 @@ _NON_NEGATIVE = (
     "weight_decay",
     "warmup_steps",
     "eval_interval",
+    "num_steps_per_task",
+    "sft_steps_per_task",
+    "sft_learning_rate",
+    "max_resample_rounds",
     "save_interval",
     "eval_temperature",
     "user_temperature",
@@ -687,6 +730,8 @@ def _validate(config: GRPOConfig) -> None:
         "must be tau2 or a module:function import path such as my_pkg.rewards:score",
     )
     _validate_task_order(config.task_order)
+    if config.num_steps_per_task == 0 and config.sft_steps_per_task == 0:
+        _fail("--num_steps_per_task must be at least 1 unless --sft_steps_per_task is set (no training otherwise).")
     if config.parallelism == "fsdp" and config.cl_algorithm in ("ewc", "online_ewc"):
         _fail(
             f"--cl_algorithm {config.cl_algorithm} needs --parallelism ddp: its Fisher comes from "

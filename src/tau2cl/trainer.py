@@ -39,14 +39,17 @@ from tau2cl.env import tau2_compat
 from tau2cl.env.domains import Domain, load_domain
 from tau2cl.env.results_files import write_results
 from tau2cl.errors import UserError
+from tau2cl.evaluation.floor import do_nothing_floor
 from tau2cl.evaluation.runner import EvalSettings, evaluate_domain, results_path
 from tau2cl.evaluation.stats import EvalSummary
 from tau2cl.reporting.report import write_report
 from tau2cl.reporting.tracker import MetricsTracker
+from tau2cl.rl.dynamic_sampling import resample_zero_variance
 from tau2cl.rl.grpo import group_advantages, zero_std_group_fraction
 from tau2cl.rl.lora import adapters_disabled, add_lora, base_dtype
 from tau2cl.rl.rewards import load_reward_fn, score_trajectories
 from tau2cl.rl.schedule import learning_rate
+from tau2cl.rl.sft import SupervisedWarmStart
 from tau2cl.rl.training_model import TrainingModel
 from tau2cl.rl.update import (
     LossSettings,
@@ -69,6 +72,7 @@ from tau2cl.runs.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    sft_checkpoint_name,
     step_checkpoint_name,
     truncate_lines,
 )
@@ -111,6 +115,7 @@ class GRPOTrainer:
             self.policy, user, RolloutSettings(temperature=config.eval_temperature, **common), check
         )
         self.reward_fn = load_reward_fn(config.reward_fn)
+        self.sft = SupervisedWarmStart(config, self.dist, self.policy, self.training, user, self.compute_dtype)
         self.strategy = build_strategy(config)
         self.generator = torch.Generator(device=self.dist.device)
         self.generator.manual_seed(config.seed * 1000 + self.dist.rank)
@@ -119,6 +124,7 @@ class GRPOTrainer:
         self.reward_matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
         self.pass_matrix: list[list[float | None]] = [[None] * T for _ in range(T + 1)]
         self.skipped_updates = 0
+        self.floor: dict[str, float] | None = None  # do-nothing reward per domain on the evaluated tasks
         wandb_id = None
         if config.resume_from:
             wandb_id = self._resume(config.resume_from)
@@ -241,6 +247,7 @@ class GRPOTrainer:
         self.stop_request.install()
         try:
             try:
+                self._compute_floor()
                 if self.progress.stages_done == 0:
                     self._boundary_rng = rng_state(self.generator)
                     self._where = "during the evaluation before training"
@@ -267,6 +274,7 @@ class GRPOTrainer:
             episodes_per_batch=self.config.batch_size_per_gpu * self.config.num_samples_per_prompt,
             judge_model=self.config.judge_model,
             reward_timeout=self.config.reward_timeout,
+            split=self.config.eval_split,
         )
         summary, records = evaluate_domain(
             self.eval_engine, self.domains[domain_name], settings, self.dist.rank, self.dist.world_size,
@@ -282,11 +290,14 @@ class GRPOTrainer:
         name = self.order[task_idx]
         domain = self.domains[name]
         steps = self.config.num_steps_per_task
-        if self.progress.step == 0:
+        if self.progress.step == 0 and self.progress.sft_step == 0:
             self.strategy.before_domain(self.cl_context, task_idx, name)
             if task_idx > 0 and self.config.domain_restart == "optimizer":
                 self.optimizer.state.clear()  # AdamW's moments start afresh with the domain
         self.tracker.start_domain(task_idx, name, len(domain.train_tasks), steps, self.progress.step)
+        if self.progress.step == 0:
+            self.sft.run(task_idx, domain, self.progress, self.tracker,
+                         after_step=lambda s: self._stop_if_requested(task_idx, name, s, sft=True))
         if self.progress.pending == "eval":  # a stop interrupted it: redo it first
             self._mid_domain_eval(task_idx, name, self.progress.step)
         for step in range(self.progress.step + 1, steps + 1):
@@ -309,7 +320,7 @@ class GRPOTrainer:
         self.progress.pending = "stage"
         self._at_boundary(f"during the evaluation after Task {task_idx} ({name})")
         self._evaluate_stage(task_idx + 1)
-        self.progress.set(task_idx=task_idx + 1, step=0, stages_done=task_idx + 2, pending="")
+        self.progress.set(task_idx=task_idx + 1, step=0, sft_step=0, stages_done=task_idx + 2, pending="")
         self._save(domain_checkpoint_name(task_idx))
 
     def _mid_domain_eval(self, task_idx: int, name: str, step: int) -> None:
@@ -334,13 +345,15 @@ class GRPOTrainer:
             with _out_of_memory_names_the_knobs("rollout"):
                 out = self.train_engine.run(requests, self.generator)
             times.append(time.perf_counter())
-            score_trajectories(
-                out, self.domains, self.reward_fn, cfg.judge_model, cfg.reward_timeout, self.stop_request.check
-            )
+            self._score(out)
             return out
 
         trajectories = agreed(rollout_and_score)
-        t1, t2 = times[0], time.perf_counter()
+        t1 = times[0]
+        resampled: dict = {}
+        if cfg.dynamic_sampling:
+            trajectories, resampled = self._resample(task_idx, step, trajectories)
+        t2 = time.perf_counter()
         rewards = torch.tensor([t.train_reward for t in trajectories])
         advantages = group_advantages(rewards, cfg.num_samples_per_prompt, cfg.advantage_normalization)
         self.strategy.after_rollout(self.cl_context, trajectories)
@@ -349,6 +362,7 @@ class GRPOTrainer:
         self.strategy.after_update(self.cl_context, step)
         t3 = time.perf_counter()
         stats.update(self._episode_stats(trajectories, rewards))
+        stats.update(resampled)
         stats.update(self.strategy.step_metrics(self.cl_context, trajectories))
         # disjoint parts: the reference model's log-probs (time_ref, timed in _update) are not update time
         stats.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2 - stats["time_ref"])
@@ -369,6 +383,34 @@ class GRPOTrainer:
             for g, i in enumerate(mine)
             for _ in range(cfg.num_samples_per_prompt)
         ]
+
+    def _score(self, trajectories: list[Trajectory]) -> None:
+        """tau2's reward (and the custom one) of finished episodes; rank-local, stoppable."""
+        cfg = self.config
+        score_trajectories(
+            trajectories, self.domains, self.reward_fn, cfg.judge_model, cfg.reward_timeout, self.stop_request.check
+        )
+
+    def _resample(self, task_idx: int, step: int, trajectories: list[Trajectory]) -> tuple[list[Trajectory], dict]:
+        """Dynamic sampling: zero-variance groups replaced by fresh tasks' groups (all ranks together)."""
+        cfg = self.config
+
+        def rollout(requests: list[RolloutRequest]) -> list[Trajectory]:
+            def work() -> list[Trajectory]:
+                fresh = self.train_engine.run(requests, self.generator)
+                self._score(fresh)
+                return fresh
+
+            return agreed(work)
+
+        rng = random.Random(f"{cfg.seed}-{task_idx}-{step}-resample-{self.dist.rank}")
+        batch, report = resample_zero_variance(
+            trajectories, cfg.num_samples_per_prompt, self.domains, rollout, cfg.max_resample_rounds, rng
+        )
+        message = report.exhausted_message(cfg.max_resample_rounds)
+        if message:
+            self.tracker.log_message(message)
+        return batch, report.stats()
 
     # ---- the update -------------------------------------------------------------------------
     def _update(self, trajectories: list[Trajectory], advantages: list[float]) -> dict:
@@ -457,9 +499,20 @@ class GRPOTrainer:
         self.progress.stages_done = stage + 1
         self.tracker.write_summary(self._summary())
 
+    def _compute_floor(self) -> None:
+        """The do-nothing floor of every domain on the evaluated tasks (scripted user, tau2's evaluator)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.floor = do_nothing_floor(self.policy, self.domains, cfg.eval_split, cfg.eval_max_tasks, cfg.user_max_turns)
+        figures = " | ".join(f"{name} {value:.3f}" for name, value in self.floor.items())
+        self.tracker.log_message(
+            f"[FLOOR] do-nothing reward on the {cfg.eval_split} split: {figures} ({time.perf_counter() - t0:.1f}s)"
+        )
+
     def _finish(self) -> dict:
         summary = self._summary()
-        self.tracker.log_final_summary(self.order, self.reward_matrix, summary["final_measures"])
+        self.tracker.log_final_summary(self.order, self.reward_matrix, summary["final_measures"],
+                                       self.config.eval_split, self.floor)
         self.tracker.write_summary(summary)
         if self.dist.is_main:
             self._write_report()
@@ -484,6 +537,8 @@ class GRPOTrainer:
             "accuracy_matrix": self.reward_matrix,
             "pass_rate_matrix": self.pass_matrix,
             "matrix_rows": ["before_training"] + [f"after_{n}" for n in self.order],
+            "eval_split": self.config.eval_split,
+            "do_nothing_floor": self.floor,
             "final_measures": measures,
             "final_measures_pass_rate": pass_measures,
             "global_step": self.progress.global_step,
@@ -494,7 +549,7 @@ class GRPOTrainer:
     def _write_eval_results(self, domain_name: str, label: str, records: list) -> None:
         cfg = self.config
         domain = self.domains[domain_name]
-        tasks = {t.id: t for t in domain.tasks("test")}
+        tasks = {t.id: t for t in domain.tasks(cfg.eval_split)}
         used = [tasks[tid] for tid in dict.fromkeys(r.task_id for r in records)]
         write_results(
             results_path(cfg.log_dir, label, domain_name), domain, used, [r.simulation for r in records],
@@ -503,19 +558,25 @@ class GRPOTrainer:
         )
 
     # ---- interruption -----------------------------------------------------------------------
-    def _stop_if_requested(self, task_idx: int, name: str, step: int) -> None:
-        """At a step boundary: if any rank got SIGINT/SIGTERM, all save and stop together."""
+    def _stop_if_requested(self, task_idx: int, name: str, step: int, sft: bool = False) -> None:
+        """At a (supervised) step boundary: if any rank got SIGINT/SIGTERM, all save and stop together."""
         flag = torch.tensor([float(self.stop_request.signum or 0)], dtype=torch.float64)
         signum = int(all_reduce_max_(flag).item())
         if not signum:
             return
-        self._at_boundary(f"at Task {task_idx} ({name}) step {step}/{self.config.num_steps_per_task}")
-        self._stop_at_boundary(RunStop(signum, None))
+        cfg = self.config
+        what, total = ("supervised step", cfg.sft_steps_per_task) if sft else ("step", cfg.num_steps_per_task)
+        self._at_boundary(f"at Task {task_idx} ({name}) {what} {step}/{total}")
+        self._stop_at_boundary(RunStop(signum, None), sft_checkpoint_name(task_idx, step) if sft else None)
 
-    def _stop_at_boundary(self, stop: RunStop) -> None:
-        """Every rank: save the last boundary's checkpoint, then end with the stop's own line."""
+    def _stop_at_boundary(self, stop: RunStop, checkpoint: str | None = None) -> None:
+        """Every rank: save the last boundary's checkpoint (a step checkpoint unless `checkpoint`
+        names another), then end with the stop's own line."""
         self.tracker.end_domain()
-        path = self._save_step_checkpoint(rng=self._boundary_rng)
+        if checkpoint is None:
+            path = self._save_step_checkpoint(rng=self._boundary_rng)
+        else:
+            path = self._save(checkpoint, self._boundary_rng)
         if stop.signum is not None:
             raise TrainingInterrupted(stop.signum, str(path), self._where)
         raise UserError(
@@ -541,11 +602,12 @@ class GRPOTrainer:
         to store (default: the current one). A failed write ends every rank with one line."""
         rng = all_gather_objects(rng if rng is not None else rng_state(self.generator))
         optimizer_state = self.training.optimizer_state(self.optimizer)  # a collective when sharded
+        sft_state = self.sft.state_dict()  # likewise, while supervised steps are under way
         path = Path(self.config.log_dir) / name
         problem = None
         if self.dist.is_main:
             try:
-                self._write_checkpoint(path, rng, optimizer_state)
+                self._write_checkpoint(path, rng, optimizer_state, sft_state)
             except CheckpointSaveError as error:
                 last = f"'{self.last_checkpoint}'" if self.last_checkpoint else "none"
                 problem = (
@@ -558,7 +620,7 @@ class GRPOTrainer:
         self.last_checkpoint = path
         return path
 
-    def _write_checkpoint(self, path: Path, rng: list, optimizer_state: dict) -> None:
+    def _write_checkpoint(self, path: Path, rng: list, optimizer_state: dict, sft_state: dict | None) -> None:
         state = {
             "metrics_lines": count_lines(Path(self.config.log_dir) / METRICS_FILE),
             "progress": vars(self.progress).copy(),
@@ -566,6 +628,7 @@ class GRPOTrainer:
             "pass_matrix": self.pass_matrix,
             "optimizer": optimizer_state,
             "optimizer_sharded": self.training.sharded,
+            "sft_optimizer": sft_state,
             "strategy": self.strategy.state_dict(),
             "rng": rng,
             "skipped_updates": self.skipped_updates,
@@ -609,6 +672,7 @@ class GRPOTrainer:
         self.training.load_from_rollout_model()
         self.training.load_optimizer_state(self.optimizer, state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
+        self.sft.load_state_dict(state.get("sft_optimizer"))
         self.progress.set(**state["progress"])
         self.reward_matrix, self.pass_matrix = state["reward_matrix"], state["pass_matrix"]
         self.skipped_updates = state["skipped_updates"]

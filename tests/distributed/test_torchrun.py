@@ -134,6 +134,33 @@ def trained_fsdp(tmp_path_factory):
     return _train_with_probe(tmp_path_factory.mktemp("torchrun_fsdp"), "--parallelism", "fsdp")
 
 
+@pytest.fixture(scope="module")
+def trained_sft_ds(tmp_path_factory):
+    """Warm start (2 supervised steps, 2 micro-batches) and dynamic sampling, under DDP."""
+    return _train_with_probe(
+        tmp_path_factory.mktemp("torchrun_sft_ds"), "--sft_steps_per_task", "2", "--sft_learning_rate", "1e-3",
+        "--dynamic_sampling", "--max_resample_rounds", "1", "--reward_fn", "reward_fns:constant_on_task_zero",
+    )
+
+
+def test_warm_start_and_dynamic_sampling_keep_the_ranks_bit_identical(trained_sft_ds):
+    _, probe, log_dir, _ = trained_sft_ds
+    ranks = probe["ranks"]
+    assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
+    assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' parameters diverged"
+    sft = _records(log_dir, "sft")
+    assert [(r["task_idx"], r["step"]) for r in sft] == [(i, s) for i in range(len(DOMAINS)) for s in (1, 2)]
+    assert all(r["num_tokens"] > 0 and 0 <= r["token_accuracy"] <= 1 for r in sft)
+    train = _records(log_dir, "train")
+    assert len(train) == STEPS * len(DOMAINS)
+    for r in train:  # at most one round; after it no more zero-variance groups than before
+        assert r["resample_rounds"] in (0.0, 1.0)
+        assert r["frac_reward_zero_std_after_resample"] <= r["frac_reward_zero_std_before_resample"]
+        assert r["resample_extra_episodes"] > 0 if r["resample_rounds"] else r["resample_extra_episodes"] == 0
+    # task "0" is in every domain's 2-task train split, and its group never varies: some step resamples
+    assert any(r["resample_rounds"] == 1.0 and r["resample_extra_episodes"] > 0 for r in train)
+
+
 def _final_parameters(log_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(log_dir.parent / "probe.pt", weights_only=True)
 

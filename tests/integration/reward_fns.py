@@ -20,3 +20,6 @@ def fails_on_fourth_call(domain: str, task, messages) -> float:
     if CALLS["n"] == 4:
         raise ZeroDivisionError("division by zero")
     return first_reply_length(domain, task, messages)
+def constant_on_task_zero(domain: str, task, messages) -> float:
+    """0 on every task whose id is "0" (its groups never vary), else first_reply_length."""
+    return 0.0 if task.id == "0" else first_reply_length(domain, task, messages)

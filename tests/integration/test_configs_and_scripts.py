@@ -87,6 +87,7 @@ def test_quick_test_config_is_the_small_offline_run():
     assert (config.batch_size_per_gpu, config.num_samples_per_prompt) == (1, 2)
     assert config.kl_coef > 0  # the reference-model path runs too
     assert config.eval_interval == 0 and config.log_interval == 1
+    assert config.sft_steps_per_task == 2 and config.eval_split == "train"
 
 
 def test_command_line_flags_override_a_config_file():
@@ -341,6 +342,9 @@ def test_quick_test_shows_every_part_of_the_output(quick_run):
         assert f"  {measure}: " in out
     assert "Final Summary" in out and "=== Final Transfer Metrics ===" in out
     assert "after telecom" in out
+    assert "columns: train split of each domain" in out and re.search(r"^do-nothing +1\.000 +0\.000 +0\.000$", out, re.M)
+    for i in range(3):
+        assert f"[SFT] Task {i} Step 2/2 | loss: " in out
 
 
 @pytest.mark.slow
@@ -357,6 +361,8 @@ def test_quick_test_writes_the_run_files(quick_run):
         kind: sum(r["type"] == kind for r in records) for kind in ("train", "eval", "transfer")
     }
     assert counts == {"train": 6, "eval": 12, "transfer": 3}  # 3 domains x 2 steps; 4 stages x 3
+    assert sum(r["type"] == "sft" for r in records) == 6  # 3 domains x 2 supervised steps
+    assert summary["eval_split"] == "train" and summary["do_nothing_floor"] == {"airline": 1.0, "retail": 0.0, "telecom": 0.0}
     for i in range(3):
         assert (log_dir / f"checkpoint_task_{i}" / "trainer_state.pt").is_file()
     assert len(list((log_dir / "eval_results").glob("*.json"))) == 12

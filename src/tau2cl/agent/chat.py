@@ -85,6 +85,23 @@ class ChatRenderer:
             raise ValueError(f"the chat template does not end assistant turns with {end_of_turn!r}")
         return self.encode(after[cut + len(end_of_turn) :])
 
+    def assistant_turn_ids(self, message: dict, end_of_turn: str) -> list[int]:
+        """Token ids of an assistant turn as the template writes it after the generation prompt.
+
+        What a policy would have to generate for `message`, up to and including its
+        end-of-turn marker: the target of a demonstration.
+        """
+        anchor = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        before = self._render(anchor, tools=None, add_generation_prompt=True)
+        after = self._render(anchor + [self._adapt(message)], tools=None, add_generation_prompt=False)
+        if not after.startswith(before):
+            raise ValueError("the chat template's assistant turn does not follow its generation prompt")
+        body = after[len(before) :]
+        cut = body.rfind(end_of_turn)
+        if cut < 0:
+            raise ValueError(f"the chat template does not end assistant turns with {end_of_turn!r}")
+        return self.encode(body[: cut + len(end_of_turn)])
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 

@@ -23,6 +23,7 @@ class Progress:
 
     task_idx: int = 0  # domain being trained (index into task_order)
     step: int = 0  # steps completed on that domain
+    sft_step: int = 0  # supervised warm-start steps completed on that domain (they come first)
     global_step: int = 0
     stages_done: int = 0  # rows of the accuracy matrix filled (row 0 = before training)
     # work a stop interrupted at this position, redone on resume: "eval" = the mid-domain evaluation

@@ -1,4 +1,4 @@
-"""Evaluation of the policy on a domain's test split, sharded across ranks and gathered.
+"""Evaluation of the policy on a domain's test (or train) split, sharded across ranks and gathered.
 
 Episode i (task i // k, sample i % k) runs on rank i % world_size; the gathered records are put
 back in episode order, so the figures equal a single-process evaluation of the same episodes.
@@ -41,6 +41,7 @@ class EvalSettings:
     episodes_per_batch: int
     judge_model: str | None = None  # litellm judge of tau2's NL assertions (None: not evaluated)
     reward_timeout: float | None = None  # seconds a custom reward call may take
+    split: str = "test"  # "train" evaluates the tasks trained on
 
 
 def evaluate_domain(
@@ -54,13 +55,13 @@ def evaluate_domain(
     guard: Callable[[Callable[[], Any]], Any] = lambda work: work(),
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[EvalSummary, list[EvalRecord]]:
-    """Evaluate on the test split; every rank returns the same summary and all records.
+    """Evaluate on `settings.split`; every rank returns the same summary and all records.
 
     `guard` runs this rank's episodes (no collectives inside) before they are gathered, so a stop
     can leave on every rank together; `on_progress(done, total)` follows the episodes (rank 0's
     share times the ranks, an estimate of the whole).
     """
-    tasks = domain.tasks("test")[: settings.max_tasks] if settings.max_tasks else domain.tasks("test")
+    tasks = evaluated_tasks(domain, settings.split, settings.max_tasks)
     k = settings.samples_per_task
     total = len(tasks) * k
     mine = [i for i in range(total) if i % world_size == rank]
@@ -90,6 +91,11 @@ def evaluate_domain(
         [r.custom_reward for r in gathered] if reward_fn is not None else None,
     )
     return summary, gathered
+
+
+def evaluated_tasks(domain: Domain, split: str, max_tasks: int | None) -> list:
+    """The tasks an evaluation runs: the split's first `max_tasks` (all when None)."""
+    return domain.tasks(split)[:max_tasks] if max_tasks else domain.tasks(split)
 
 
 def _record(index: int, trial: int, traj: Trajectory, custom: bool) -> EvalRecord:

@@ -66,6 +66,16 @@ def format_train_line(
     )
 
 
+def format_sft_line(task_idx: int, step: int, num_steps: int, stats: Mapping[str, Any]) -> str:
+    """Supervised step: "[SFT] Task 0 Step 3/10 | loss: 2.3100 | token acc: 45.2% | 6.1s"."""
+    return (
+        f"[SFT] Task {task_idx} Step {step}/{num_steps}"
+        f" | loss: {_num(stats.get('loss'), '.4f')}"
+        f" | token acc: {_pct(stats.get('token_accuracy'))}"
+        f" | {_num(stats.get('time_step'), '.1f')}s"
+    )
+
+
 def format_train_detail(stats: Mapping[str, Any]) -> str:
     """Verbose line under a [TRAIN] line: where the step's time went and the optimiser's state."""
 
@@ -151,12 +161,29 @@ def format_initial_block(summaries: Mapping[str, EvalSummary]) -> str:
     return "\n".join([RULE, "Evaluation before training (Task -)", RULE, *format_domain_rows(summaries, None)])
 
 
-def format_matrix(domains: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> list[str]:
-    """Accuracy matrix R as a table: rows "before", "after <domain>", ...; "-" if not evaluated."""
+FLOOR_LABEL = "do-nothing"  # the row of the do-nothing floor under an accuracy matrix
+
+
+def matrix_title(split: str = "test") -> str:
+    return f"Accuracy matrix (rows: model after each stage; columns: {split} split of each domain)"
+
+
+def format_matrix(
+    domains: Sequence[str],
+    matrix: Sequence[Sequence[float | None]],
+    floor: Mapping[str, float] | None = None,
+) -> list[str]:
+    """Accuracy matrix R as a table: rows "before", "after <domain>", ...; "-" if not evaluated.
+
+    With `floor`, a last row gives each domain's do-nothing reward, the level any entry is read against.
+    """
     labels = ["before"] + [
         f"after {domains[i]}" if i < len(domains) else f"after stage {i + 1}"
         for i in range(len(matrix) - 1)
     ]
+    if floor is not None:
+        labels.append(FLOOR_LABEL)
+        matrix = [*matrix, [floor.get(d) for d in domains]]
     label_width = max(len(label) for label in labels)
     widths = [max(len(d), 5) for d in domains]  # 5 = len("0.456")
     lines = [
@@ -173,14 +200,16 @@ def format_final_summary(
     domains: Sequence[str],
     matrix: Sequence[Sequence[float | None]],
     measures: Mapping[str, float | None],
+    split: str = "test",
+    floor: Mapping[str, float] | None = None,
 ) -> str:
     return "\n".join(
         [
             RULE,
             "Final Summary",
             RULE,
-            "Accuracy matrix (rows: model after each stage; columns: test domain)",
-            *format_matrix(domains, matrix),
+            matrix_title(split),
+            *format_matrix(domains, matrix, floor),
             "",
             "=== Final Transfer Metrics ===",
             *format_measures(measures),

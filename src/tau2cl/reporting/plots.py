@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from tau2cl.reporting.formats import FLOOR_LABEL
 from tau2cl.reporting.run_data import MEASURE_LABELS, MEASURE_NAMES, RunData
 
 
@@ -40,10 +41,15 @@ def plot_accuracy_matrix(run: RunData, path: Path) -> Path:
     import numpy as np
     from matplotlib.patches import Rectangle
 
+    rows = [list(row) for row in run.reward_matrix]
+    labels = _row_labels(run.domains)[: len(rows)]
+    if run.floor is not None:  # the do-nothing floor as a last row
+        rows.append([run.floor.get(d) for d in run.domains])
+        labels.append(FLOOR_LABEL)
     values = np.array(
-        [[math.nan if v is None else float(v) for v in row] for row in run.reward_matrix],
+        [[math.nan if v is None else float(v) for v in row] for row in rows],
         dtype=float,
-    )  # (T+1, T)
+    )  # (T+1, T), (T+2, T) with the floor
     finite = values[np.isfinite(values)]
     vmin = min(0.0, float(finite.min())) if finite.size else 0.0
     vmax = max(1.0, float(finite.max())) if finite.size else 1.0
@@ -63,14 +69,14 @@ def plot_accuracy_matrix(run: RunData, path: Path) -> Path:
                 j, i, f"{value:.3f}", ha="center", va="center", color="white" if dark else "black"
             )
     # Outline R[c+1][c]: each domain right after training on it (the diagonal below row 0).
-    for c in range(min(num_cols, num_rows - 1)):
+    for c in range(min(num_cols, len(run.reward_matrix) - 1)):
         ax.add_patch(Rectangle((c - 0.5, c + 0.5), 1, 1, fill=False, lw=2, ec="red"))
     ax.set_xticks(range(num_cols), labels=run.domains)
-    ax.set_yticks(range(num_rows), labels=_row_labels(run.domains)[:num_rows])
-    ax.set_xlabel("test domain")
+    ax.set_yticks(range(num_rows), labels=labels)
+    ax.set_xlabel(f"domain ({run.eval_split} split)")
     ax.set_ylabel("model")
     ax.set_title(
-        f"{run.name}: mean test reward (red: right after training on the domain)\n"
+        f"{run.name}: mean {run.eval_split} reward (red: right after training on the domain)\n"
         f"{_measures_line(run)}",
         fontsize=9,
     )
@@ -111,7 +117,7 @@ def _plot_rewards(ax, run: RunData, name: str, color: str) -> list[float]:
     steps, rewards = _points(evals)
     if steps:
         ax.plot(
-            steps, rewards, color=color, lw=1.5, marker="o", ms=3, label="eval reward (test split)"
+            steps, rewards, color=color, lw=1.5, marker="o", ms=3, label=f"eval reward ({run.eval_split} split)"
         )
         stage_steps, stage_rewards = _points([r for r in evals if r.get("stage") is not None])
         ax.plot(

@@ -44,8 +44,8 @@ def format_run_report(run: RunData) -> str:
         f"Run: {run.name}  [{run.log_dir}]",
         f"Stages completed: {stage_text}; global step {_fmt(run.global_step, 'd')}",
         "",
-        "Mean reward (rows: model after each stage; columns: test domain)",
-        *format_matrix(run.domains, run.reward_matrix),
+        f"Mean reward (rows: model after each stage; columns: {run.eval_split} split of each domain)",
+        *format_matrix(run.domains, run.reward_matrix, run.floor),
     ]
     if any(v is not None for row in run.pass_matrix for v in row):
         lines += ["", "Pass rate", *format_matrix(run.domains, run.pass_matrix)]
@@ -154,7 +154,7 @@ def run_report(log_dirs: Sequence[str], out: str | None = None, stream=None) -> 
         md_path = md_dir / COMPARISON_MD
         md_path.write_text(f"# Run comparison\n\n{table}\n", encoding="utf-8")
         print(
-            f"\nComparison (final stage; reward columns = mean test reward)\n{table}", file=stream
+            f"\nComparison (final stage; reward columns = mean reward on each run's eval split)\n{table}", file=stream
         )
         print(f"Wrote {md_path}", file=stream)
     return 0

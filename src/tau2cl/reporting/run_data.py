@@ -39,6 +39,8 @@ class RunData:
     # every eval record (stage and periodic) and every train record, deduplicated, by global_step
     evals: list[dict] = field(default_factory=list)
     trains: list[dict] = field(default_factory=list)
+    eval_split: str = "test"  # the split every evaluation ran on
+    floor: dict[str, float] | None = None  # do-nothing reward per domain on the evaluated tasks
 
     @property
     def name(self) -> str:
@@ -198,6 +200,8 @@ def load_run(log_dir: str | os.PathLike) -> RunData:
         global_step=max((s for s in steps if isinstance(s, int)), default=None),
         evals=evals,
         trains=trains,
+        eval_split=summary.get("eval_split") or config.get("eval_split") or "test",
+        floor=summary.get("do_nothing_floor") if isinstance(summary.get("do_nothing_floor"), dict) else None,
     )
 
 

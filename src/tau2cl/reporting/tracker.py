@@ -28,6 +28,7 @@ from tau2cl.reporting.formats import (
     format_final_summary,
     format_initial_block,
     format_postfix,
+    format_sft_line,
     format_train_detail,
     format_train_line,
     format_transfer_block,
@@ -245,6 +246,17 @@ class MetricsTracker:
                 self._write(format_train_detail(stats), "train")
 
     @_main_only
+    def log_sft(
+        self, task_idx: int, domain: str, step: int, num_steps: int, global_step: int, stats: Mapping[str, Any]
+    ) -> None:
+        """A supervised warm-start step: its own record type; a line every log_interval steps."""
+        header = {"type": "sft", "task_idx": task_idx, "domain": domain, "step": step, "global_step": global_step}
+        self._record(header, stats)
+        self._wandb.log(_numbers("sft", stats), step=global_step)
+        if step % self.log_interval == 0 or step == num_steps:
+            self._write(format_sft_line(task_idx, step, num_steps, stats), "train")
+
+    @_main_only
     def log_eval(
         self,
         task_idx: int,
@@ -320,9 +332,11 @@ class MetricsTracker:
         domains: Sequence[str],
         matrix: Sequence[Sequence[float | None]],
         measures: Mapping[str, float | None],
+        split: str = "test",
+        floor: Mapping[str, float] | None = None,
     ) -> None:
         self._close_bar()
-        self._write(format_final_summary(domains, matrix, measures), "block")
+        self._write(format_final_summary(domains, matrix, measures, split, floor), "block")
         self._wandb.summary.update(_numbers("final", measures))
 
     @_main_only

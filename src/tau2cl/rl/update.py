@@ -85,24 +85,37 @@ def sequence_logprobs(
     loss_mask: torch.Tensor,
     temperature: float = 1.0,
     compute_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    with_hits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log p(token_t | tokens_<t) at `temperature` where loss_mask is set, 0 elsewhere.
 
     Only the trained positions go through the LM head: a tool-use context is mostly prompt
     (system, policy, tool schemas), so (B, T, V) logits would cost far more than they are worth.
+    With `with_hits`, also (B, T) 1.0 where the token is the model's most likely one (token
+    accuracy, for supervised steps), 0 elsewhere.
     """
     body, head = _split_lm(model)
     with autocast_for(input_ids.device, compute_dtype):
         if body is None:  # an architecture we cannot split: full logits
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return token_logprobs(logits, input_ids, temperature) * loss_mask
+            logprobs = token_logprobs(logits, input_ids, temperature) * loss_mask
+            if not with_hits:
+                return logprobs
+            hits = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+            hits[:, 1:] = (logits[:, :-1].argmax(-1) == input_ids[:, 1:]).float()
+            return logprobs, hits * loss_mask
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
         rows, cols = loss_mask.nonzero(as_tuple=True)  # targets at (row, col), predicted from col - 1
         logits = head(hidden[rows, cols - 1])  # (N, V)
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    picked = logprobs.gather(-1, input_ids[rows, cols][:, None]).squeeze(-1)  # (N,)
+    targets = input_ids[rows, cols]
+    picked = logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    return out.index_put((rows, cols), picked)
+    out = out.index_put((rows, cols), picked)
+    if not with_hits:
+        return out
+    hit = (logits.argmax(-1) == targets).float().detach()  # (N,)
+    return out, torch.zeros_like(out).index_put((rows, cols), hit)
 
 
 class TrainedLogprobs(torch.nn.Module):
@@ -124,8 +137,9 @@ class TrainedLogprobs(torch.nn.Module):
         loss_mask: torch.Tensor,
         temperature: float = 1.0,
         compute_dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
-        return sequence_logprobs(self.lm, input_ids, attention_mask, loss_mask, temperature, compute_dtype)
+        with_hits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return sequence_logprobs(self.lm, input_ids, attention_mask, loss_mask, temperature, compute_dtype, with_hits)
 
 
 def as_trained_forward(model: torch.nn.Module) -> torch.nn.Module:

@@ -47,6 +47,11 @@ def step_checkpoint_name(global_step: int) -> str:
     return f"checkpoint_step_{global_step}"
 
 
+def sft_checkpoint_name(task_idx: int, sft_step: int) -> str:
+    """A checkpoint taken during a domain's supervised warm-start steps (they do not count as global steps)."""
+    return f"checkpoint_task_{task_idx}_sft_{sft_step}"
+
+
 def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path:
     """Write model, tokenizer and `state` (torch-saveable) to `path` atomically."""
     path = Path(path)
@@ -138,16 +143,17 @@ def find_checkpoint(path: str | Path, skipped: Callable[[str], None] = lambda li
     raise UserError(f"no complete checkpoint in '{path}': every one failed verification (see the lines above).")
 
 
-def _position(checkpoint: Path) -> tuple[int, int]:
-    """How far a checkpoint got: global step, then matrix rows filled (a domain end comes last).
+def _position(checkpoint: Path) -> tuple[int, int, int]:
+    """How far a checkpoint got: global step, then matrix rows filled (a domain end comes last),
+    then supervised steps into the next domain.
 
     An unreadable progress.json sorts first, so it is tried last (and its verification says why).
     """
     try:
         progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
-        return int(progress.get("global_step", 0)), int(progress.get("stages_done", 0))
+        return int(progress.get("global_step", 0)), int(progress.get("stages_done", 0)), int(progress.get("sft_step", 0))
     except (OSError, ValueError, TypeError, AttributeError):
-        return -1, -1
+        return -1, -1, -1
 
 
 def load_state(path: Path) -> dict:

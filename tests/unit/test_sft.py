@@ -1,0 +1,69 @@
+"""Supervised warm-start maths: the loss, token accuracy, the demonstration draw, checkpoint order."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from tau2cl.rl.sft import draw_demos, sft_loss
+from tau2cl.rl.update import sequence_logprobs
+from tau2cl.runs.checkpoint import PROGRESS_FILE, STATE_FILE, find_checkpoint
+
+
+def test_sft_loss_is_the_token_sum_nll_over_the_normalizer():
+    logprobs = torch.tensor([[0.0, math.log(0.5), math.log(0.25)], [0.0, math.log(0.5), 0.0]])
+    hits = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 0]], dtype=torch.bool)
+    loss, stats = sft_loss(logprobs, hits, mask, num_tokens_normalizer=2.0)
+    # nll = ln2 + ln4 + ln2 = 4 ln2; loss = 4 ln2 / 2 = 2 ln2; hits on masked tokens: 1 + 1 = 2 of 3
+    assert math.isclose(float(loss), 2 * math.log(2), rel_tol=1e-6)
+    assert math.isclose(stats["nll_sum"], 4 * math.log(2), rel_tol=1e-6)
+    assert stats["hits"] == 2.0 and stats["num_tokens"] == 3.0
+
+
+def test_draw_demos_is_one_draw_sharded_over_ranks():
+    pool = list(range(7))
+    shards = [draw_demos(3, 1, 5, pool, per_rank=2, world=3, rank=r) for r in range(3)]
+    flat = [i for s in shards for i in s]
+    assert all(len(s) == 2 for s in shards) and len(set(flat)) == 6  # 6 distinct of 7, no repeat
+    assert shards[1] == draw_demos(3, 1, 5, pool, per_rank=2, world=3, rank=1)  # deterministic
+    assert any(draw_demos(3, 1, step, pool, 2, 3, 0) != shards[0] for step in (6, 7, 8))  # steps differ
+    # a pool smaller than the batch is drawn whole, again and again: 5 picks of 2 = 2 + 2 + 1
+    picks = draw_demos(0, 0, 1, [4, 9], per_rank=5, world=1, rank=0)
+    assert len(picks) == 5 and sorted(picks[:2]) == sorted(picks[2:4]) == [4, 9]
+
+
+class _Toy(torch.nn.Module):
+    """A causal LM whose next-token logits depend only on the current token: logits = table[token]."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.config = type("C", (), {})()
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return type("O", (), {"logits": self.table[input_ids]})()
+
+
+def test_hits_mark_the_tokens_the_model_ranks_first():
+    table = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    ids = torch.tensor([[0, 1, 0, 2]])  # predictions from 0 -> 1 (argmax 1: hit), 1 -> 0 (hit), 0 -> 2 (miss)
+    mask = torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)
+    logprobs, hits = sequence_logprobs(_Toy(table), ids, torch.ones_like(ids), mask, with_hits=True)
+    assert hits.tolist() == [[0.0, 1.0, 1.0, 0.0]]
+    expected = torch.log_softmax(table[0], -1)[2]
+    assert math.isclose(float(logprobs[0, 3]), float(expected), rel_tol=1e-6)
+
+
+def test_a_mid_sft_checkpoint_is_later_than_the_previous_domain_end(tmp_path):
+    for name, progress in {
+        "checkpoint_task_0": {"global_step": 4, "stages_done": 2, "sft_step": 0},
+        "checkpoint_task_1_sft_3": {"global_step": 4, "stages_done": 2, "sft_step": 3},
+        "checkpoint_task_1_sft_2": {"global_step": 4, "stages_done": 2, "sft_step": 2},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_FILE).write_bytes(b"")
+        (tmp_path / name / PROGRESS_FILE).write_text(json.dumps(progress))
+    assert find_checkpoint(tmp_path).name == "checkpoint_task_1_sft_3"
