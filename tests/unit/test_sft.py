@@ -9,7 +9,7 @@ import torch
 
 from tau2cl.rl.sft import draw_demos, sft_loss
 from tau2cl.rl.update import sequence_logprobs
-from tau2cl.runs.checkpoint import PROGRESS_FILE, STATE_FILE, find_checkpoint
+from tau2cl.runs.checkpoint import MANIFEST_FILE, PROGRESS_FILE, STATE_FILE, build_manifest, find_checkpoint
 
 
 def test_sft_loss_is_the_token_sum_nll_over_the_normalizer():
@@ -66,4 +66,5 @@ def test_a_mid_sft_checkpoint_is_later_than_the_previous_domain_end(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / STATE_FILE).write_bytes(b"")
         (tmp_path / name / PROGRESS_FILE).write_text(json.dumps(progress))
+        (tmp_path / name / MANIFEST_FILE).write_text(json.dumps(build_manifest(tmp_path / name)))
     assert find_checkpoint(tmp_path).name == "checkpoint_task_1_sft_3"
