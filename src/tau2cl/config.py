@@ -114,6 +114,14 @@ class GRPOConfig:
         "rollout",
         "Most tokens in an episode's context; the episode ends when its context would exceed it.",
     )
+    kv_reuse: bool = _option(
+        True,
+        "rollout",
+        "Keep each episode's KV cache across its turns, so a turn prefills only the tokens added "
+        "since the last sampled one (tool results, user replies); costs one cache per live "
+        "episode in memory. --no-kv_reuse re-prefills the whole context every turn (for "
+        "debugging and ablations; same samples).",
+    )
 
     # --- user simulator ---
     user_model: str | None = _option(

@@ -96,7 +96,8 @@ class GRPOTrainer:
         user = build_user(config, reference=self._reference_policy, device=self.dist.device)
         self.user = user
         common = dict(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
-                      max_context_tokens=config.max_context_tokens, top_p=config.top_p)
+                      max_context_tokens=config.max_context_tokens, top_p=config.top_p,
+                      kv_reuse=config.kv_reuse)
         self.train_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.temperature, **common))
         self.eval_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.eval_temperature, **common))
         self.reward_fn = load_reward_fn(config.reward_fn)

@@ -33,6 +33,7 @@ from tau2.user.base import STOP
 
 from tau2cl.agent.chat import assistant_chat_message, chat_dict
 from tau2cl.agent.episode import AWAITING_POLICY, AWAITING_USER, Episode, RolloutRequest, Trajectory
+from tau2cl.agent.kv_cache import KVSlot
 from tau2cl.agent.policy import Generation, Policy
 from tau2cl.agent.tool_calls import (
     CALL_CLOSE,
@@ -56,6 +57,7 @@ class RolloutSettings:
     max_context_tokens: int
     temperature: float
     top_p: float = 1.0
+    kv_reuse: bool = True  # keep each episode's KV cache across its turns (False: re-prefill)
 
 
 class RolloutEngine:
@@ -75,7 +77,10 @@ class RolloutEngine:
             for group in _by_domain(waiting):  # one domain shares one prompt prefix
                 prompts = [e.token_ids for e in group]
                 s = self.settings
-                generations = self.policy.generate(prompts, s.max_new_tokens, s.temperature, s.top_p, generator)
+                caches = [e.kv for e in group] if s.kv_reuse else None
+                generations = self.policy.generate(
+                    prompts, s.max_new_tokens, s.temperature, s.top_p, generator, caches=caches
+                )
                 for episode, generation in zip(group, generations, strict=True):
                     self._agent_turn(episode, generation)
             asking = [e for e in episodes if e.termination is None and e.awaiting == AWAITING_USER]
@@ -92,6 +97,8 @@ class RolloutEngine:
         domain, task = request.domain, request.task
         history = _initial_history(task)
         episode = Episode(request=request, env=domain.new_environment(task), messages=history)
+        if self.settings.kv_reuse:
+            episode.kv = KVSlot()
         if domain.solo_mode:
             self._render_prompt(episode)
         else:  # the agent's prompt is rendered when the user's opening arrives

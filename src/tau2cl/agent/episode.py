@@ -15,6 +15,7 @@ from tau2cl.env import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 from tau2.data_model.message import Message
 from tau2.data_model.simulation import TerminationReason
 
+from tau2cl.agent.kv_cache import KVSlot
 from tau2cl.agent.policy import Generation
 from tau2cl.env.domains import Domain
 
@@ -81,6 +82,7 @@ class Episode:
     last_finished: bool = True  # the last sampled turn ended with a stop token
     termination: TerminationReason | None = None
     end_note: str = ""
+    kv: KVSlot | None = None  # the policy's cache of token_ids across turns (None: re-prefill)
 
     @property
     def task(self) -> Any:
@@ -103,6 +105,9 @@ class Episode:
     def end(self, reason: TerminationReason, note: str = "") -> None:
         self.termination = reason
         self.end_note = note
+        if self.kv is not None:  # an ended episode frees its cache (even if the slot is still referenced)
+            self.kv.clear()
+            self.kv = None
 
     def to_trajectory(self) -> Trajectory:
         for index, message in enumerate(self.messages):
