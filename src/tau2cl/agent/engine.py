@@ -45,6 +45,7 @@ from tau2cl.agent.tool_calls import (
 )
 from tau2cl.agent.users.base import UserFailure, UserReply, UserSimulator, is_stop_message
 from tau2cl.env.domains import STOP_TOOL_NAME
+from tau2cl.env.predicted_state import call_record
 
 GREETING = DEFAULT_FIRST_AGENT_MESSAGE.content  # tau2's opening line of the agent
 MAX_USER_TOOL_TURNS = 10  # consecutive user tool-call turns before the user is cut off
@@ -208,7 +209,7 @@ class RolloutEngine:
         """tau2's ENV step for the user: each call runs with requestor "user"; results go back."""
         for call in reply.tool_calls:
             call.requestor = "user"
-            result = _execute(episode.env, call)
+            result = _execute(episode, call)
             episode.tool_errors += int(result.error)  # tau2 counts both sides' tool errors
             episode.messages.append(result)
         episode.user_tool_turns += 1
@@ -251,16 +252,21 @@ def run_agent_tools(episode: Episode, parsed: ParsedTurn, calls: list[ToolCall])
             episode.tool_errors += 1
             replies.append({"role": "tool", "content": malformed_call_error(item)})
             continue
-        result = _execute(episode.env, next(valid))
+        result = _execute(episode, next(valid))
         episode.tool_errors += int(result.error)
         episode.messages.append(result)
         replies.append({"role": "tool", "content": result.content or ""})
     return replies
 
 
-def _execute(env: Any, call: ToolCall) -> ToolMessage:
-    """tau2's own tool execution: unknown tools and bad arguments come back as 'Error: ...'."""
-    return env.get_response(call)
+def _execute(episode: Episode, call: ToolCall) -> ToolMessage:
+    """tau2's own tool execution: unknown tools and bad arguments come back as 'Error: ...'.
+
+    Every call is logged, so the reward can score the episode's environment in place.
+    """
+    result = episode.env.get_response(call)
+    episode.env_calls.append(call_record(call, result))
+    return result
 
 
 def _content_with_malformed(parsed: ParsedTurn) -> str | None:

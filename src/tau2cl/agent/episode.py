@@ -18,6 +18,7 @@ from tau2.data_model.simulation import TerminationReason
 from tau2cl.agent.kv_cache import KVSlot
 from tau2cl.agent.policy import Generation
 from tau2cl.env.domains import Domain
+from tau2cl.env.predicted_state import CallRecord, EpisodeState
 
 AWAITING_POLICY, AWAITING_USER = "policy", "user"  # who the episode waits on
 
@@ -51,6 +52,7 @@ class Trajectory:
     train_reward: float = 0.0  # the reward trained on (tau2's unless --reward_fn is set)
     tool_accuracy: float | None = None
     reward_info: Any = None
+    episode_state: EpisodeState | None = None  # the environment after the rollout, until scored
 
     @property
     def task_id(self) -> str:
@@ -82,6 +84,7 @@ class Episode:
     last_finished: bool = True  # the last sampled turn ended with a stop token
     termination: TerminationReason | None = None
     end_note: str = ""
+    env_calls: list[CallRecord] = field(default_factory=list)  # every call run in `env`, in order
     kv: KVSlot | None = None  # the policy's cache of token_ids across turns (None: re-prefill)
 
     @property
@@ -125,4 +128,5 @@ class Episode:
             assistant_turns=self.assistant_turns,
             tool_errors=self.tool_errors,
             end_note=self.end_note,
+            episode_state=EpisodeState(self.env, self.env_calls),
         )

@@ -39,11 +39,17 @@ def score_trajectories(
     reward_fn: RewardFn | None = None,
     judge_model: str | None = None,
 ) -> None:
-    """Fill reward, tool_accuracy, reward_info and train_reward of each trajectory in place."""
+    """Fill reward, tool_accuracy, reward_info and train_reward of each trajectory in place.
+
+    Each trajectory's environment is scored in place where that is provably tau2's result, and
+    released afterwards.
+    """
     for traj in trajectories:
         domain = domains[traj.domain]
         task = traj.task
-        result = compute_reward(domain, task, traj.messages, traj.termination_reason, judge_model=judge_model)
+        result = compute_reward(domain, task, traj.messages, traj.termination_reason, judge_model=judge_model,
+                                episode_state=traj.episode_state)
+        traj.episode_state = None  # scored: the environment is not needed any more
         traj.reward = float(result.reward)
         traj.tool_accuracy = result.tool_accuracy
         traj.reward_info = result.reward_info
