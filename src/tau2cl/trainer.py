@@ -274,11 +274,12 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         if self.reference is not None and cfg.kl_coef > 0:
             batch.ref_logprobs = reference_logprobs(
-                self.reference, batch, micro, cfg.temperature, self.compute_dtype
+                self.reference, batch, micro, cfg.temperature, self.compute_dtype, cfg.shared_prefix_update
             )
         time_ref = time.perf_counter() - t0
         global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())
-        settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef, self.compute_dtype)
+        settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef, self.compute_dtype,
+                                cfg.shared_prefix_update)
         self.training.module.train()
         stats: dict = {}
         for _ in range(cfg.num_updates_per_batch):

@@ -14,6 +14,7 @@ import torch
 
 from tau2cl.distributed import gradient_sync
 from tau2cl.rl.grpo import grpo_loss, token_logprobs
+from tau2cl.rl.shared_prefix import MIN_SHARED_PREFIX, hidden_at, shared_prefix_length, usable
 
 
 @dataclass
@@ -83,20 +84,27 @@ def sequence_logprobs(
     loss_mask: torch.Tensor,
     temperature: float = 1.0,
     compute_dtype: torch.dtype | None = None,
+    shared_prefix: bool = False,
 ) -> torch.Tensor:
     """(B, T) log p(token_t | tokens_<t) at `temperature` where loss_mask is set, 0 elsewhere.
 
     Only the trained positions go through the LM head: a tool-use context is mostly prompt
     (system, policy, tool schemas), so (B, T, V) logits would cost far more than they are worth.
+    `shared_prefix`: the rows' common prefix runs once (shared_prefix.py); same values.
     """
     body, head = _split_lm(model)
     with autocast_for(input_ids.device, compute_dtype):
         if body is None:  # an architecture we cannot split: full logits
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             return token_logprobs(logits, input_ids, temperature) * loss_mask
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
         rows, cols = loss_mask.nonzero(as_tuple=True)  # targets at (row, col), predicted from col - 1
-        logits = head(hidden[rows, cols - 1])  # (N, V)
+        prefix = shared_prefix_length(input_ids, attention_mask) if shared_prefix and usable(model) else 0
+        if prefix >= MIN_SHARED_PREFIX:
+            hidden = hidden_at(body, input_ids, prefix, rows, cols - 1)  # (N, H)
+        else:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = hidden[rows, cols - 1]  # (N, H)
+        logits = head(hidden)  # (N, V)
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
     picked = logprobs.gather(-1, input_ids[rows, cols][:, None]).squeeze(-1)  # (N,)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
@@ -122,8 +130,9 @@ class TrainedLogprobs(torch.nn.Module):
         loss_mask: torch.Tensor,
         temperature: float = 1.0,
         compute_dtype: torch.dtype | None = None,
+        shared_prefix: bool = False,
     ) -> torch.Tensor:
-        return sequence_logprobs(self.lm, input_ids, attention_mask, loss_mask, temperature, compute_dtype)
+        return sequence_logprobs(self.lm, input_ids, attention_mask, loss_mask, temperature, compute_dtype, shared_prefix)
 
 
 def as_trained_forward(model: torch.nn.Module) -> torch.nn.Module:
@@ -148,6 +157,7 @@ def reference_logprobs(
     micro_batches: list[list[int]],
     temperature: float,
     compute_dtype: torch.dtype | None,
+    shared_prefix: bool = False,
 ) -> torch.Tensor:
     """(B, T) log-probs of the batch under a frozen model, computed micro-batch by micro-batch."""
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
@@ -155,7 +165,7 @@ def reference_logprobs(
         mb = batch.rows(rows)
         width = mb.input_ids.shape[1]
         out[rows, :width] = sequence_logprobs(
-            model, mb.input_ids, mb.attention_mask, mb.loss_mask, temperature, compute_dtype
+            model, mb.input_ids, mb.attention_mask, mb.loss_mask, temperature, compute_dtype, shared_prefix
         )
     return out
 
@@ -167,6 +177,7 @@ class LossSettings:
     clip_high: float
     kl_coef: float
     compute_dtype: torch.dtype | None = None
+    shared_prefix: bool = False  # run each micro-batch's common prefix once
 
 
 def accumulate_gradients(
@@ -194,7 +205,8 @@ def accumulate_gradients(
         mb = batch.rows(rows)
         last = i == len(micro_batches) - 1
         with gradient_sync(forward, enabled=last):
-            logprobs = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature, settings.compute_dtype)
+            logprobs = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature,
+                               settings.compute_dtype, settings.shared_prefix)
             loss, stats = grpo_loss(
                 logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
                 ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,
