@@ -270,7 +270,8 @@ class GRPOTrainer:
             [t.sampling_logprobs for t in trajectories], advantages,
             self.policy.tokenizer.pad_token_id, self.dist.device,
         )
-        micro = micro_batches_by_length([len(t.token_ids) for t in trajectories], cfg.gradient_accumulation_steps)
+        micro = micro_batches_by_length([len(t.token_ids) for t in trajectories], cfg.gradient_accumulation_steps,
+                                        groups=[t.domain for t in trajectories])
         t0 = time.perf_counter()
         if self.reference is not None and cfg.kl_coef > 0:
             batch.ref_logprobs = reference_logprobs(

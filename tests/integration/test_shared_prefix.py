@@ -18,6 +18,7 @@ from tau2cl.rl.update import (
     LossSettings,
     accumulate_gradients,
     collate,
+    micro_batches_by_length,
     reference_logprobs,
     sequence_logprobs,
 )
@@ -76,3 +77,9 @@ def test_shared_prefix_gives_the_per_row_logprobs_and_gradients(tiny_model, tiny
         assert scale > 0
         gap = max((a - b).abs().max().item() for a, b in zip(per_row, once, strict=True))
         assert gap < grad_tol * max(1.0, scale), f"{micro}: max |Δgrad| = {gap:.2e}"
+
+
+def test_micro_batches_keep_a_group_together_before_length():
+    # keys (b,5) (a,9) (b,3) (a,7) sort to rows 3, 1, 2, 0: domain a's rows, then b's, each by length
+    assert micro_batches_by_length([5, 9, 3, 7], 2, groups=["b", "a", "b", "a"]) == [[3, 1], [2, 0]]
+    assert micro_batches_by_length([5, 9, 3, 7], 2) == [[2, 0], [3, 1]]  # by length alone

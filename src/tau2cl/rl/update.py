@@ -238,12 +238,17 @@ def split_micro_batches(num_rows: int, num_micro_batches: int) -> list[list[int]
     return [list(range(bounds[i], bounds[i + 1])) for i in range(n) if bounds[i + 1] > bounds[i]]
 
 
-def micro_batches_by_length(lengths: Sequence[int], num_micro_batches: int) -> list[list[int]]:
+def micro_batches_by_length(
+    lengths: Sequence[int], num_micro_batches: int, groups: Sequence[str] | None = None
+) -> list[list[int]]:
     """Near-equal row groups with rows of similar length together (shortest first).
 
     Each micro-batch is padded only to its own longest row, so grouping by length pads far less
-    than taking rows in batch order. The loss is unchanged: every micro-batch divides by the same
+    than taking rows in batch order. With `groups` (e.g. each row's domain), rows of one group are
+    kept together first, so a micro-batch's rows share their group's prompt prefix (the shared-
+    prefix update runs it once). The loss is unchanged: every micro-batch divides by the same
     whole-batch token count, so the accumulated gradient does not depend on the grouping.
     """
-    order = sorted(range(len(lengths)), key=lambda row: (lengths[row], row))
+    keys = groups if groups is not None else [""] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda row: (keys[row], lengths[row], row))
     return [[order[i] for i in group] for group in split_micro_batches(len(lengths), num_micro_batches)]
