@@ -701,7 +701,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tiny = load_model("tiny", "float32", s.device).eval()
     results = [bench_rollouts("tiny", tiny, tokenizer, requests, len(requests), s)]
-    multi = [multiturn.run("tiny", tiny, tokenizer, domains, s, NaiveRollout, FlopCounter, multiturn.EPISODES, True)]
+    multi = [multiturn.run("tiny", tiny, tokenizer, domains, s, NaiveRollout, FlopCounter, multiturn.EPISODES, True,
+                           plain_tau2_reward)]
     seed_everything(s.seed)
     qwen = qwen05_shaped_model(len(tokenizer), s.qwen_layers, s.device)
     name = f"qwen2.5-0.5b-shape/{s.qwen_layers}L"
@@ -723,7 +724,8 @@ def main(argv: list[str] | None = None) -> None:
     run_gpu_section(tokenizer, s)
     print(f"\nwall time {time.perf_counter() - start:.0f}s | load average at end: {load_text()}")
     print(f"rollout_speedup={results[-1].speedup:.2f} reward_speedup={reward_speedup:.2f} "
-          f"update_tokens_per_s={step.tokens_per_s:.0f} multiturn_speedup={multi[-1].speedup:.2f}")
+          f"update_tokens_per_s={step.tokens_per_s:.0f} multiturn_speedup={multi[-1].speedup:.2f} "
+          f"episode_reward_speedup={multi[0].reward.tau2_s / multi[0].reward.project_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ turns and the batch shrinks as they do. Measured side by side with the same seed
   decode batches that shrink, stop checks every few tokens);
 - the engine with --no-kv_reuse (every turn prefills the whole context after the shared prefix);
 - bench.py's naive loop (one episode at a time, whole conversation re-encoded, `generate`);
+- tau2's reward of the engine's episodes: compute_reward scoring each episode in its own
+  environment (predicted_state.py; every gold and predicted state built fresh at the start)
+  against tau2's evaluate_simulation from scratch, identical RewardInfo asserted;
 - the GRPO update (accumulate_gradients, 4 micro-batches grouped by domain and length) on the
   engine's trajectories, with and without the shared prefix: tokens/s and the largest gradient
   difference.
@@ -28,12 +31,15 @@ from tau2cl.env import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 
 # isort: split
 from tau2.data_model.message import UserMessage
+from tau2.data_model.simulation import TerminationReason
 from tau2.user.base import STOP
 
 from tau2cl.agent.engine import RolloutEngine, RolloutSettings
 from tau2cl.agent.episode import RolloutRequest
 from tau2cl.agent.policy import Policy
 from tau2cl.agent.users.scripted import ScriptedUser
+from tau2cl.env import gold_state, predicted_state
+from tau2cl.env.tau2_reward import compute_reward
 from tau2cl.rl.update import LossSettings, accumulate_gradients, collate, micro_batches_by_length
 
 EPISODES, MAX_TURNS = 16, 10
@@ -137,11 +143,38 @@ def bench_update(model, tokenizer, trajectories) -> list[UpdateRow]:
 
 
 @dataclass
+class RewardRow:
+    scored: int  # episodes tau2 evaluates (the others end in a way tau2 scores 0 unevaluated)
+    in_place: int  # of those, scored in the episode's own environment
+    project_s: float
+    tau2_s: float
+
+
+def bench_rewards(domains, trajectories, plain_tau2_reward) -> RewardRow:
+    """compute_reward with each episode's environment vs tau2 from scratch, on the same episodes."""
+    gold_state.clear()
+    t0 = time.perf_counter()
+    ours = [compute_reward(domains[t.domain], t.task, t.messages, t.termination_reason,
+                           episode_state=t.episode_state) for t in trajectories]
+    t1 = time.perf_counter()
+    theirs = [plain_tau2_reward(domains[t.domain], t.task, t.messages, t.termination_reason) for t in trajectories]
+    t2 = time.perf_counter()
+    for t, a, b in zip(trajectories, ours, theirs, strict=True):
+        assert a.reward_info.model_dump() == b.model_dump(), f"{t.domain} task {t.task_id}: rewards differ"
+    finished = [t for t in trajectories if t.termination_reason in (TerminationReason.AGENT_STOP,
+                                                                     TerminationReason.USER_STOP)]
+    in_place = sum(predicted_state.proven(t.episode_state, t.task, t.messages, domains[t.domain].solo_mode)
+                   for t in finished)
+    return RewardRow(len(finished), in_place, t1 - t0, t2 - t1)
+
+
+@dataclass
 class ModelResult:
     name: str
     runs: list[Run]  # kv reuse, re-prefill, naive
     same_samples: int  # episodes whose tokens are identical with and without KV reuse
     update: list[UpdateRow]
+    reward: RewardRow | None = None
 
     @property
     def speedup(self) -> float:
@@ -149,7 +182,7 @@ class ModelResult:
 
 
 def run(name, model, tokenizer, domains, settings, naive_class, flop_counter: Callable[[Any], Any],
-        naive_episodes: int, with_update: bool) -> ModelResult:
+        naive_episodes: int, with_update: bool, plain_tau2_reward: Callable | None = None) -> ModelResult:
     reqs = requests(domains)
     counter = flop_counter(model)
     print(f"[f] {name}: {EPISODES} episodes, up to {MAX_TURNS} turns", flush=True)
@@ -163,7 +196,8 @@ def run(name, model, tokenizer, domains, settings, naive_class, flop_counter: Ca
     counter.remove()
     same = sum(a.token_ids == b.token_ids for a, b in zip(kept.trajectories, again.trajectories, strict=True))
     update = bench_update(model, tokenizer, kept.trajectories) if with_update else []
-    return ModelResult(name, [kept, again, naive], same, update)
+    reward = None if plain_tau2_reward is None else bench_rewards(domains, kept.trajectories, plain_tau2_reward)
+    return ModelResult(name, [kept, again, naive], same, update, reward)
 
 
 def print_results(results: list[ModelResult], table) -> None:
@@ -182,6 +216,13 @@ def print_results(results: list[ModelResult], table) -> None:
     for m in results:
         print(f"{m.name}: {m.same_samples} of {EPISODES} episodes sampled the same tokens with and without KV reuse "
               "(same seed; a difference is a floating-point near-tie)")
+    for m in results:
+        if m.reward is not None:
+            r = m.reward
+            n = len(m.runs[0].trajectories)
+            print(f"{m.name} rewards of the {n} episodes ({r.scored} evaluated by tau2, {r.in_place} of them in their "
+                  f"own environment), identical RewardInfo: compute_reward {1000 * r.project_s / n:.0f} ms/episode, "
+                  f"tau2 from scratch {1000 * r.tau2_s / n:.0f} ms/episode: {r.tau2_s / r.project_s:.1f}x")
     update_rows = [[m.name, u.label, f"{u.tokens:,}", f"{u.seconds:.2f}", f"{u.tokens_per_s:,.0f}",
                     f"{m.update[0].seconds / u.seconds:.2f}x", f"{u.max_grad_gap:.1e}"]
                    for m in results for u in m.update]
