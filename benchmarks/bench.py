@@ -30,9 +30,16 @@ d. The limit: FLOPs counted from every forward's shapes (2 x linear weights per 
 e. On a CUDA device only (skipped, and said so, on a CPU-only machine): a Qwen2.5-3B-shaped model
    in bf16 autocast at batch_size_per_gpu 4 x 4 samples: decode tokens/s, the update's tokens/s
    and peak memory with and without gradient checkpointing, SDPA and FlashAttention-2 when
-   installed (gpu_bench.py).
+   installed, and 16 multi-turn episodes of unequal length with and without KV reuse and the
+   shared-prefix update (gpu_bench.py).
+f. Multi-turn episodes (multiturn.py): 16 episodes of up to 10 turns that end at different turns,
+   the engine with and without KV reuse against the naive loop, their tau2 rewards scored in the
+   episodes' own environments against tau2 from scratch, and the update with and without the
+   shared prefix (tokens/s, largest gradient difference).
 
-Everything is seeded. The last line is `rollout_speedup=<x> reward_speedup=<y> update_tokens_per_s=<z>`:
+Everything is seeded. The last line is `rollout_speedup=<x> reward_speedup=<y> update_tokens_per_s=<z>
+multiturn_speedup=<m> episode_reward_speedup=<r>` (m: (f)'s engine over the naive loop, 0.5B shape;
+r: (f)'s rewards of the tiny model's episodes over tau2 from scratch):
 the rollout speedup of the Qwen2.5-0.5B-shaped model (engine tokens/s / naive tokens/s), the reward
 speedup over the whole corpus on its first pass (each task's gold state built on its first
 conversation; the table also shows a second pass), and all tokens through the update's forward + backward per second.
