@@ -30,9 +30,16 @@ d. The limit: FLOPs counted from every forward's shapes (2 x linear weights per 
 e. On a CUDA device only (skipped, and said so, on a CPU-only machine): a Qwen2.5-3B-shaped model
    in bf16 autocast at batch_size_per_gpu 4 x 4 samples: decode tokens/s, the update's tokens/s
    and peak memory with and without gradient checkpointing, SDPA and FlashAttention-2 when
-   installed (gpu_bench.py).
+   installed, and 16 multi-turn episodes of unequal length with and without KV reuse and the
+   shared-prefix update (gpu_bench.py).
+f. Multi-turn episodes (multiturn.py): 16 episodes of up to 10 turns that end at different turns,
+   the engine with and without KV reuse against the naive loop, their tau2 rewards scored in the
+   episodes' own environments against tau2 from scratch, and the update with and without the
+   shared prefix (tokens/s, largest gradient difference).
 
-Everything is seeded. The last line is `rollout_speedup=<x> reward_speedup=<y> update_tokens_per_s=<z>`:
+Everything is seeded. The last line is `rollout_speedup=<x> reward_speedup=<y> update_tokens_per_s=<z>
+multiturn_speedup=<m> episode_reward_speedup=<r>` (m: (f)'s engine over the naive loop, 0.5B shape;
+r: (f)'s rewards of the tiny model's episodes over tau2 from scratch):
 the rollout speedup of the Qwen2.5-0.5B-shaped model (engine tokens/s / naive tokens/s), the reward
 speedup over the whole corpus on its first pass (each task's gold state built on its first
 conversation; the table also shows a second pass), and all tokens through the update's forward + backward per second.
@@ -52,11 +59,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import multiturn
 import torch
 
 from tau2cl.env import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 
 # isort: split
+from tau2.config import DEFAULT_MAX_ERRORS as MAX_TOOL_ERRORS
 from tau2.data_model.message import AssistantMessage, UserMessage
 from tau2.data_model.simulation import SimulationRun, TerminationReason
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
@@ -64,7 +73,6 @@ from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 from tau2cl.agent.chat import ChatRenderer, assistant_chat_message, chat_dict
 from tau2cl.agent.engine import (
     GREETING,
-    MAX_TOOL_ERRORS,
     RolloutEngine,
     RolloutSettings,
     agent_tool_calls,
@@ -700,10 +708,14 @@ def main(argv: list[str] | None = None) -> None:
 
     tiny = load_model("tiny", "float32", s.device).eval()
     results = [bench_rollouts("tiny", tiny, tokenizer, requests, len(requests), s)]
+    multi = [multiturn.run("tiny", tiny, tokenizer, domains, s, NaiveRollout, FlopCounter, multiturn.EPISODES, True,
+                           plain_tau2_reward)]
     seed_everything(s.seed)
     qwen = qwen05_shaped_model(len(tokenizer), s.qwen_layers, s.device)
     name = f"qwen2.5-0.5b-shape/{s.qwen_layers}L"
     results.append(bench_rollouts(name, qwen, tokenizer, requests, s.naive_episodes_qwen, s))
+    multi.append(multiturn.run(name, qwen, tokenizer, domains, s, NaiveRollout, FlopCounter,
+                               s.naive_episodes_qwen, False))
     print(f"    {name}: random init, Qwen2.5-0.5B sizes with {s.qwen_layers} of 24 layers, vocab {len(tokenizer)} "
           f"(tiny tokenizer; Qwen's 151936 is not available offline)")
     del qwen
@@ -715,10 +727,12 @@ def main(argv: list[str] | None = None) -> None:
     reward_speedup = print_rewards(reward_rows)
     print_step(step, reward_rows)
     print_limit(results, step, results[0].weights, peak)
+    multiturn.print_results(multi, table)
     run_gpu_section(tokenizer, s)
     print(f"\nwall time {time.perf_counter() - start:.0f}s | load average at end: {load_text()}")
     print(f"rollout_speedup={results[-1].speedup:.2f} reward_speedup={reward_speedup:.2f} "
-          f"update_tokens_per_s={step.tokens_per_s:.0f}")
+          f"update_tokens_per_s={step.tokens_per_s:.0f} multiturn_speedup={multi[-1].speedup:.2f} "
+          f"episode_reward_speedup={multi[0].reward.tau2_s / multi[0].reward.project_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,13 @@ the main 4-GPU run: batch_size_per_gpu 4 x num_samples_per_prompt 4 = 16 sequenc
   quarter of them trained, like a tool-use conversation), in 4 micro-batches, for each attention
   implementation available (SDPA always; FlashAttention-2 when `flash_attn` is installed), with and
   without gradient checkpointing: tokens/s and peak memory (torch.cuda.max_memory_allocated, weights,
-  gradients and AdamW states included). A configuration that runs out of memory says so.
+  gradients and AdamW states included). A configuration that runs out of memory says so;
+- multi-turn: 16 episodes sharing a `seq_len`-token prefix, up to 10 turns each, ending at
+  different turns (3..10) with tool-result-like appends of unequal length: the rollout with each
+  episode's KV cache kept across turns and with re-prefill every turn (decode tokens/s, seconds,
+  peak memory), then the update on those episodes with and without the shared prefix (tokens/s,
+  peak memory). The decode layout (right-aligned rows, shrinking batch, stop checks every few
+  tokens) is the only one the project has, so it is always on.
 
 FLOPs are counted from every forward's shapes by bench.py's FlopCounter (the update as 3 x its
 forward; recomputation under gradient checkpointing is not counted, as model-FLOPs utilisation
@@ -27,15 +33,23 @@ from typing import Any
 
 import torch
 
+from tau2cl.agent.kv_cache import KVSlot
 from tau2cl.agent.policy import Policy
 from tau2cl.rl.grpo import group_advantages
-from tau2cl.rl.update import LossSettings, accumulate_gradients, collate, split_micro_batches
+from tau2cl.rl.update import (
+    LossSettings,
+    accumulate_gradients,
+    collate,
+    micro_batches_by_length,
+    split_micro_batches,
+)
 
 QWEN3B_SHAPE = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                     intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0)
 TASKS_PER_GPU, SAMPLES_PER_TASK = 4, 4  # batch_size_per_gpu x num_samples_per_prompt
 MICRO_BATCHES = 4
 TRAINED_SHARE = 4  # 1 in 4 tokens of a sequence is the policy's own
+MULTI_TURNS = 10  # multi-turn section: the longest episode's turns (episodes end after 3..10)
 
 
 @dataclass
@@ -101,6 +115,79 @@ def bench_decode(model, tokenizer, attention: str, prompt_len: int, new_tokens: 
     return GpuRow("decode", attention, None, tokens, seconds, counter.flops, peak_gib(device))
 
 
+def multiturn_episodes(model, tokenizer, prefix_len: int, new_tokens: int, device: str, kv_reuse: bool,
+                       counter) -> tuple[GpuRow, list[list[int]], list[list[int]]]:
+    """16 episodes of up to MULTI_TURNS turns that end at different turns, through Policy.generate.
+
+    Each episode starts from a shared `prefix_len`-token prefix plus its own opening; after every
+    sampled turn it gets a row-dependent "tool result" (50-400 tokens) and goes on until its own
+    last turn (3..10). With kv_reuse each episode keeps its KV cache across turns (KVSlot), as the
+    engine does by default; without, every turn prefills the whole context after the shared prefix.
+    Returns the row and each episode's (token ids, loss mask) for the update.
+    """
+    gen = torch.Generator().manual_seed(2)
+    vocab = len(tokenizer)
+    rows = TASKS_PER_GPU * SAMPLES_PER_TASK
+    shared = torch.randint(0, vocab, (prefix_len,), generator=gen).tolist()
+    contexts = [shared + torch.randint(0, vocab, (64 + 16 * i,), generator=gen).tolist() for i in range(rows)]
+    masks = [[0] * len(c) for c in contexts]
+    last_turn = [3 + (i * 5) % 8 for i in range(rows)]
+    slots = [KVSlot() for _ in range(rows)] if kv_reuse else None
+    policy = Policy(model, tokenizer, compute_dtype=torch.bfloat16)
+    sampler = torch.Generator(device=device).manual_seed(0)
+    counter.reset()
+    reset_peak(device)
+    t0 = time.perf_counter()
+    tokens = 0
+    for turn in range(MULTI_TURNS):
+        live = [i for i in range(rows) if turn < last_turn[i]]
+        if not live:
+            break
+        out = policy.generate([contexts[i] for i in live], max_new_tokens=new_tokens, temperature=1.0,
+                              generator=sampler, caches=None if slots is None else [slots[i] for i in live])
+        for i, g in zip(live, out, strict=True):
+            tokens += len(g.token_ids)
+            reply = torch.randint(0, vocab, (50 + (i * 37 + turn * 11) % 350,), generator=gen).tolist()
+            contexts[i] += g.token_ids + reply
+            masks[i] += [1] * len(g.token_ids) + [0] * len(reply)
+            if slots is not None and turn + 1 >= last_turn[i]:
+                slots[i].clear()  # the episode ends: its cache goes
+    sync(device)
+    seconds = time.perf_counter() - t0
+    label = "KV kept" if kv_reuse else "re-prefill"
+    return GpuRow("multi-turn rollout", label, None, tokens, seconds, counter.flops, peak_gib(device)), contexts, masks
+
+
+def multiturn_update(model, optimizer, tokenizer, contexts, masks, shared_prefix: bool, device: str,
+                     counter) -> GpuRow:
+    """The update on the multi-turn episodes (unequal lengths), with or without the shared prefix."""
+    model.gradient_checkpointing_disable()  # the shared prefix needs the body's cache
+    model.train()
+    rows = len(contexts)
+    rewards = torch.tensor([float(i % 2) for i in range(rows)])
+    advantages = group_advantages(rewards, SAMPLES_PER_TASK, "std").tolist()
+    batch = collate(contexts, masks, [[-8.0] * len(c) for c in contexts], advantages, tokenizer.pad_token_id, device)
+    micro = micro_batches_by_length([len(c) for c in contexts], MICRO_BATCHES)
+    settings = LossSettings(1.0, 0.2, 0.2, 0.0, torch.bfloat16, shared_prefix=shared_prefix)
+    total = sum(int(batch.rows(m).attention_mask.sum()) for m in micro)
+    label = "shared prefix" if shared_prefix else "rows whole"
+    try:
+        for _ in range(2):  # a warm-up step, then the timed one
+            counter.reset()
+            reset_peak(device)
+            t0 = time.perf_counter()
+            accumulate_gradients(model, batch, micro, settings, max(batch.num_tokens, 1))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            seconds = time.perf_counter() - t0
+        return GpuRow("multi-turn update", label, False, total, seconds, 3 * counter.flops, peak_gib(device))
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return GpuRow("multi-turn update", label, False, total, float("nan"), 0.0, peak_gib(device), "out of memory")
+
+
 def random_batch(tokenizer, seq_len: int, device: str):
     """16 sequences of seq_len tokens; the last quarter of each is trained, advantages from 0/1 rewards."""
     gen = torch.Generator().manual_seed(1)
@@ -154,8 +241,17 @@ def run(tokenizer, device: str, seq_len: int, new_tokens: int, flop_counter: Cal
         batch = random_batch(tokenizer, seq_len, device)
         for checkpointing in (True, False):
             rows.append(bench_update(model, optimizer, batch, attention, checkpointing, device, counter))
+        del batch
+        for kv_reuse in (True, False):
+            row, contexts, masks = multiturn_episodes(model, tokenizer, seq_len, new_tokens, device, kv_reuse, counter)
+            row.attention = f"{attention}, {row.attention}"
+            rows.append(row)
+        for shared_prefix in (True, False):
+            row = multiturn_update(model, optimizer, tokenizer, contexts, masks, shared_prefix, device, counter)
+            row.attention = f"{attention}, {row.attention}"
+            rows.append(row)
         counter.remove()
-        del model, optimizer, batch
+        del model, optimizer
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     print_rows(rows, seq_len, new_tokens, peak_flops, device, table)

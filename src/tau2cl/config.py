@@ -157,6 +157,14 @@ class GRPOConfig:
         "rollout",
         "Most tokens in an episode's context; the episode ends when its context would exceed it.",
     )
+    kv_reuse: bool = _option(
+        True,
+        "rollout",
+        "Keep each episode's KV cache across its turns, so a turn prefills only the tokens added "
+        "since the last sampled one (tool results, user replies); costs one cache per live "
+        "episode in memory. --no-kv_reuse re-prefills the whole context every turn (for "
+        "debugging and ablations; same samples).",
+    )
 
     # --- user simulator ---
     user_model: str | None = _option(
@@ -291,6 +299,14 @@ class GRPOConfig:
     # --- optimization ---
     batch_size_per_gpu: int = _option(
         4, "optimization", "Tasks per rank per step; each is sampled num_samples_per_prompt times."
+    )
+    shared_prefix_update: bool = _option(
+        True,
+        "optimization",
+        "Run the common prefix of each micro-batch's rows (system prompt, policy, tool schemas: "
+        "most of every tau2 row) once in the update's and the reference's forward, and attend "
+        "every row's suffix to it; same gradients, far fewer FLOPs. Off under gradient "
+        "checkpointing (which turns caches off). --no-shared_prefix_update runs every row whole.",
     )
     gradient_accumulation_steps: int = _option(
         1, "optimization", "Micro-batches whose gradients are accumulated into one optimizer step."

@@ -108,7 +108,8 @@ class GRPOTrainer:
         user = build_user(config, reference=self._reference_policy, device=self.dist.device)
         self.user = user
         common = dict(max_turns=config.max_turns, max_new_tokens=config.max_new_tokens,
-                      max_context_tokens=config.max_context_tokens, top_p=config.top_p)
+                      max_context_tokens=config.max_context_tokens, top_p=config.top_p,
+                      kv_reuse=config.kv_reuse)
         check = self.stop_request.check
         self.train_engine = RolloutEngine(self.policy, user, RolloutSettings(temperature=config.temperature, **common), check)
         self.eval_engine = RolloutEngine(
@@ -420,19 +421,20 @@ class GRPOTrainer:
             [t.sampling_logprobs for t in trajectories], advantages,
             self.policy.tokenizer.pad_token_id, self.dist.device,
         )
-        micro = micro_batches_by_length([len(t.token_ids) for t in trajectories], cfg.gradient_accumulation_steps)
+        micro = micro_batches_by_length([len(t.token_ids) for t in trajectories], cfg.gradient_accumulation_steps,
+                                        groups=[t.domain for t in trajectories])
         if cfg.tis_cap is not None:
             recompute_old_logprobs(self.policy.model, batch, micro, cfg.temperature, self.compute_dtype)
         t0 = time.perf_counter()
         if self.reference is not None and cfg.kl_coef > 0:
             with adapters_disabled(self.lora):
                 batch.ref_logprobs = reference_logprobs(
-                    self.reference, batch, micro, cfg.temperature, self.compute_dtype
+                    self.reference, batch, micro, cfg.temperature, self.compute_dtype, cfg.shared_prefix_update
                 )
         time_ref = time.perf_counter() - t0
         global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())
         settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef,
-                                self.compute_dtype, cfg.dual_clip, cfg.tis_cap)
+                                self.compute_dtype, cfg.dual_clip, cfg.tis_cap, cfg.shared_prefix_update)
         self.training.module.train()
         restart = cfg.domain_restart != "none"
         lr = learning_rate(cfg.learning_rate, cfg.warmup_steps, self.progress.step if restart else self.progress.global_step)

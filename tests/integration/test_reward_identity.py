@@ -20,9 +20,11 @@ which must reuse the recorded gold state (one environment built, not two) and gi
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
+import torch
 
 from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import)
 
@@ -32,7 +34,11 @@ from tau2.data_model.simulation import SimulationRun, TerminationReason
 from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 from tau2.registry import registry
 
-from tau2cl.env import gold_state
+from tau2cl.agent.engine import RolloutEngine, RolloutSettings
+from tau2cl.agent.episode import RolloutRequest
+from tau2cl.agent.policy import Generation, Policy
+from tau2cl.agent.users.scripted import ScriptedUser
+from tau2cl.env import gold_state, predicted_state
 from tau2cl.env.domains import DOMAIN_NAMES
 from tau2cl.env.golden import reward_corpus
 from tau2cl.env.tau2_reward import compute_reward
@@ -89,3 +95,87 @@ def test_compute_reward_equals_plain_tau2_evaluator(domains, name, monkeypatch):
     assert all(r == 1.0 for kind, r in rewards if kind == "golden"), rewards
     assert any(r < 1.0 for _, r in rewards), f"{name}: no failing conversation in the corpus: {rewards}"
     assert gold_state.recorded_count() > 0, f"{name}: no conversation reached the gold environment"
+
+
+# ---------------------------------------------------------------- the episode's own environment
+
+
+class GoldenActionsPolicy(Policy):
+    """Writes every golden action of the episode's task as tool calls, then closes the conversation."""
+
+    def __init__(self, model, tokenizer, tasks_by_prompt_start):
+        super().__init__(model, tokenizer)
+        self.calls_made: set[int] = set()
+        self.tasks = tasks_by_prompt_start
+
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, caches=None):
+        out = []
+        for prompt in prompts:
+            task = next(t for key, t in self.tasks if key in self.decode(prompt))
+            first = id(task) not in self.calls_made
+            self.calls_made.add(id(task))
+            actions = task.evaluation_criteria.actions or [] if first else []
+            text = "".join(
+                f"<tool_call>{json.dumps({'name': a.name, 'arguments': a.arguments})}</tool_call>" for a in actions
+            ) or "All done. Have a good day!"
+            ids = self.renderer.encode(text) + [self.tokenizer.eos_token_id]
+            out.append(Generation(token_ids=ids, logprobs=[-1.0] * len(ids), finished=True))
+        return out
+
+
+def _episodes(policy, domains, names, user_turns: int, temperature: float = 1.0):
+    requests = [RolloutRequest(domains[n], t, group=i) for i, (n, t) in enumerate(
+        (n, t) for n in names for t in domains[n].train_tasks)]
+    settings = RolloutSettings(max_turns=4, max_new_tokens=24, max_context_tokens=32768, temperature=temperature)
+    engine = RolloutEngine(policy, ScriptedUser(max_turns=user_turns), settings)
+    return engine.run(requests, torch.Generator().manual_seed(7))
+
+
+def _check_in_place(domains, trajectories, monkeypatch) -> tuple[int, list[float]]:
+    """Every trajectory scores tau2's RewardInfo with its own environment: (how many in place, rewards)."""
+    in_place, rewards = 0, []
+    for traj in trajectories:
+        domain = domains[traj.domain]
+        built: list[dict] = []
+        build = domain.base_environment
+        monkeypatch.setattr(domain, "base_environment", lambda b=build, log=built, **kw: log.append(kw) or b(**kw))
+        ours = compute_reward(domain, traj.task, traj.messages, traj.termination_reason,
+                              episode_state=traj.episode_state)
+        monkeypatch.setattr(domain, "base_environment", build)
+        theirs = plain_tau2_reward(domain, traj.task, traj.messages, traj.termination_reason)
+        assert ours.reward_info.model_dump() == theirs.model_dump(), f"{traj.domain} task {traj.task_id}"
+        proven = predicted_state.proven(traj.episode_state, traj.task, traj.messages, domain.solo_mode)
+        assert proven  # the engine's call log is always tau2's replay list
+        if uses_gold_environment(traj.task, traj.termination_reason):
+            assert {"solo_mode": domain.solo_mode} not in built, "the predicted environment was rebuilt"
+            in_place += 1
+        rewards.append(ours.reward)
+    return in_place, rewards
+
+
+@pytest.mark.slow  # ~15 s on 2 busy cores: tau2 scores each of four episodes plainly too
+def test_episode_environment_scores_tau2s_reward_golden_calls(tiny_model, tiny_tokenizer, domains, monkeypatch):
+    """Engine episodes that make every golden action, and score 1.0, in their own environments."""
+    names = ("airline", "retail")
+    tasks = [(t.user_scenario.instructions.reason_for_call[:40], t)
+             for n in names for t in domains[n].train_tasks + domains[n].test_tasks]
+    policy = GoldenActionsPolicy(tiny_model, tiny_tokenizer, tasks)
+    trajectories = _episodes(policy, domains, names, user_turns=1)
+    gold_state.clear()
+    in_place, rewards = _check_in_place(domains, trajectories, monkeypatch)
+    assert in_place == len(trajectories)
+    assert rewards.count(1.0) >= len(rewards) // 2  # golden actions made: most tasks pass
+    # a log that is not tau2's replay list is not trusted: the full path rebuilds the environment
+    traj = max(trajectories, key=lambda t: len(t.episode_state.calls))
+    assert traj.episode_state.calls
+    forged = predicted_state.EpisodeState(traj.episode_state.env, traj.episode_state.calls[1:])
+    assert not predicted_state.proven(forged, traj.task, traj.messages, False)
+
+
+@pytest.mark.slow  # ~20 s on 2 busy cores: four sampled episodes
+def test_episode_environment_scores_tau2s_reward_sampled(tiny_policy, domains, monkeypatch, single_torch_thread):
+    """Episodes sampled from the tiny model (garbage calls, text turns, user stops)."""
+    trajectories = _episodes(tiny_policy, domains, ("airline", "retail"), user_turns=1)
+    gold_state.clear()
+    in_place, _ = _check_in_place(domains, trajectories, monkeypatch)
+    assert in_place > 0, [t.termination_reason for t in trajectories]

@@ -9,7 +9,13 @@ import torch
 
 from tau2cl.rl.sft import draw_demos, sft_loss
 from tau2cl.rl.update import sequence_logprobs
-from tau2cl.runs.checkpoint import MANIFEST_FILE, PROGRESS_FILE, STATE_FILE, build_manifest, find_checkpoint
+from tau2cl.runs.checkpoint import (
+    MANIFEST_FILE,
+    PROGRESS_FILE,
+    STATE_FILE,
+    build_manifest,
+    find_checkpoint,
+)
 
 
 def test_sft_loss_is_the_token_sum_nll_over_the_normalizer():

@@ -34,6 +34,7 @@ from tau2.user.base import STOP
 
 from tau2cl.agent.chat import assistant_chat_message, chat_dict
 from tau2cl.agent.episode import AWAITING_POLICY, AWAITING_USER, Episode, RolloutRequest, Trajectory
+from tau2cl.agent.kv_cache import KVSlot
 from tau2cl.agent.policy import Generation, Policy
 from tau2cl.agent.tool_calls import (
     CALL_CLOSE,
@@ -45,6 +46,7 @@ from tau2cl.agent.tool_calls import (
 )
 from tau2cl.agent.users.base import UserFailure, UserReply, UserSimulator, is_stop_message
 from tau2cl.env.domains import STOP_TOOL_NAME
+from tau2cl.env.predicted_state import call_record
 
 GREETING = DEFAULT_FIRST_AGENT_MESSAGE.content  # tau2's opening line of the agent
 MAX_USER_TOOL_TURNS = 10  # consecutive user tool-call turns before the user is cut off
@@ -57,6 +59,7 @@ class RolloutSettings:
     max_context_tokens: int
     temperature: float
     top_p: float = 1.0
+    kv_reuse: bool = True  # keep each episode's KV cache across its turns (False: re-prefill)
 
 
 class RolloutEngine:
@@ -81,7 +84,10 @@ class RolloutEngine:
             for group in _by_domain(waiting):  # one domain shares one prompt prefix
                 prompts = [e.token_ids for e in group]
                 s = self.settings
-                generations = self.policy.generate(prompts, s.max_new_tokens, s.temperature, s.top_p, generator)
+                caches = [e.kv for e in group] if s.kv_reuse else None
+                generations = self.policy.generate(
+                    prompts, s.max_new_tokens, s.temperature, s.top_p, generator, caches=caches
+                )
                 for episode, generation in zip(group, generations, strict=True):
                     self._agent_turn(episode, generation)
             asking = [e for e in episodes if e.termination is None and e.awaiting == AWAITING_USER]
@@ -98,6 +104,8 @@ class RolloutEngine:
         domain, task = request.domain, request.task
         history = _initial_history(task)
         episode = Episode(request=request, env=domain.new_environment(task), messages=history)
+        if self.settings.kv_reuse:
+            episode.kv = KVSlot()
         if domain.solo_mode:
             self._render_prompt(episode)
         else:  # the agent's prompt is rendered when the user's opening arrives
@@ -207,7 +215,7 @@ class RolloutEngine:
         """tau2's ENV step for the user: each call runs with requestor "user"; results go back."""
         for call in reply.tool_calls:
             call.requestor = "user"
-            result = _execute(episode.env, call)
+            result = _execute(episode, call)
             episode.tool_errors += int(result.error)  # tau2 counts both sides' tool errors
             episode.messages.append(result)
         episode.user_tool_turns += 1
@@ -250,25 +258,28 @@ def run_agent_tools(episode: Episode, parsed: ParsedTurn, calls: list[ToolCall])
             episode.tool_errors += 1
             replies.append({"role": "tool", "content": malformed_call_error(item)})
             continue
-        result = _execute(episode.env, next(valid))
+        result = _execute(episode, next(valid))
         episode.tool_errors += int(result.error)
         episode.messages.append(result)
         replies.append({"role": "tool", "content": result.content or ""})
     return replies
 
 
-def _execute(env: Any, call: ToolCall) -> ToolMessage:
+def _execute(episode: Episode, call: ToolCall) -> ToolMessage:
     """tau2's own tool execution: unknown tools and bad arguments come back as 'Error: ...'.
 
     An exception that escapes the environment itself (tau2 catches only the tool's own) becomes
     that call's tool error in the same form, counted in the episode's tool errors like any other.
+    Every call is logged, so the reward can score the episode's environment in place.
     """
     try:
-        return env.get_response(call)
+        result = episode.env.get_response(call)
     except Exception as exc:
-        return ToolMessage(
+        result = ToolMessage(
             id=call.id, content=f"Error: {type(exc).__name__}: {exc}", requestor=call.requestor, role="tool", error=True
         )
+    episode.env_calls.append(call_record(call, result))
+    return result
 
 
 def _content_with_malformed(parsed: ParsedTurn) -> str | None:

@@ -15,8 +15,10 @@ from tau2cl.env import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 from tau2.data_model.message import Message
 from tau2.data_model.simulation import TerminationReason
 
+from tau2cl.agent.kv_cache import KVSlot
 from tau2cl.agent.policy import Generation
 from tau2cl.env.domains import Domain
+from tau2cl.env.predicted_state import CallRecord, EpisodeState
 
 AWAITING_POLICY, AWAITING_USER = "policy", "user"  # who the episode waits on
 
@@ -50,6 +52,7 @@ class Trajectory:
     train_reward: float = 0.0  # the reward trained on (tau2's unless --reward_fn is set)
     tool_accuracy: float | None = None
     reward_info: Any = None
+    episode_state: EpisodeState | None = None  # the environment after the rollout, until scored
 
     @property
     def task_id(self) -> str:
@@ -81,6 +84,8 @@ class Episode:
     last_finished: bool = True  # the last sampled turn ended with a stop token
     termination: TerminationReason | None = None
     end_note: str = ""
+    env_calls: list[CallRecord] = field(default_factory=list)  # every call run in `env`, in order
+    kv: KVSlot | None = None  # the policy's cache of token_ids across turns (None: re-prefill)
 
     @property
     def task(self) -> Any:
@@ -103,6 +108,9 @@ class Episode:
     def end(self, reason: TerminationReason, note: str = "") -> None:
         self.termination = reason
         self.end_note = note
+        if self.kv is not None:  # an ended episode frees its cache (even if the slot is still referenced)
+            self.kv.clear()
+            self.kv = None
 
     def to_trajectory(self) -> Trajectory:
         for index, message in enumerate(self.messages):
@@ -120,4 +128,5 @@ class Episode:
             assistant_turns=self.assistant_turns,
             tool_errors=self.tool_errors,
             end_note=self.end_note,
+            episode_state=EpisodeState(self.env, self.env_calls),
         )

@@ -77,15 +77,18 @@ def recorded_count() -> int:
         return len(_hashes)
 
 
-def gold_aware_constructor(build: Callable[..., Any], domain_name: str, task: Task) -> Callable[..., Any]:
+def gold_aware_constructor(
+    build: Callable[..., Any], domain_name: str, task: Task, predicted: Any | None = None
+) -> Callable[..., Any]:
     """tau2's environment constructor for scoring `task`, with the gold environment reused.
 
-    `build` is the plain constructor (same signature as tau2's registry entry for the domain).
+    `build` is the plain constructor (same signature as tau2's registry entry for the domain);
+    `predicted`, when given, is handed out as the predicted environment instead of a new one.
     """
 
     def construct(**kwargs: Any) -> Any:
         if kwargs:  # tau2's predicted environment: always built with the run's solo_mode
-            return build(**kwargs)
+            return predicted if predicted is not None else build(**kwargs)
         key = gold_key(domain_name, task)
         hashes = recorded(key)
         if hashes is not None:

@@ -34,8 +34,9 @@ from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
 from tau2.evaluator.evaluator_action import ActionEvaluator
 from tau2.utils.utils import get_now
 
-from tau2cl.env import gold_state
+from tau2cl.env import gold_state, predicted_state
 from tau2cl.env.domains import Domain, gc_paused
+from tau2cl.env.predicted_state import EpisodeState
 from tau2cl.env.tau2_compat import as_list
 from tau2cl.errors import UserError
 
@@ -84,15 +85,22 @@ def compute_reward(
     termination_reason: TerminationReason | str,
     judge_model: str | None = None,
     judge_args: dict | None = None,
+    episode_state: EpisodeState | None = None,
 ) -> RewardResult:
     """Score a full conversation with tau2's evaluator (see the module note on `messages`).
 
     Tasks whose reward basis has NL_ASSERTION are judged by `judge_model` (a litellm model;
     `judge_args` are extra litellm arguments such as api_base); without a judge they cannot be
     scored (a UserError), and a judge that fails gives reward 0 with the error in `info`.
+    `episode_state`: the episode's environment after the rollout and its call log; where it is
+    provably the environment tau2 would rebuild, it is scored in place (predicted_state.py).
     """
     simulation = make_simulation(task, messages, termination_reason)
-    info = _evaluate(domain, task, simulation, judge_model, judge_args or {})
+    predicted = None
+    if predicted_state.proven(episode_state, task, messages, domain.solo_mode):
+        key = predicted_state.state_key(domain.name, task, episode_state)
+        predicted = predicted_state.EpisodeEnvironment(episode_state.env, key)
+    info = _evaluate(domain, task, simulation, judge_model, judge_args or {}, predicted)
     return RewardResult(
         reward=float(info.reward),
         breakdown=reward_breakdown(info),
@@ -102,16 +110,17 @@ def compute_reward(
 
 
 def _evaluate(
-    domain: Domain, task: Task, simulation: SimulationRun, judge_model: str | None, judge_args: dict
+    domain: Domain, task: Task, simulation: SimulationRun, judge_model: str | None, judge_args: dict,
+    predicted: Any | None = None,
 ) -> RewardInfo:
     kwargs = dict(simulation=simulation, task=task, solo_mode=domain.solo_mode, domain=domain.name)
     if not _needs_judge(task):
-        with _environments_from(domain, task), gc_paused():
+        with _environments_from(domain, task, predicted), gc_paused():
             return evaluate_simulation(evaluation_type=EvaluationType.ALL, **kwargs)
     if judge_model is None:
         raise UserError(f"task {task.id} is scored by natural-language assertions; set --judge_model.")
     try:
-        with _environments_from(domain, task), _judge(judge_model, judge_args):
+        with _environments_from(domain, task, predicted), _judge(judge_model, judge_args):
             return evaluate_simulation(evaluation_type=EvaluationType.ALL_WITH_NL_ASSERTIONS, **kwargs)
     except Exception as exc:  # the judge's API failed: this episode scores 0, the run goes on
         error = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -148,6 +157,7 @@ class _Scoring:
 
     domain: Domain
     task: Task
+    predicted: Any | None = None  # the episode's own environment, standing in for tau2's rebuilt one
 
 
 _ACTIVE: ContextVar[_Scoring | None] = ContextVar("tau2cl_active_scoring", default=None)
@@ -162,7 +172,9 @@ class _MemoryRegistry:
     def get_env_constructor(self, name: str) -> Callable[..., Any]:
         scoring = _ACTIVE.get()
         if scoring is not None and scoring.domain.name == name:
-            return gold_state.gold_aware_constructor(scoring.domain.base_environment, name, scoring.task)
+            return gold_state.gold_aware_constructor(
+                scoring.domain.base_environment, name, scoring.task, scoring.predicted
+            )
         return self._base.get_env_constructor(name)
 
     def __getattr__(self, name: str) -> Any:
@@ -170,10 +182,10 @@ class _MemoryRegistry:
 
 
 @contextlib.contextmanager
-def _environments_from(domain: Domain, task: Task) -> Iterator[None]:
+def _environments_from(domain: Domain, task: Task, predicted: Any | None) -> Iterator[None]:
     if not isinstance(tau2_evaluator.registry, _MemoryRegistry):
         tau2_evaluator.registry = _MemoryRegistry(tau2_evaluator.registry)
-    token = _ACTIVE.set(_Scoring(domain, task))
+    token = _ACTIVE.set(_Scoring(domain, task, predicted))
     try:
         yield
     finally:

@@ -96,13 +96,17 @@ def score_trajectories(
 
     `check_stop` is called between episodes (and while a custom reward call runs); it raises to
     abandon the scoring when the run must stop.
+    Each trajectory's environment is scored in place where that is provably tau2's result, and
+    released afterwards.
     """
     for traj in trajectories:
         if check_stop is not None:
             check_stop()
         domain = domains[traj.domain]
         task = traj.task
-        result = compute_reward(domain, task, traj.messages, traj.termination_reason, judge_model=judge_model)
+        result = compute_reward(domain, task, traj.messages, traj.termination_reason, judge_model=judge_model,
+                                episode_state=traj.episode_state)
+        traj.episode_state = None  # scored: the environment is not needed any more
         traj.reward = float(result.reward)
         traj.tool_accuracy = result.tool_accuracy
         traj.reward_info = result.reward_info

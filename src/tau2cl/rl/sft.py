@@ -64,7 +64,7 @@ def accumulate_sft_gradients(
     for i, rows in enumerate(micro_batches):
         mb = batch.rows(rows)
         with gradient_sync(forward, enabled=i == len(micro_batches) - 1):
-            logprobs, hits = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, 1.0, compute_dtype, True)
+            logprobs, hits = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, 1.0, compute_dtype, with_hits=True)
             loss, stats = sft_loss(logprobs, hits, mb.loss_mask, num_tokens_normalizer)
             loss.backward()
         for key in totals:

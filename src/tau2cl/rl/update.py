@@ -14,6 +14,7 @@ import torch
 
 from tau2cl.distributed import gradient_sync
 from tau2cl.rl.grpo import grpo_loss, token_logprobs
+from tau2cl.rl.shared_prefix import MIN_SHARED_PREFIX, hidden_at, shared_prefix_length, usable
 
 
 @dataclass
@@ -86,13 +87,15 @@ def sequence_logprobs(
     temperature: float = 1.0,
     compute_dtype: torch.dtype | None = None,
     with_hits: bool = False,
+    shared_prefix: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log p(token_t | tokens_<t) at `temperature` where loss_mask is set, 0 elsewhere.
 
     Only the trained positions go through the LM head: a tool-use context is mostly prompt
     (system, policy, tool schemas), so (B, T, V) logits would cost far more than they are worth.
     With `with_hits`, also (B, T) 1.0 where the token is the model's most likely one (token
-    accuracy, for supervised steps), 0 elsewhere.
+    accuracy, for supervised steps), 0 elsewhere. `shared_prefix`: the rows' common prefix runs
+    once (shared_prefix.py); same values.
     """
     body, head = _split_lm(model)
     with autocast_for(input_ids.device, compute_dtype):
@@ -104,9 +107,14 @@ def sequence_logprobs(
             hits = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
             hits[:, 1:] = (logits[:, :-1].argmax(-1) == input_ids[:, 1:]).float()
             return logprobs, hits * loss_mask
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
         rows, cols = loss_mask.nonzero(as_tuple=True)  # targets at (row, col), predicted from col - 1
-        logits = head(hidden[rows, cols - 1])  # (N, V)
+        prefix = shared_prefix_length(input_ids, attention_mask) if shared_prefix and usable(model) else 0
+        if prefix >= MIN_SHARED_PREFIX:
+            hidden = hidden_at(body, input_ids, prefix, rows, cols - 1)  # (N, H)
+        else:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = hidden[rows, cols - 1]  # (N, H)
+        logits = head(hidden)  # (N, V)
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
     targets = input_ids[rows, cols]
     picked = logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
@@ -138,8 +146,12 @@ class TrainedLogprobs(torch.nn.Module):
         temperature: float = 1.0,
         compute_dtype: torch.dtype | None = None,
         with_hits: bool = False,
+        shared_prefix: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return sequence_logprobs(self.lm, input_ids, attention_mask, loss_mask, temperature, compute_dtype, with_hits)
+        return sequence_logprobs(
+            self.lm, input_ids, attention_mask, loss_mask, temperature, compute_dtype,
+            with_hits=with_hits, shared_prefix=shared_prefix,
+        )
 
 
 def as_trained_forward(model: torch.nn.Module) -> torch.nn.Module:
@@ -164,6 +176,7 @@ def reference_logprobs(
     micro_batches: list[list[int]],
     temperature: float,
     compute_dtype: torch.dtype | None,
+    shared_prefix: bool = False,
 ) -> torch.Tensor:
     """(B, T) log-probs of the batch under a frozen model, computed micro-batch by micro-batch."""
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
@@ -171,7 +184,8 @@ def reference_logprobs(
         mb = batch.rows(rows)
         width = mb.input_ids.shape[1]
         out[rows, :width] = sequence_logprobs(
-            model, mb.input_ids, mb.attention_mask, mb.loss_mask, temperature, compute_dtype
+            model, mb.input_ids, mb.attention_mask, mb.loss_mask, temperature, compute_dtype,
+            shared_prefix=shared_prefix,
         )
     return out
 
@@ -202,6 +216,7 @@ class LossSettings:
     compute_dtype: torch.dtype | None = None
     dual_clip: float | None = None
     tis_cap: float | None = None
+    shared_prefix: bool = False  # run each micro-batch's common prefix once
 
 
 def accumulate_gradients(
@@ -229,7 +244,8 @@ def accumulate_gradients(
         mb = batch.rows(rows)
         last = i == len(micro_batches) - 1
         with gradient_sync(forward, enabled=last):
-            logprobs = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature, settings.compute_dtype)
+            logprobs = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature,
+                               settings.compute_dtype, shared_prefix=settings.shared_prefix)
             loss, stats = grpo_loss(
                 logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
                 ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,
@@ -263,12 +279,17 @@ def split_micro_batches(num_rows: int, num_micro_batches: int) -> list[list[int]
     return [list(range(bounds[i], bounds[i + 1])) for i in range(n) if bounds[i + 1] > bounds[i]]
 
 
-def micro_batches_by_length(lengths: Sequence[int], num_micro_batches: int) -> list[list[int]]:
+def micro_batches_by_length(
+    lengths: Sequence[int], num_micro_batches: int, groups: Sequence[str] | None = None
+) -> list[list[int]]:
     """Near-equal row groups with rows of similar length together (shortest first).
 
     Each micro-batch is padded only to its own longest row, so grouping by length pads far less
-    than taking rows in batch order. The loss is unchanged: every micro-batch divides by the same
+    than taking rows in batch order. With `groups` (e.g. each row's domain), rows of one group are
+    kept together first, so a micro-batch's rows share their group's prompt prefix (the shared-
+    prefix update runs it once). The loss is unchanged: every micro-batch divides by the same
     whole-batch token count, so the accumulated gradient does not depend on the grouping.
     """
-    order = sorted(range(len(lengths)), key=lambda row: (lengths[row], row))
+    keys = groups if groups is not None else [""] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda row: (keys[row], lengths[row], row))
     return [[order[i] for i in group] for group in split_micro_batches(len(lengths), num_micro_batches)]
