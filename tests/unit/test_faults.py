@@ -93,9 +93,11 @@ def test_an_environment_that_raises_becomes_that_calls_tool_error():
         def get_response(self, call):
             raise KeyError("db row")
 
-    result = _execute(Broken(), ToolCall(id="call_1_0", name="get_user", arguments={}, requestor="assistant"))
+    episode = SimpleNamespace(env=Broken(), env_calls=[])
+    result = _execute(episode, ToolCall(id="call_1_0", name="get_user", arguments={}, requestor="assistant"))
     assert (result.error, result.id, result.role) == (True, "call_1_0", "tool")
     assert result.content == "Error: KeyError: 'db row'"
+    assert [record[:2] for record in episode.env_calls] == [("call_1_0", "get_user")]  # logged like any call
 
 
 def test_the_learning_rate_warms_up_linearly_then_holds():
