@@ -83,7 +83,7 @@ def resample_zero_variance(
             domain = domains[batch[g * group_size].domain]
             task = domain.train_tasks[rng.randrange(len(domain.train_tasks))]
             requests += [RolloutRequest(domain, task, group=n) for _ in range(group_size)]
-        fresh = rollout(requests) if requests else []
+        fresh = rollout(requests)  # every rank calls it, with or without requests: it may hold a collective
         extra += len(fresh)
         still = []
         for n, g in enumerate(zero):
