@@ -108,7 +108,10 @@ def test_the_reference_is_the_same_model_with_the_adapters_off(lora_run, tiny_to
     last = calls[-1]
     b = last["batch"]
     with torch.no_grad():
-        expected = sequence_logprobs(base, b.input_ids, b.attention_mask, b.loss_mask, 1.0, torch.bfloat16)
+        expected = sequence_logprobs(
+            base, b.input_ids, b.attention_mask, b.loss_mask, 1.0, torch.bfloat16,
+            shared_prefix=trainer.config.shared_prefix_update,
+        )
         policy = sequence_logprobs(trainer.policy.model, b.input_ids, b.attention_mask, b.loss_mask, 1.0, torch.bfloat16)
     assert torch.equal(last["out"], expected)
     assert not torch.allclose(policy, expected, atol=1e-3)  # the adapters matter for the policy

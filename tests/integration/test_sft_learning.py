@@ -44,7 +44,7 @@ def run(tmp_path_factory):
         model_name_or_path="tiny", model_dtype="float32", task_order=["airline"],
         sft_steps_per_task=60, sft_learning_rate=3e-3, num_steps_per_task=1, learning_rate=1e-4,
         warmup_steps=0, batch_size_per_gpu=1, num_samples_per_prompt=8, temperature=1.0, kl_coef=0.0,
-        max_new_tokens=64, max_turns=4, max_context_tokens=4096, eval_split="train", eval_interval=0,
+        max_new_tokens=64, max_turns=4, max_context_tokens=8192, eval_split="train", eval_interval=0,
         log_dir=str(log_dir), use_progress_bar=False, log_interval=20, seed=1,
     )
     trainer = GRPOTrainer(config)

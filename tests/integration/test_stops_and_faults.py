@@ -48,7 +48,7 @@ def test_a_stop_inside_the_final_evaluation_resumes_without_redoing_the_fisher(t
     saved = Path(stop.value.checkpoint)
     assert checkpoint_problem(saved) is None
     state = load_state(saved)
-    assert state["progress"] == {"task_idx": 0, "step": 1, "global_step": 1, "stages_done": 1, "pending": "stage"}
+    assert state["progress"] == {"task_idx": 0, "step": 1, "global_step": 1, "stages_done": 1, "pending": "stage", "sft_step": 0}
     assert len(state["strategy"]["fishers"]) == 1  # the Fisher was done and is kept
 
     resumed = GRPOTrainer(GRPOConfig(**cfg, log_dir=str(cut), resume_from=str(cut)))
