@@ -483,6 +483,8 @@ class GRPOTrainer:
     def _evaluate_stage(self, stage: int) -> None:
         """Fill row `stage` of the accuracy matrix: every domain's test split."""
         label = "before_training" if stage == 0 else f"after_task{stage - 1}"
+        if stage == 0:
+            self.tracker.announce_initial_eval()  # the header comes before the work it announces
         summaries = {name: self.evaluate_task(name, label=label) for name in self.order}
         for j, name in enumerate(self.order):
             self.reward_matrix[stage][j] = summaries[name].reward_mean

@@ -472,3 +472,17 @@ def test_wandb_offline_writes_a_run_dir_and_resumes_by_id(tmp_path, monkeypatch)
     resumed, _ = make_tracker(tmp_path, wandb_project="tau2cl-test", wandb_run_id=run_id)
     assert resumed.wandb_run_id == run_id
     resumed.close()
+
+
+def test_the_initial_header_comes_before_the_evaluation_and_the_rows_after_it(tmp_path):
+    stream = io.StringIO()
+    tracker = MetricsTracker(str(tmp_path), {}, use_progress_bar=False, stream=stream)
+    tracker.announce_initial_eval()
+    assert stream.getvalue().splitlines() == [RULE, "Evaluation before training (Task -)", RULE]
+    tracker.eval_progress("before_training", "airline", 1, 1)  # the evaluation's own lines come next
+    tracker.log_initial_eval(0, {"airline": AIRLINE_T0})
+    lines = [line for line in stream.getvalue().splitlines() if line]
+    assert lines.count("Evaluation before training (Task -)") == 1  # not repeated above the rows
+    assert lines[3].startswith("[EVAL] airline (before_training): 1/1 episodes")
+    assert lines[-1].startswith("airline    | Reward: ")
+    tracker.close()

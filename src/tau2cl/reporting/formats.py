@@ -156,9 +156,14 @@ def format_domain_rows(summaries: Mapping[str, EvalSummary], seen: Sequence[str]
     return rows
 
 
+def format_initial_header() -> str:
+    """The header of row 0's block, printed before that evaluation starts."""
+    return "\n".join([RULE, "Evaluation before training (Task -)", RULE])
+
+
 def format_initial_block(summaries: Mapping[str, EvalSummary]) -> str:
     """Row 0 of the accuracy matrix: every domain before any training."""
-    return "\n".join([RULE, "Evaluation before training (Task -)", RULE, *format_domain_rows(summaries, None)])
+    return "\n".join([format_initial_header(), *format_domain_rows(summaries, None)])
 
 
 FLOOR_LABEL = "do-nothing"  # the row of the do-nothing floor under an accuracy matrix

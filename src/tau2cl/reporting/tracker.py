@@ -23,10 +23,12 @@ from tau2cl.reporting.formats import (
     BAR_FORMAT,
     EVAL_BAR_FORMAT,
     format_banner,
+    format_domain_rows,
     format_eval_detail,
     format_eval_line,
     format_final_summary,
     format_initial_block,
+    format_initial_header,
     format_postfix,
     format_sft_line,
     format_train_detail,
@@ -122,6 +124,7 @@ class MetricsTracker:
         self._bar: tqdm | None = None
         self._eval_bar: tqdm | None = None
         self._domain, self._num_steps, self._step = None, None, 0
+        self._initial_announced = False  # the row-0 header is out; its rows follow alone
         self._last_kind: str | None = None  # what was printed last; decides blank separator lines
         self._jsonl = None
         self._log = None
@@ -291,9 +294,16 @@ class MetricsTracker:
         self._wandb.log(_numbers(f"eval/{summary.domain}", wandb_figures), step=global_step)
 
     @_main_only
+    def announce_initial_eval(self) -> None:
+        """The header of the evaluation before training, before that evaluation runs."""
+        self._write(format_initial_header(), "block")
+        self._initial_announced = True
+
+    @_main_only
     def log_initial_eval(self, global_step: int, summaries: Mapping[str, EvalSummary]) -> None:
-        """Row 0: print every domain's scores before training and record them."""
-        self._write(format_initial_block(summaries), "block")
+        """Row 0: print every domain's scores before training (under its header) and record them."""
+        rows = "\n".join(format_domain_rows(summaries, None))
+        self._write(rows if self._initial_announced else format_initial_block(summaries), "block")
         first = next(iter(summaries))
         for summary in summaries.values():
             self.log_eval(0, 0, global_step, summary, first, echo=False, stage=0)
