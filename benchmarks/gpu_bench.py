@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -171,6 +171,13 @@ def multiturn_update(model, optimizer, tokenizer, contexts, masks, shared_prefix
     settings = LossSettings(1.0, 0.2, 0.2, 0.0, torch.bfloat16, shared_prefix=shared_prefix)
     total = sum(int(batch.rows(m).attention_mask.sum()) for m in micro)
     label = "shared prefix" if shared_prefix else "rows whole"
+    row = GpuRow("multi-turn update", label, False, total, float("nan"), 0.0, float("nan"))
+    return timed_update(row, model, optimizer, batch, micro, settings, device, counter)
+
+
+def timed_update(row: GpuRow, model, optimizer, batch, micro, settings, device: str, counter) -> GpuRow:
+    """`row` with the seconds, FLOPs and peak memory of one optimizer step on `batch`, timed after
+    a warm-up step (or marked out of memory)."""
     try:
         for _ in range(2):  # a warm-up step, then the timed one
             counter.reset()
@@ -181,11 +188,11 @@ def multiturn_update(model, optimizer, tokenizer, contexts, masks, shared_prefix
             optimizer.zero_grad(set_to_none=True)
             sync(device)
             seconds = time.perf_counter() - t0
-        return GpuRow("multi-turn update", label, False, total, seconds, 3 * counter.flops, peak_gib(device))
+        return replace(row, seconds=seconds, flops=3 * counter.flops, peak_gib=peak_gib(device))
     except torch.OutOfMemoryError:
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-        return GpuRow("multi-turn update", label, False, total, float("nan"), 0.0, peak_gib(device), "out of memory")
+        return replace(row, peak_gib=peak_gib(device), error="out of memory")
 
 
 def random_batch(tokenizer, seq_len: int, device: str):
@@ -211,21 +218,8 @@ def bench_update(model, optimizer, batch, attention: str, checkpointing: bool, d
     micro = split_micro_batches(batch.input_ids.shape[0], MICRO_BATCHES)
     settings = LossSettings(1.0, 0.2, 0.2, 0.0, torch.bfloat16)
     total = int(batch.attention_mask.sum())
-    try:
-        for _ in range(2):  # a warm-up step, then the timed one
-            counter.reset()
-            reset_peak(device)
-            t0 = time.perf_counter()
-            accumulate_gradients(model, batch, micro, settings, max(batch.num_tokens, 1))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync(device)
-            seconds = time.perf_counter() - t0
-        return GpuRow("update", attention, checkpointing, total, seconds, 3 * counter.flops, peak_gib(device))
-    except torch.OutOfMemoryError:
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        return GpuRow("update", attention, checkpointing, total, float("nan"), 0.0, peak_gib(device), "out of memory")
+    row = GpuRow("update", attention, checkpointing, total, float("nan"), 0.0, float("nan"))
+    return timed_update(row, model, optimizer, batch, micro, settings, device, counter)
 
 
 def run(tokenizer, device: str, seq_len: int, new_tokens: int, flop_counter: Callable[[Any], Any],
