@@ -86,8 +86,8 @@ def test_a_reward_function_that_raises_stops_with_one_line_after_a_boundary_chec
 
 def test_a_context_too_small_for_the_prompt_is_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
-    config = GRPOConfig(**dict(BASE, max_context_tokens=100), task_order=["airline"], num_steps_per_task=1,
-                        log_dir=str(tmp_path))
+    config = GRPOConfig(**dict(BASE, max_context_tokens=100, compact_domains=False), task_order=["airline"],
+                        num_steps_per_task=1, log_dir=str(tmp_path))
     with pytest.raises(UserError, match=r"^--max_context_tokens 100 leaves no room for the airline prompt \((\d+) tokens\) "
                        r"plus --max_new_tokens 8; raise it to at least \d+\.$") as error:
         GRPOTrainer(config)
