@@ -40,7 +40,7 @@ def _moved(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() + 0.05 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
 
 
-def test_teacher_logprobs_are_a_separate_copys_and_leave_the_policy_bit_for_bit(tiny_model, tiny_tokenizer):
+def test_teacher_logprobs_are_those_of_a_separate_copy_and_leave_the_policy_bit_for_bit(tiny_model, tiny_tokenizer):
     policy = copy.deepcopy(tiny_model).train()
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     weights = _moved(policy)
