@@ -22,7 +22,8 @@ RUN = dict(
     model_name_or_path="tiny", model_dtype="float32", task_order=["airline", "retail"],
     max_tasks_per_domain=2, batch_size_per_gpu=1, num_samples_per_prompt=2, max_new_tokens=12,
     max_turns=1, eval_max_tasks=1, eval_interval=0, reward_fn="reward_fns:first_reply_length",
-    learning_rate=1e-2, kl_coef=0.0, cl_algorithm="distill", seed=3, use_progress_bar=False,
+    learning_rate=1e-2, kl_coef=0.0, cl_algorithm="distill", compact_domains=True, seed=3,
+    use_progress_bar=False,
 )  # fmt: skip
 
 
