@@ -102,6 +102,8 @@ def test_the_teacher_is_the_policy_at_each_later_domains_start_and_survives_a_ch
     off = Distill(GRPOConfig(cl_algorithm="distill", distill_coef=0.0))
     off.load_state_dict(distill.state_dict())
     assert off.teacher_weights(_context(weights, 1)) is None  # coefficient 0: no teacher forward at all
+    resumed.after_domain(_context(weights, 1), 1, "retail")
+    assert resumed.teacher_weights(_context(weights, 1)) is None and resumed.state_dict() == {"teacher": None}
 
 
 def test_distill_coef_must_not_be_negative():

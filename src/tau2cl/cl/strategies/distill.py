@@ -10,9 +10,10 @@ first domain has no teacher and no penalty. The KL is exactly 0 at a domain's fi
 teacher is the policy) and grows as the domain moves the policy away from what it was.
 
 Costs: one copy of the trainable weights (full fine-tuning: an fp32 copy of the model's weights,
-what a frozen copy of the model would take; LoRA: a copy of the adapters), also stored in every
-checkpoint so that a run resumed mid-domain keeps its domain's teacher exactly; and one no-grad
-forward over the step's batch, like the reference model's for `--kl_coef`.
+what a frozen copy of the model would take; LoRA: a copy of the adapters), held while the domain
+trains and stored in the checkpoints taken meanwhile, so that a run resumed mid-domain keeps its
+domain's teacher exactly (one taken at a domain's end needs none: the next domain takes its own);
+and one no-grad forward over the step's batch, like the reference model's for `--kl_coef`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class Distill(CLStrategy):
         if any(w.device != device for w in self.teacher.values()):  # read from a checkpoint onto the CPU
             self.teacher = {name: w.to(device) for name, w in self.teacher.items()}
         return self.teacher
+
+    def after_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+        """The domain is done with its teacher: the evaluation and the domain's checkpoint go without."""
+        self.teacher = None
 
     def state_dict(self) -> dict:
         return {"teacher": self.teacher}
