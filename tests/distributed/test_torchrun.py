@@ -193,7 +193,7 @@ def test_distill_under_fsdp_keeps_the_ranks_identical_and_its_kl_grows_from_zero
     """The teacher's forward runs on each rank's whole rollout copy; the policy's on the shards."""
     _, probe, log_dir, _ = _train_with_probe(
         tmp_path, "--cl_algorithm", "distill", "--distill_coef", "1.0", "--parallelism", "fsdp",
-        "--learning_rate", "1e-2", "--compact_domains", "--eval_max_tasks", "1",
+        "--learning_rate", "1e-2", "--eval_max_tasks", "1",
     )  # fmt: skip
     ranks = probe["ranks"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
