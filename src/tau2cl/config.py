@@ -434,9 +434,9 @@ class GRPOConfig:
         0.1,
         "continual learning",
         "distill: weight of the KL penalty, per generated token, towards the frozen teacher (the "
-        "policy at the current domain's start; none on the first domain), added to the GRPO loss "
-        "like --kl_coef's; 0 turns it off. Costs one no-grad forward of the step's batch and one "
-        "copy of the trained weights (with LoRA, of the adapters).",
+        "policy at the current domain's start; the first domain has no teacher), added to the GRPO "
+        "loss like --kl_coef's; 0 turns it off. Costs one no-grad forward of the step's batch and "
+        "one copy of the trained weights (with LoRA, of the adapters).",
     )
     task_order: list[str] = _option(
         list(DOMAIN_NAMES),
