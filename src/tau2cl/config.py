@@ -362,7 +362,9 @@ class GRPOConfig:
         "(2 extra copies of the weights per domain); online_ewc = one running Fisher and anchor "
         "(2 extra copies in all); adaptive_replay = replay whose share per earlier domain follows "
         "the forgetting measured in the accuracy matrix (replay's cost); fusion = at each "
-        "domain's end the weights become a merge (--fusion_mode; one extra copy).",
+        "domain's end the weights become a merge (--fusion_mode; one extra copy); distill = "
+        "from the second domain on, a KL penalty (--distill_coef) towards the policy as it was "
+        "when the domain began (one extra copy of the trained weights, one no-grad forward per step).",
         CL_ALGORITHMS,
     )
     replay_buffer_size: int = _option(
@@ -427,6 +429,14 @@ class GRPOConfig:
         "continual learning",
         "fusion with --fusion_mode wise: weight α of the domain's end weights, in [0, 1] (1: no "
         "merge; 0: undo the domain).",
+    )
+    distill_coef: float = _option(
+        0.1,
+        "continual learning",
+        "distill: weight of the KL penalty, per generated token, towards the frozen teacher (the "
+        "policy at the current domain's start; the first domain has no teacher), added to the GRPO "
+        "loss like --kl_coef's; 0 turns it off. Costs one no-grad forward of the step's batch and "
+        "one copy of the trained weights (with LoRA, of the adapters).",
     )
     task_order: list[str] = _option(
         list(DOMAIN_NAMES),
@@ -699,6 +709,7 @@ _AT_LEAST_ONE = (
 )
 _NON_NEGATIVE = (
     "kl_coef",
+    "distill_coef",
     "ewc_lambda",
     "learning_rate",
     "weight_decay",

@@ -189,6 +189,21 @@ def test_adaptive_replay_keeps_the_ranks_identical(tmp_path):
     assert all(r["replay_frac"] > 0 for r in trains if r["domain"] == "retail")
 
 
+def test_distill_under_fsdp_keeps_the_ranks_identical_and_its_kl_grows_from_zero(tmp_path):
+    """The teacher's forward runs on each rank's whole rollout copy; the policy's on the shards."""
+    _, probe, log_dir, _ = _train_with_probe(
+        tmp_path, "--cl_algorithm", "distill", "--distill_coef", "1.0", "--parallelism", "fsdp",
+        "--learning_rate", "1e-2", "--eval_max_tasks", "1",
+    )  # fmt: skip
+    ranks = probe["ranks"]
+    assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
+    assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' parameters diverged"
+    trains = _records(log_dir, "train")
+    assert all("distill_kl" not in r for r in trains if r["domain"] == "airline")
+    kl = [r["distill_kl"] for r in trains if r["domain"] == "retail"]
+    assert kl[0] < 1e-6 < kl[1], kl  # the teacher is the policy at retail's start, then it moves away
+
+
 def test_each_rank_trains_its_own_shard_of_each_step(trained):
     _, probe, _, _ = trained
     rank0, rank1 = (r["steps"] for r in probe["ranks"])

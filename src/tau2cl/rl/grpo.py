@@ -176,6 +176,19 @@ def truncated_is_weights(
     return weights.clamp(max=cap), weights > cap
 
 
+def k3_kl(logprobs: Tensor, other_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(policy ‖ other) on tokens the policy sampled, (B, T).
+
+    With g = other − logprobs: exp(g) − g − 1, which is ≥ 0 for every token and an unbiased
+    estimate of the KL when the tokens come from the policy (Schulman's k3; GRPO's own KL term).
+    Its gradient in logprobs is 1 − exp(g): positive where the policy gives its token more
+    probability than `other` does, so descent pulls the policy towards `other` either way.
+    g is clamped to ±LOG_RATIO_BOUND before exp; masked tokens are exactly 0, whatever they hold.
+    """
+    gap = torch.where(mask, other_logprobs - logprobs, torch.zeros_like(logprobs))  # (B, T)
+    return bounded_exp(gap) - gap - 1.0
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -189,6 +202,8 @@ def grpo_loss(
     dual_clip: float | None = None,
     sampling_logprobs: Tensor | None = None,
     tis_cap: float | None = None,
+    teacher_logprobs: Tensor | None = None,
+    distill_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO-clipped GRPO loss with an optional k3 KL penalty, averaged over tokens (DAPO token mean).
 
@@ -199,13 +214,16 @@ def grpo_loss(
     log-differences are clamped to ±LOG_RATIO_BOUND before exp. With `dual_clip` C the policy
     term of a token with A < 0 is capped at C * |A|. With `tis_cap` and `sampling_logprobs`
     (B, T), the policy term is weighted by min(exp(old - sampling), tis_cap) (truncated
-    importance sampling; then old_logprobs are the update's own recomputation).
+    importance sampling; then old_logprobs are the update's own recomputation). With
+    `teacher_logprobs` (B, T), a frozen teacher's (distillation), distill_coef × the k3 KL to the
+    teacher is added per token the same way as the reference's.
     The sum over masked tokens is divided by `num_tokens_normalizer` when given, else by this batch's
     masked-token count: with gradient accumulation pass the whole batch's count to every micro-batch so
     the summed micro-batch losses equal the full-batch loss. Masked tokens contribute nothing, even when
     their log-probs are NaN or inf.
     Statistics are detached floats averaged over this call's own masked tokens (weight them by
-    `num_tokens` to combine micro-batches); `kl` is 0.0 when no ref_logprobs are given.
+    `num_tokens` to combine micro-batches); `kl` is 0.0 when no ref_logprobs are given;
+    `distill_kl` is there only when teacher_logprobs are.
     """
     if not (logprobs.shape == old_logprobs.shape == loss_mask.shape):
         raise ValueError("logprobs, old_logprobs and loss_mask must all be (B, T)")
@@ -231,10 +249,13 @@ def grpo_loss(
     per_token = policy_loss
     kl = None
     if ref_logprobs is not None:
-        ref_gap = torch.where(mask, ref_logprobs - logprobs, zero)  # (B, T)
-        kl = bounded_exp(ref_gap) - ref_gap - 1.0  # k3 estimator, >= 0
+        kl = k3_kl(logprobs, ref_logprobs, mask)  # (B, T), >= 0
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl
+    if teacher_logprobs is not None:
+        distill_kl = k3_kl(logprobs, teacher_logprobs, mask)  # (B, T), >= 0
+        per_token = per_token + distill_coef * distill_kl
+        stats["distill_kl"] = masked_mean(distill_kl.detach(), mask).item()
     num_tokens = mask.sum()
     normalizer = num_tokens.clamp(min=1) if num_tokens_normalizer is None else num_tokens_normalizer
     loss = torch.where(mask, per_token, zero).sum() / normalizer

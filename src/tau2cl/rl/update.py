@@ -28,6 +28,7 @@ class TokenBatch:
     advantages: torch.Tensor
     ref_logprobs: torch.Tensor | None = None
     sampling_logprobs: torch.Tensor | None = None  # the rollout's, when old_logprobs are recomputed
+    teacher_logprobs: torch.Tensor | None = None  # a frozen teacher's, for a distillation KL
 
     @property
     def num_tokens(self) -> int:
@@ -40,9 +41,10 @@ class TokenBatch:
         cols = slice(0, width)
         ref = None if self.ref_logprobs is None else self.ref_logprobs[sel, cols]
         sampled = None if self.sampling_logprobs is None else self.sampling_logprobs[sel, cols]
+        teacher = None if self.teacher_logprobs is None else self.teacher_logprobs[sel, cols]
         return TokenBatch(
             self.input_ids[sel, cols], self.attention_mask[sel, cols], self.loss_mask[sel, cols],
-            self.old_logprobs[sel, cols], self.advantages[sel], ref, sampled,
+            self.old_logprobs[sel, cols], self.advantages[sel], ref, sampled, teacher,
         )
 
 
@@ -217,6 +219,7 @@ class LossSettings:
     dual_clip: float | None = None
     tis_cap: float | None = None
     shared_prefix: bool = False  # run each micro-batch's common prefix once
+    distill_coef: float = 0.0  # weight of the KL to the batch's teacher_logprobs, when it has them
 
 
 def accumulate_gradients(
@@ -253,6 +256,7 @@ def accumulate_gradients(
                 num_tokens_normalizer=num_tokens_normalizer, dual_clip=settings.dual_clip,
                 sampling_logprobs=mb.sampling_logprobs if settings.tis_cap else None,
                 tis_cap=settings.tis_cap,
+                teacher_logprobs=mb.teacher_logprobs, distill_coef=settings.distill_coef,
             )
             if extra_loss is not None and last:
                 for name, term in extra_loss().items():

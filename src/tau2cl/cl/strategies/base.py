@@ -4,7 +4,7 @@ The trainer calls every hook at its moment and holds no strategy-specific code; 
 only through these hooks (Avalanche-style plugins). Order within a run:
 
     setup → for each domain: before_domain → per step: augment_batch → after_rollout →
-    loss_terms → after_update → step_metrics → after_domain
+    teacher_weights → loss_terms → after_update → step_metrics → after_domain
 
 Every hook receives the run's `CLContext` (context.py), never the trainer. Every hook runs on
 every rank with the same arguments' shapes, so a strategy that issues a collective (e.g.
@@ -43,6 +43,15 @@ class CLStrategy:
 
     def after_rollout(self, ctx: CLContext, trajectories: list[Trajectory]) -> None:
         """After the step's episodes are scored (rewards and advantages known)."""
+
+    def teacher_weights(self, ctx: CLContext) -> dict[str, torch.Tensor] | None:
+        """A frozen teacher, as trainable weights by name (those of `snapshot_weights`), or None.
+
+        When given, the update scores the step's generated tokens under the policy with these
+        weights in place (once per step, no gradient) and adds `distill_coef` × the per-token KL
+        of the policy to it to the loss, masked like the policy loss, logged as `distill_kl`.
+        """
+        return None
 
     def loss_terms(self, ctx: CLContext) -> dict[str, torch.Tensor]:
         """Extra differentiable loss terms added once per optimizer step (e.g. a penalty)."""

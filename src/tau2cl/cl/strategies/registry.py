@@ -16,6 +16,7 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "online_ewc": ("tau2cl.cl.strategies.ewc", "OnlineEWC"),
     "adaptive_replay": ("tau2cl.cl.strategies.adaptive_replay", "AdaptiveReplay"),
     "fusion": ("tau2cl.cl.strategies.fusion", "Fusion"),
+    "distill": ("tau2cl.cl.strategies.distill", "Distill"),
 }
 CL_ALGORITHMS = tuple(STRATEGIES)
 
