@@ -16,8 +16,10 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "online_ewc": ("tau2cl.cl.strategies.ewc", "OnlineEWC"),
     "adaptive_replay": ("tau2cl.cl.strategies.adaptive_replay", "AdaptiveReplay"),
     "fusion": ("tau2cl.cl.strategies.fusion", "Fusion"),
+    "progressive": ("tau2cl.cl.strategies.progressive", "Progressive"),
 }
 CL_ALGORITHMS = tuple(STRATEGIES)
+NEEDS_LORA = ("progressive",)  # strategies whose trained weights are LoRA adapters
 
 
 def strategy_class(name: str) -> Any:
