@@ -16,8 +16,8 @@ yet is evaluated with the adapter it would start from. Each new adapter starts w
 moments. Checkpoints hold the live adapter in the adapter files and the frozen ones (and the
 initialisation) in the strategy's state, so a run resumes exactly, mid-domain or at a boundary.
 
-Cost: one adapter-sized fp32 copy per finished domain (CPU memory), and a copy of an adapter into
-the rollout model around each evaluation of an earlier domain.
+Cost: one adapter-sized fp32 copy per finished domain and one of the initialisation (CPU memory),
+and a copy of an adapter into the rollout model around each evaluation of an earlier domain.
 """
 
 from __future__ import annotations
