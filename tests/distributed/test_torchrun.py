@@ -193,7 +193,7 @@ def test_progressive_under_fsdp_keeps_the_ranks_and_every_adapter_identical(tmp_
     """Fresh adapters loaded into the sharded copy, and earlier ones swapped into the rollout copy."""
     _, probe, log_dir, _ = _train_with_probe(
         tmp_path, "--cl_algorithm", "progressive", "--lora_r", "4", "--parallelism", "fsdp", "--learning_rate", "1e-2",
-        "--num_steps_per_task", "1", "--eval_max_tasks", "1", "--compact_domains",
+        "--num_steps_per_task", "1", "--eval_max_tasks", "1",
     )  # fmt: skip
     ranks = probe["ranks"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
