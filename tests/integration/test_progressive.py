@@ -38,6 +38,11 @@ def _adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _peft_names(adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter under the names PEFT's adapter file uses."""
+    return {f"base_model.model.{n.replace('.default.', '.')}": p for n, p in adapter.items()}
+
+
 def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].device)) for k in a)
 
@@ -104,7 +109,7 @@ def test_each_domain_is_evaluated_with_its_own_adapter_and_the_first_is_not_forg
     # the swap is for the evaluation only: the live adapter (saved after it) is retail's
     saved = load_file(str(log_dir / "checkpoint_task_1" / ADAPTER_WEIGHTS))
     live = _adapter(trainer.policy.model)
-    assert _equal(live, after_retail) and len(saved) == len(live)
+    assert _equal(live, after_retail) and _equal(_peft_names(live), saved)
     # ... and retail's adapter would answer airline differently: its log-probs of those tokens differ
     ids = torch.tensor(evals[2]["ids"][:1])
     mask = torch.tensor(evals[2]["mask"][:1], dtype=torch.bool)
@@ -118,7 +123,6 @@ def test_the_new_adapter_starts_from_the_previous_one_with_fresh_moments(run):
     trainer, evals, starts, _ = run
     assert _equal(starts["retail"]["adapter"], trainer.strategy.adapters["airline"])
     assert starts["retail"]["moments"] == 0  # AdamW's moments of airline's adapter were dropped
-    assert starts["airline"]["moments"] == 0
     # before retail trained, it is evaluated with the adapter it will start from (previous: airline's)
     assert _equal(evals[3]["adapter"], trainer.strategy.adapters["airline"])
     # the trainable set is the live adapter alone: what the optimizer holds
@@ -144,9 +148,8 @@ def test_resume_restores_every_adapter_bit_for_bit(run, tmp_path, checkpoint, po
     assert list(built.strategy.adapters) == ["airline"]
     assert _equal(built.strategy.adapters["airline"], trainer.strategy.adapters["airline"])
     assert _equal(built.strategy.initial, trainer.strategy.initial)
-    saved = load_file(str(straight / checkpoint / ADAPTER_WEIGHTS))  # PEFT's names
-    live = {f"base_model.model.{n.replace('.default.', '.')}": p for n, p in _adapter(built.policy.model).items()}
-    assert _equal(live, saved)
+    saved = load_file(str(straight / checkpoint / ADAPTER_WEIGHTS))
+    assert _equal(_peft_names(_adapter(built.policy.model)), saved)
     if checkpoint == "checkpoint_task_0":  # the boundary: the live adapter is airline's final one
         assert _equal(_adapter(built.policy.model), trainer.strategy.adapters["airline"])
     else:  # one retail step in: retail's adapter, no longer airline's
