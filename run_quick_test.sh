@@ -37,4 +37,5 @@ export CUDA_VISIBLE_DEVICES=""
 # machine competing threads made the run about twice as slow. Set OMP_NUM_THREADS to override.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-launch "$PYTHON" -m tau2cl.train --config "$HERE/configs/quick_test.yaml" --cl_algorithm "$ALG" "$@"
+alg_flags "$ALG"
+launch "$PYTHON" -m tau2cl.train --config "$HERE/configs/quick_test.yaml" "${ALG_FLAGS[@]}" "$@"

@@ -13,6 +13,8 @@ PYTHON="${PYTHON:-python3}"
 DEFAULT_MODEL="Qwen/Qwen2.5-3B-Instruct"
 MODEL="${MODEL:-$DEFAULT_MODEL}"
 VALID=""  # the registered strategies, filled by load_algorithms
+LORA_ONLY=""  # those that train LoRA adapters only (they need --lora_r > 0), filled likewise
+SCRIPT_LORA_R=16  # the adapter rank the scripts give such a strategy (extra flags override it)
 
 # die MESSAGE: a wrong call. Usage and the message on stderr, exit 2.
 die() {
@@ -21,12 +23,26 @@ die() {
     exit 2
 }
 
-# load_algorithms: VALID = the strategies that exist now, from the package's own registry (not a
-# list kept here), space-separated. Without an importable tau2cl nothing else can work: exit 2.
+# load_algorithms: VALID = the strategies that exist now and LORA_ONLY = those that need LoRA,
+# from the package's own registry (not a list kept here), space-separated. Without an importable
+# tau2cl nothing else can work: exit 2.
 load_algorithms() {
-    if ! VALID="$("$PYTHON" -c 'from tau2cl.cl.strategies.registry import CL_ALGORITHMS; print(" ".join(CL_ALGORITHMS))')"; then
+    local names
+    local code='from tau2cl.cl.strategies.registry import CL_ALGORITHMS as A, NEEDS_LORA as L; print(" ".join(A)); print(" ".join(L))'
+    if ! names="$("$PYTHON" -c "$code")"; then
         echo "$SCRIPT: error: cannot import tau2cl with $PYTHON; install it first (see README.md)." >&2
         exit 2
+    fi
+    VALID="$(sed -n 1p <<< "$names")"
+    LORA_ONLY="$(sed -n 2p <<< "$names")"
+}
+
+# alg_flags ALG: ALG_FLAGS = --cl_algorithm ALG, plus --lora_r SCRIPT_LORA_R for a strategy that
+# trains LoRA adapters only (progressive), so every script can start every strategy.
+alg_flags() {
+    ALG_FLAGS=(--cl_algorithm "$1")
+    if [[ " $LORA_ONLY " == *" $1 "* ]]; then
+        ALG_FLAGS+=(--lora_r "$SCRIPT_LORA_R")
     fi
 }
 
@@ -60,12 +76,13 @@ run_stamp() {
 # (README, "Several GPUs") with this strategy, log_dir and batch size. Extra flags given after
 # them override them.
 main_flags() {
+    alg_flags "$1"
     TRAIN_FLAGS=(
         --model_name_or_path "$MODEL"
         --model_dtype bfloat16
         --batch_size_per_gpu "$3"
         --num_steps_per_task 100
-        --cl_algorithm "$1"
+        "${ALG_FLAGS[@]}"
         --use_progress_bar
         --log_interval 10
         --log_dir "$2"

@@ -21,7 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tau2cl.cl.strategies.registry import CL_ALGORITHMS
+from tau2cl.cl.strategies.registry import CL_ALGORITHMS, NEEDS_LORA
 from tau2cl.errors import ArgumentParser, UserError
 
 DOMAIN_NAMES = ("airline", "retail", "telecom")
@@ -33,6 +33,7 @@ ADVANTAGE_NORMALIZATIONS = ("std", "mean")
 FISHER_NORMALIZATIONS = ("mean", "max", "none")
 REPLAY_SELECTIONS = ("uniform", "reward")
 FUSION_MODES = ("endpoints", "wise")
+PROGRESSIVE_INITS = ("fresh", "previous")
 PARALLELISMS = ("ddp", "fsdp")
 # LoRA's default targets: the attention and MLP projections of Qwen/Llama/Mistral-style decoders
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -364,7 +365,9 @@ class GRPOConfig:
         "the forgetting measured in the accuracy matrix (replay's cost); fusion = at each "
         "domain's end the weights become a merge (--fusion_mode; one extra copy); distill = "
         "from the second domain on, a KL penalty (--distill_coef) towards the policy as it was "
-        "when the domain began (one extra copy of the trained weights, one no-grad forward per step).",
+        "when the domain began (one extra copy of the trained weights, one no-grad forward per "
+        "step); progressive = a new LoRA adapter for each domain, earlier ones frozen, domain j "
+        "evaluated with adapter j (needs --lora_r > 0; one adapter copy per domain).",
         CL_ALGORITHMS,
     )
     replay_buffer_size: int = _option(
@@ -437,6 +440,14 @@ class GRPOConfig:
         "policy at the current domain's start; the first domain has no teacher), added to the GRPO "
         "loss like --kl_coef's; 0 turns it off. Costs one no-grad forward of the step's batch and "
         "one copy of the trained weights (with LoRA, of the adapters).",
+    )
+    progressive_init: str = _option(
+        "fresh",
+        "continual learning",
+        "progressive: where each new domain's adapter starts: fresh = the adapters' initialisation "
+        "(B = 0, so it adds nothing until trained); previous = the previous domain's final adapter "
+        "(forward transfer). Costs nothing either way.",
+        PROGRESSIVE_INITS,
     )
     task_order: list[str] = _option(
         list(DOMAIN_NAMES),
@@ -547,8 +558,8 @@ class GRPOConfig:
         "checkpointing",
         "LoRA: every checkpoint also gets a merged/ folder with the adapters folded into the base "
         "weights (W + alpha/r * B A, in --model_dtype), a plain model that from_pretrained and "
-        "inference servers load. Costs one model's size of disk per checkpoint and of CPU memory "
-        "while it is written.",
+        "inference servers load (with progressive: the adapter of the domain trained last). Costs "
+        "one model's size of disk per checkpoint and of CPU memory while it is written.",
     )
     resume_from: str | None = _option(
         None,
@@ -792,6 +803,8 @@ def _validate_lora(config: GRPOConfig) -> None:
         _fail("--lora_target_modules needs at least one module name, e.g. q_proj v_proj.")
     if config.merge_lora_on_save and config.lora_r == 0:
         _fail("--merge_lora_on_save needs --lora_r > 0: a full fine-tuning checkpoint is already a plain model.")
+    if config.cl_algorithm in NEEDS_LORA and config.lora_r == 0:
+        _fail(f"--cl_algorithm {config.cl_algorithm} needs --lora_r > 0: it trains a LoRA adapter for each domain.")
 
 
 def _validate_user(config: GRPOConfig) -> None:

@@ -140,6 +140,7 @@ class GRPOTrainer:
             progress=self.progress, rollout=lambda requests: agreed(lambda: self.train_engine.run(requests, self.generator)),
             generated_logprob=self._generated_logprob, snapshot_weights=self._snapshot_weights,
             load_weights=self._load_weights, accuracy_matrix=lambda: self.reward_matrix,
+            restart_optimizer=lambda: self.optimizer.state.clear(),
         )
         self.strategy.setup(self.cl_context)
 
@@ -282,11 +283,13 @@ class GRPOTrainer:
             reward_timeout=self.config.reward_timeout,
             split=self.config.eval_split,
         )
-        summary, records = evaluate_domain(
-            self.eval_engine, self.domains[domain_name], settings, self.dist.rank, self.dist.world_size,
-            self.reward_fn, self.generator, guard=agreed,
-            on_progress=lambda done, total: self.tracker.eval_progress(label or "eval", domain_name, done, total),
-        )
+        weights = self.strategy.evaluation_weights(self.cl_context, domain_name)
+        with self.training.rollout_weights(weights):
+            summary, records = evaluate_domain(
+                self.eval_engine, self.domains[domain_name], settings, self.dist.rank, self.dist.world_size,
+                self.reward_fn, self.generator, guard=agreed,
+                on_progress=lambda done, total: self.tracker.eval_progress(label or "eval", domain_name, done, total),
+            )
         if self.dist.is_main and label is not None:
             self._write_eval_results(domain_name, label, records)
         return summary

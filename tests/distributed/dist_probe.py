@@ -5,8 +5,8 @@ It runs tau2cl's own code in-process so that a test can look inside each rank, w
 
     dist_probe.py train OUT.json [tau2cl train flags...]
         tau2cl.train.main(flags) with two recorders patched into tau2cl.trainer: every training
-        step's per-episode train rewards and task ids, and a digest of the parameter bytes before
-        and after training. The process group is kept alive past train() (compute_cleanup
+        step's per-episode train rewards and task ids, a digest of the parameter bytes before
+        and after training, and one of the tensors in the strategy's state at the end. The process group is kept alive past train() (compute_cleanup
         patched out) so the digests can be gathered; rank 0 writes every rank's record to OUT
         and its final parameters to OUT with the suffix .pt.
     dist_probe.py evaluate OUT.json [tau2cl train flags...]
@@ -44,6 +44,25 @@ def parameter_digest(model) -> str:
     for name, param in sorted(model.named_parameters()):
         digest.update(name.encode())
         digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
+    return digest.hexdigest()
+
+
+def tensors_digest(state) -> str:
+    """sha256 of every tensor in a nested state (dicts in key order, lists in order): a strategy's state."""
+    digest = hashlib.sha256()
+
+    def visit(node, path: str) -> None:
+        if isinstance(node, torch.Tensor):
+            digest.update(path.encode())
+            digest.update(node.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(node, dict):
+            for key in sorted(node, key=str):
+                visit(node[key], f"{path}/{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, item in enumerate(node):
+                visit(item, f"{path}/{i}")
+
+    visit(state, "")
     return digest.hexdigest()
 
 
@@ -86,6 +105,7 @@ def probe_train(out: str, argv: list[str]) -> int:
     info = trainers[0].dist
     record.update(rank=info.rank, world_size=info.world_size)
     record["final_digest"] = parameter_digest(trainers[0].policy.model)
+    record["strategy_digest"] = tensors_digest(trainers[0].strategy.state_dict())
     records = distributed.all_gather_objects(record)
     if info.is_main:
         _write(out, {"ranks": records})

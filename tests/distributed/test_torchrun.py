@@ -202,6 +202,26 @@ def test_distill_under_fsdp_keeps_the_ranks_identical_and_its_kl_grows_from_zero
     assert all("distill_kl" not in r for r in trains if r["domain"] == "airline")
     kl = [r["distill_kl"] for r in trains if r["domain"] == "retail"]
     assert kl[0] < 1e-6 < kl[1], kl  # the teacher is the policy at retail's start, then it moves away
+def test_progressive_under_fsdp_keeps_the_ranks_and_every_adapter_identical(tmp_path):
+    """Fresh adapters loaded into the sharded copy, and earlier ones swapped into the rollout copy."""
+    _, probe, log_dir, _ = _train_with_probe(
+        tmp_path, "--cl_algorithm", "progressive", "--lora_r", "4", "--parallelism", "fsdp", "--learning_rate", "1e-2",
+        "--num_steps_per_task", "1", "--eval_max_tasks", "1",
+    )  # fmt: skip
+    ranks = probe["ranks"]
+    assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
+    assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' live adapters diverged"
+    assert ranks[1]["strategy_digest"] == ranks[0]["strategy_digest"], "the ranks' frozen adapters diverged"
+    state = torch.load(log_dir / "checkpoint_task_1" / "trainer_state.pt", weights_only=False)["strategy"]
+    airline, retail = (state["adapters"][d] for d in DOMAINS)
+    assert any(not torch.equal(airline[k], retail[k]) for k in airline)  # retail trained an adapter of its own
+    # airline's greedy episodes, evaluated with its own adapter, are the same after retail trained
+    episodes = [
+        [m["content"] for s in json.loads((log_dir / "eval_results" / f"{label}_airline.json").read_text())["simulations"]
+         for m in s["messages"]]
+        for label in ("after_task0", "after_task1")
+    ]  # fmt: skip
+    assert episodes[0] == episodes[1] and len(episodes[0]) > 0
 
 
 def test_each_rank_trains_its_own_shard_of_each_step(trained):

@@ -9,6 +9,7 @@ import shlex
 
 import pytest
 
+from tau2cl.cl.strategies.registry import NEEDS_LORA
 from tau2cl.config import (
     CL_ALGORITHMS,
     GROUPS,
@@ -120,7 +121,8 @@ def test_optional_values_accept_none_to_unset():
 
 def test_every_cl_algorithm_is_accepted():
     for name in CL_ALGORITHMS:
-        assert parse_config(["--cl_algorithm", name]).cl_algorithm == name
+        lora = ["--lora_r", "8"] if name in NEEDS_LORA else []
+        assert parse_config(["--cl_algorithm", name, *lora]).cl_algorithm == name
 
 
 def test_reward_fn_accepts_an_import_path():
@@ -268,6 +270,8 @@ BAD_VALUES = [
         ["--parallelism", "fsdp", "--cl_algorithm", "online_ewc"],
         "--cl_algorithm online_ewc needs --parallelism ddp",
     ),
+    (["--cl_algorithm", "progressive"], "--cl_algorithm progressive needs --lora_r > 0"),
+    (["--cl_algorithm", "progressive", "--lora_r", "4", "--progressive_init", "last"], "--progressive_init must be one of"),
     (["--reward_fn", "my_reward"], "--reward_fn must be tau2 or a module:function import path"),
     (["--reward_fn", "pkg:"], "--reward_fn must be tau2 or a module:function import path"),
     (["--model_name_or_path", " "], "--model_name_or_path must not be empty"),

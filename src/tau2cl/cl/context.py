@@ -47,6 +47,8 @@ class CLContext:
     detached fp32 copy of the policy's full weights by name, and `load_weights` makes such a dict
     the policy's weights (training copy and rollout copy alike, on every rank). `accuracy_matrix`
     is the reward matrix as filled so far (row 0 before training, row i after the i-th domain).
+    `restart_optimizer` resets AdamW's moments (for a strategy that gives the trained parameters a
+    new meaning, such as a new adapter), on every rank.
     """
 
     config: Any  # the run's GRPOConfig, read-only
@@ -60,6 +62,7 @@ class CLContext:
     snapshot_weights: Callable[[], dict[str, torch.Tensor]]
     load_weights: Callable[[dict[str, torch.Tensor]], None]
     accuracy_matrix: Callable[[], list[list[float | None]]]
+    restart_optimizer: Callable[[], None] = lambda: None
 
     @property
     def current_domain(self) -> str:

@@ -10,7 +10,9 @@ all-gathers) would not line up across ranks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,6 +53,30 @@ class TrainingModel:
         for name, param in self.module.named_parameters():
             if param.requires_grad:  # frozen weights (a LoRA base) never change
                 targets[name.removeprefix(_LM)].copy_(as_local_tensor(param))
+
+    @contextlib.contextmanager
+    def rollout_weights(self, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+        """Inside: the rollout model's trainable parameters hold `weights` (by name; None: unchanged).
+
+        For sampling only (evaluation): the trained copy is not told, and the previous values are
+        copied back on leaving, bit for bit, so training continues from exactly where it was.
+        """
+        if weights is None:
+            yield
+            return
+        params = {n: p for n, p in self.rollout_model.named_parameters() if p.requires_grad}
+        if set(weights) != set(params):
+            raise ValueError("rollout_weights needs exactly the trainable parameters, by name")
+        with torch.no_grad():
+            saved = {n: p.detach().clone() for n, p in params.items()}
+            for name, value in weights.items():
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
 
     def load_from_rollout_model(self) -> None:
         """Take the rollout model's weights (e.g. just read from a checkpoint) into training."""

@@ -6,6 +6,8 @@ only through these hooks (Avalanche-style plugins). Order within a run:
     setup → for each domain: before_domain → per step: augment_batch → after_rollout →
     teacher_weights → loss_terms → after_update → step_metrics → after_domain
 
+and `evaluation_weights` before every evaluation of a domain.
+
 Every hook receives the run's `CLContext` (context.py), never the trainer. Every hook runs on
 every rank with the same arguments' shapes, so a strategy that issues a collective (e.g.
 all-reducing a Fisher) does so on all ranks together.
@@ -66,6 +68,12 @@ class CLStrategy:
 
     def after_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
         """After the last step on a domain, before its transfer evaluation."""
+
+    def evaluation_weights(self, ctx: CLContext, domain: str) -> dict[str, torch.Tensor] | None:
+        """The trainable weights (by name, as `ctx.snapshot_weights` gives them) that evaluating
+        `domain` uses, swapped into the rollout model for that evaluation only; None: the current
+        ones. A strategy that knows the task at test time picks per domain (progressive)."""
+        return None
 
     def state_dict(self) -> dict:
         """Everything a checkpoint needs to resume this strategy."""

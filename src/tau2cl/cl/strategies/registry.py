@@ -17,8 +17,10 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "adaptive_replay": ("tau2cl.cl.strategies.adaptive_replay", "AdaptiveReplay"),
     "fusion": ("tau2cl.cl.strategies.fusion", "Fusion"),
     "distill": ("tau2cl.cl.strategies.distill", "Distill"),
+    "progressive": ("tau2cl.cl.strategies.progressive", "Progressive"),
 }
 CL_ALGORITHMS = tuple(STRATEGIES)
+NEEDS_LORA = ("progressive",)  # strategies whose trained weights are LoRA adapters
 
 
 def strategy_class(name: str) -> Any:
