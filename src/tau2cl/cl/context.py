@@ -47,6 +47,12 @@ class CLContext:
     detached fp32 copy of the policy's full weights by name, and `load_weights` makes such a dict
     the policy's weights (training copy and rollout copy alike, on every rank). `accuracy_matrix`
     is the reward matrix as filled so far (row 0 before training, row i after the i-th domain).
+    `evaluate(domain, tasks, label)` is the mean trained reward (the custom `--reward_fn` when one
+    is set, else tau2's) of the current policy on the given tasks, greedy, `eval_samples_per_task`
+    runs each, the same on every rank (all ranks take part); its episodes go nowhere else (not the
+    accuracy matrix, no results file), and its random stream depends only on the run's seed and
+    `label`, so the same weights and label give the same figure after a resume. `log(figures,
+    line)` writes a `strategy` record to metrics.jsonl and prints `line` (rank 0; a no-op elsewhere).
     """
 
     config: Any  # the run's GRPOConfig, read-only
@@ -60,6 +66,8 @@ class CLContext:
     snapshot_weights: Callable[[], dict[str, torch.Tensor]]
     load_weights: Callable[[dict[str, torch.Tensor]], None]
     accuracy_matrix: Callable[[], list[list[float | None]]]
+    evaluate: Callable[[str, list[Any], str], float] | None = None
+    log: Callable[[dict[str, Any], str], None] | None = None
 
     @property
     def current_domain(self) -> str:

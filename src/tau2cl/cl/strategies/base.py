@@ -3,7 +3,7 @@
 The trainer calls every hook at its moment and holds no strategy-specific code; a strategy acts
 only through these hooks (Avalanche-style plugins). Order within a run:
 
-    setup → for each domain: before_domain → per step: augment_batch → after_rollout →
+    held_out_tasks (per domain) → setup → for each domain: before_domain → per step: augment_batch → after_rollout →
     loss_terms → after_update → step_metrics → after_domain
 
 Every hook receives the run's `CLContext` (context.py), never the trainer. Every hook runs on
@@ -20,6 +20,7 @@ import torch
 from tau2cl.agent.episode import RolloutRequest, Trajectory
 from tau2cl.cl.context import CLContext
 from tau2cl.cl.strategies.registry import STRATEGIES, strategy_class
+from tau2cl.env.domains import Domain, Task
 from tau2cl.errors import UserError
 
 
@@ -30,6 +31,12 @@ class CLStrategy:
 
     def __init__(self, config: Any):
         self.config = config
+
+    def held_out_tasks(self, domain: Domain) -> list[Task]:
+        """Train tasks of `domain` kept out of training: the trainer removes them from the domain's
+        train split before anything samples it (steps, warm start, resampling, other hooks). Called
+        once per domain when the run starts, before `setup`."""
+        return []
 
     def setup(self, ctx: CLContext) -> None:
         """Once, after the model and domains are ready, before any evaluation."""

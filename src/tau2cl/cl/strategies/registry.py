@@ -16,6 +16,8 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "online_ewc": ("tau2cl.cl.strategies.ewc", "OnlineEWC"),
     "adaptive_replay": ("tau2cl.cl.strategies.adaptive_replay", "AdaptiveReplay"),
     "fusion": ("tau2cl.cl.strategies.fusion", "Fusion"),
+    "adaptive_fusion": ("tau2cl.cl.strategies.adaptive_fusion", "AdaptiveFusion"),
+    "ewc_pp": ("tau2cl.cl.strategies.ewc_pp", "EWCPlusPlus"),
 }
 CL_ALGORITHMS = tuple(STRATEGIES)
 
