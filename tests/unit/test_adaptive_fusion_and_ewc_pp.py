@@ -194,3 +194,22 @@ def test_ewc_pp_skips_the_steps_between_updates():
     progress.step = 1
     strategy.after_rollout(ctx, [_episode([3.0])])  # step 2: F = 9
     assert strategy.running[0].tolist() == [9.0]
+
+
+def test_their_flags_parse_and_bad_values_are_refused_in_one_sentence():
+    from tau2cl.config import parse_config
+
+    config = parse_config(["--cl_algorithm", "adaptive_fusion", "--fusion_alpha_grid", "0.5", "1"])
+    assert config.fusion_alpha_grid == [0.5, 1.0] and config.fusion_holdout_tasks == 1
+    assert GRPOConfig(fusion_alpha_grid="0.25,0.75").fusion_alpha_grid == [0.25, 0.75]
+    refusals = {
+        "expects a list of numbers": dict(fusion_alpha_grid=["half"]),
+        "needs values between 0 and 1": dict(fusion_alpha_grid=[0.5, 1.5]),
+        "--ewc_pp_alpha must be in (0, 1]": dict(ewc_pp_alpha=0.0),
+        "--ewc_pp_interval must be at least 1": dict(ewc_pp_interval=0),
+        "--fusion_holdout_tasks must be at least 1": dict(fusion_holdout_tasks=0),
+        "--cl_algorithm ewc_pp needs --parallelism ddp": dict(cl_algorithm="ewc_pp", parallelism="fsdp"),
+    }
+    for message, values in refusals.items():
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace("]", r"\]")):
+            GRPOConfig(**values)
