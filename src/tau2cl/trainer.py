@@ -27,7 +27,7 @@ from tau2cl.agent.users.build import build_user
 from tau2cl.cl.context import CLContext, Progress
 from tau2cl.cl.measures import transfer_metrics
 from tau2cl.cl.strategies.base import CLStrategy, build_strategy
-from tau2cl.config import REFERENCE_USER, RESUME_MAY_CHANGE, GRPOConfig
+from tau2cl.config import REFERENCE_USER, RESUME_MAY_CHANGE, GRPOConfig, parse_task_ids
 from tau2cl.distributed import (
     DistInfo,
     all_gather_objects,
@@ -38,6 +38,7 @@ from tau2cl.distributed import (
     compute_init,
 )
 from tau2cl.env import tau2_compat
+from tau2cl.env.domain_views import compact, with_train_tasks, without_train_tasks
 from tau2cl.env.domains import Domain, load_domain
 from tau2cl.env.results_files import write_results
 from tau2cl.errors import UserError
@@ -201,7 +202,10 @@ class GRPOTrainer:
         without the train tasks the strategy holds out of training."""
         solo = None if self.config.user_model is None else False
         domain = load_domain(name, self.config.max_tasks_per_domain, solo_mode=solo)
-        return domain.without_train_tasks({t.id for t in self.strategy.held_out_tasks(domain)})
+        chosen = parse_task_ids(self.config.task_ids).get(name)
+        domain = domain if chosen is None else with_train_tasks(domain, chosen)
+        domain = compact(domain) if self.config.compact_domains else domain  # its tools cover held-out tasks too
+        return without_train_tasks(domain, {t.id for t in self.strategy.held_out_tasks(domain)})
 
     def _load_reference(self) -> Any:
         """The frozen reference model: for the KL penalty, and as the user with --user_model reference."""

@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from copy import deepcopy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from tau2cl.env import tau2_compat  # noqa: F401  (first: quiets tau2's import)
@@ -120,12 +120,6 @@ class Domain:
             if task.id == task_id:
                 return task
         raise KeyError(f"{self.name} has no task {task_id!r} in its loaded splits")
-
-    def without_train_tasks(self, task_ids: Collection[str]) -> Domain:
-        """This domain with those train tasks removed (a new object: the cached one is unchanged)."""
-        if not task_ids:
-            return self
-        return replace(self, train_tasks=[t for t in self.train_tasks if t.id not in task_ids])
 
     def system_prompt(self, task: Task) -> str:
         """tau2's own system prompt for this task, built by tau2's agent classes."""
