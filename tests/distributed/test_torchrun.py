@@ -194,7 +194,7 @@ def test_adaptive_fusion_chooses_the_same_alpha_on_both_ranks_and_never_trains_o
     rank 0's choice; the held-out task (the last of 3 train tasks) is in no rank's training step."""
     _, probe, log_dir, _ = _train_with_probe(
         tmp_path, "--cl_algorithm", "adaptive_fusion", "--max_tasks_per_domain", "3", "--num_steps_per_task", "1",
-        "--fusion_alpha_grid", "0.5", "1", "--fusion_holdout_tasks", "1",
+        "--eval_max_tasks", "1", "--fusion_alpha_grid", "0.5", "1", "--fusion_holdout_tasks", "1",
     )
     ranks = probe["ranks"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
