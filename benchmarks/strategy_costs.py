@@ -8,12 +8,14 @@ strategy and the same seed, timing the strategy's hooks from the outside: `after
 Fisher update from the step's episodes), `after_domain` (EWC's and online EWC's Fisher rollouts,
 adaptive fusion's α search) and the step's update (`time_update` of the train records, which also
 holds `after_rollout` and the penalty). Prints one table, with each strategy's run time as a ratio
-to sequential's.
+to sequential's and the α adaptive fusion kept after each domain.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import tempfile
@@ -36,7 +38,8 @@ def run(strategy: str, steps: int, extra: dict) -> dict:
         reward_fn="reward_fns:first_reply_length", cl_algorithm=strategy, log_dir=str(log_dir),
         use_progress_bar=False, log_interval=100, seed=5, **extra,
     )
-    trainer = GRPOTrainer(config)
+    with contextlib.redirect_stdout(io.StringIO()):  # the runs' own console: the table is what counts
+        trainer = GRPOTrainer(config)
     spent: dict[str, float] = defaultdict(float)
     for hook in ("after_rollout", "after_domain"):
         original = getattr(trainer.strategy, hook)
@@ -48,11 +51,14 @@ def run(strategy: str, steps: int, extra: dict) -> dict:
 
         setattr(trainer.strategy, hook, timed)
     start = time.perf_counter()
-    trainer.train()
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
     total = time.perf_counter() - start
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     updates = [r["time_update"] for r in records if r["type"] == "train"]
+    alphas = [r["fusion_alpha"] for r in records if r["type"] == "strategy"]
     return {
+        "alphas": " ".join(f"{a:g}" for a in alphas) or "-",
         "run_s": total,
         "update_s": sum(updates) / len(updates),
         "after_rollout_s": spent["after_rollout"] / len(updates),
@@ -72,11 +78,12 @@ def main() -> None:
     }
     rows = {name: run(name, args.steps, extra.get(name, {})) for name in args.strategies}
     base = rows.get("sequential", {}).get("run_s")
-    print(f"{'strategy':<16} {'run s':>8} {'× seq':>6} {'update s/step':>14} {'after_rollout s/step':>21} {'after_domain s':>15}")
+    print(f"{'strategy':<16} {'run s':>8} {'× seq':>6} {'update s/step':>14} {'after_rollout s/step':>21} "
+          f"{'after_domain s':>15}  α chosen")
     for name, r in rows.items():
         ratio = f"{r['run_s'] / base:.2f}" if base else "-"
         print(f"{name:<16} {r['run_s']:>8.1f} {ratio:>6} {r['update_s']:>14.3f} {r['after_rollout_s']:>21.3f} "
-              f"{r['after_domain_s']:>15.2f}")
+              f"{r['after_domain_s']:>15.2f}  {r['alphas']}")
 
 
 if __name__ == "__main__":

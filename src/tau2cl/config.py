@@ -420,7 +420,8 @@ class GRPOConfig:
         10,
         "continual learning",
         "ewc_pp: training steps between Fisher updates; each update backpropagates the "
-        "log-likelihood of each of the step's episodes once (about one more update pass).",
+        "log-likelihood of each of the step's episodes alone (unbatched: 2-3× the step's own update "
+        "on the tiny model on CPU), so the interval sets the overhead.",
     )
     adaptive_replay_floor: float = _option(
         0.05,

@@ -3,8 +3,8 @@
 The trainer calls every hook at its moment and holds no strategy-specific code; a strategy acts
 only through these hooks (Avalanche-style plugins). Order within a run:
 
-    held_out_tasks (per domain) → setup → for each domain: before_domain → per step: augment_batch → after_rollout →
-    loss_terms → after_update → step_metrics → after_domain
+    held_out_tasks (per domain) → setup → for each domain: before_domain → per step:
+    augment_batch → after_rollout → loss_terms → after_update → step_metrics → after_domain
 
 Every hook receives the run's `CLContext` (context.py), never the trainer. Every hook runs on
 every rank with the same arguments' shapes, so a strategy that issues a collective (e.g.
