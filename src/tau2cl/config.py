@@ -363,10 +363,14 @@ class GRPOConfig:
         "(2 extra copies of the weights per domain); online_ewc = one running Fisher and anchor "
         "(2 extra copies in all); adaptive_replay = replay whose share per earlier domain follows "
         "the forgetting measured in the accuracy matrix (replay's cost); fusion = at each "
-        "domain's end the weights become a merge (--fusion_mode; one extra copy); distill = "
-        "from the second domain on, a KL penalty (--distill_coef) towards the policy as it was "
-        "when the domain began (one extra copy of the trained weights, one no-grad forward per "
-        "step); progressive = a new LoRA adapter for each domain, earlier ones frozen, domain j "
+        "domain's end the weights become a merge (--fusion_mode; one extra copy); "
+        "adaptive_fusion = WiSE-FT whose α is chosen at each domain's end from "
+        "--fusion_alpha_grid by the reward on held-out train tasks (2 extra copies, one greedy "
+        "evaluation of the held-out tasks per grid point); ewc_pp = EWC++, a moving-average "
+        "Fisher updated from the training steps' own episodes (3 extra copies, no extra rollouts); "
+        "distill = from the second domain on, a KL penalty (--distill_coef) towards the policy as "
+        "it was when the domain began (one extra copy of the trained weights, one no-grad forward "
+        "per step); progressive = a new LoRA adapter for each domain, earlier ones frozen, domain j "
         "evaluated with adapter j (needs --lora_r > 0; one adapter copy per domain).",
         CL_ALGORITHMS,
     )
@@ -411,6 +415,19 @@ class GRPOConfig:
         "continual learning",
         "online_ewc: decay γ of the running Fisher, F ← γF + F_new, in [0, 1].",
     )
+    ewc_pp_alpha: float = _option(
+        0.5,
+        "continual learning",
+        "ewc_pp: weight α of each new Fisher in the moving average F ← α·F_new + (1 − α)·F, in (0, 1] "
+        "(1: only the latest estimate counts).",
+    )
+    ewc_pp_interval: int = _option(
+        10,
+        "continual learning",
+        "ewc_pp: training steps between Fisher updates; each update backpropagates the "
+        "log-likelihood of each of the step's episodes alone (unbatched: 2-3× the step's own update "
+        "on the tiny model on CPU), so the interval sets the overhead.",
+    )
     adaptive_replay_floor: float = _option(
         0.05,
         "continual learning",
@@ -448,6 +465,20 @@ class GRPOConfig:
         "(B = 0, so it adds nothing until trained); previous = the previous domain's final adapter "
         "(forward transfer). Costs nothing either way.",
         PROGRESSIVE_INITS,
+    )
+    fusion_alpha_grid: list[float] = _option(
+        [0.25, 0.5, 0.75, 1.0],
+        "continual learning",
+        "adaptive_fusion: the α values tried at each domain's end, each in [0, 1] (WiSE-FT weight of "
+        "the domain's end weights; 1 keeps them, 0 undoes the domain); the one with the highest mean "
+        "reward on the held-out tasks of the domains learned so far is kept (ties: the largest α). "
+        "Each value costs one greedy evaluation of those tasks.",
+    )
+    fusion_holdout_tasks: int = _option(
+        1,
+        "continual learning",
+        "adaptive_fusion: train tasks per domain held out of training to choose α on: the last ones "
+        "of its train split (as --max_tasks_per_domain or --task_ids leave it); training never samples them.",
     )
     task_order: list[str] = _option(
         list(DOMAIN_NAMES),
@@ -663,14 +694,21 @@ def _to_str_list(value: Any) -> list[str]:
     return [part.strip() for item in items for part in item.split(",") if part.strip()]
 
 
-_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str, list: _to_str_list}
+def _to_float_list(value: Any) -> list[float]:
+    """A list of numbers from `0.5 1` or `0.5,1` (items split like names) or [0.5, 1]."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [_to_float(v) for item in items for v in (_to_str_list(item) if isinstance(item, str) else [item])]
+
+
+_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+_LIST_CONVERTERS = {str: _to_str_list, float: _to_float_list}  # by item type
 _TYPE_WORDS = {
     bool: "true or false",
     int: "an integer",
     float: "a number",
     str: "a string",
-    list: "a list of names",
 }
+_LIST_WORDS = {str: "a list of names", float: "a list of numbers"}
 
 
 @cache
@@ -684,6 +722,13 @@ def field_type(name: str) -> tuple[type, bool]:
     return typing.get_origin(hint) or hint, optional
 
 
+@cache
+def list_item_type(name: str) -> type:
+    """The item type of a list field: `list[float]` → float."""
+    (item,) = typing.get_args(typing.get_type_hints(GRPOConfig)[name])
+    return item
+
+
 def _coerce(name: str, value: Any) -> Any:
     base, optional = field_type(name)
     if optional and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
@@ -692,11 +737,13 @@ def _coerce(name: str, value: Any) -> Any:
         raise UserError(
             f"--{name} cannot be none; give it a value or leave it out for the default."
         )
+    item = list_item_type(name) if base is list else None
     try:
-        return _CONVERTERS[base](value)
+        return _LIST_CONVERTERS[item](value) if item else _CONVERTERS[base](value)
     except (TypeError, ValueError):
         none = " or none" if optional else ""
-        raise UserError(f"--{name} expects {_TYPE_WORDS[base]}{none}, got {value!r}.") from None
+        words = _LIST_WORDS[item] if item else _TYPE_WORDS[base]
+        raise UserError(f"--{name} expects {words}{none}, got {value!r}.") from None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -712,6 +759,8 @@ _AT_LEAST_ONE = (
     "gradient_accumulation_steps",
     "replay_buffer_size",
     "ewc_fisher_samples",
+    "ewc_pp_interval",
+    "fusion_holdout_tasks",
     "eval_samples_per_task",
     "log_interval",
     "max_tasks_per_domain",
@@ -776,6 +825,8 @@ def _validate(config: GRPOConfig) -> None:
     _check(config, "replay_ratio", lambda v: 0 <= v <= 1, "must be between 0 and 1")
     _check(config, "ewc_gamma", lambda v: 0 <= v <= 1, "must be between 0 and 1")
     _check(config, "fusion_alpha", lambda v: 0 <= v <= 1, "must be between 0 and 1")
+    _check(config, "fusion_alpha_grid", lambda v: v and all(0 <= a <= 1 for a in v), "needs values between 0 and 1")
+    _check(config, "ewc_pp_alpha", lambda v: 0 < v <= 1, "must be in (0, 1]")
     _check(config, "adaptive_replay_floor", lambda v: v >= 0, "must be >= 0")
     _check(
         config,
@@ -787,7 +838,7 @@ def _validate(config: GRPOConfig) -> None:
     _validate_task_ids(config)
     if config.num_steps_per_task == 0 and config.sft_steps_per_task == 0:
         _fail("--num_steps_per_task must be at least 1 unless --sft_steps_per_task is set (no training otherwise).")
-    if config.parallelism == "fsdp" and config.cl_algorithm in ("ewc", "online_ewc"):
+    if config.parallelism == "fsdp" and config.cl_algorithm in ("ewc", "online_ewc", "ewc_pp"):
         _fail(
             f"--cl_algorithm {config.cl_algorithm} needs --parallelism ddp: its Fisher comes from "
             "per-episode gradients of the whole model, which FSDP shards across processes."
@@ -891,13 +942,14 @@ def build_parser(prog: str = "tau2cl train") -> argparse.ArgumentParser:
 def _add_field_argument(group: Any, f: Any) -> None:
     base, _ = field_type(f.name)
     default = f.default_factory() if base is list else f.default
-    shown = "none" if default is None else " ".join(default) if base is list else default
+    shown = "none" if default is None else " ".join(map(str, default)) if base is list else default
     help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
     flag = f"--{f.name}"
     if base is bool:  # --flag / --no-flag, spelled with the field name
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
     elif base is list:
-        group.add_argument(flag, nargs="+", metavar="NAME", help=help_text)
+        metavar = "X" if list_item_type(f.name) is float else "NAME"
+        group.add_argument(flag, nargs="+", metavar=metavar, help=help_text)
     else:
         choices = f.metadata.get("choices")
         metavar = "{" + ",".join(choices) + "}" if choices else _METAVARS[base]

@@ -12,7 +12,7 @@ def _default_text(name: str, default: object) -> str:
     if default is None:
         return "none"
     if base is list:
-        return " ".join(default)  # type: ignore[arg-type]
+        return " ".join(map(str, default))  # type: ignore[arg-type]
     if base is bool:
         return f"`--{name}`" if default else f"`--no-{name}`"
     return f"`{default}`"

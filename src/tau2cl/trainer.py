@@ -12,6 +12,8 @@ import random
 import shutil
 import sys
 import time
+import zlib
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from tau2cl.distributed import (
     compute_init,
 )
 from tau2cl.env import tau2_compat
-from tau2cl.env.domain_views import compact, with_train_tasks
+from tau2cl.env.domain_views import compact, with_train_tasks, without_train_tasks
 from tau2cl.env.domains import Domain, load_domain
 from tau2cl.env.results_files import write_results
 from tau2cl.errors import UserError
@@ -98,6 +100,7 @@ class GRPOTrainer:
         self.last_checkpoint: Path | None = None  # the newest complete checkpoint of this run
         self._boundary_rng = None  # random state at the last boundary a stop returns to
         self._where = "before training"  # what the run is doing, for the stop line
+        self.strategy = build_strategy(config)  # before the domains: it may hold train tasks out
         self.domains: dict[str, Domain] = {n: self._load_domain(n) for n in self.order}
         self._check_batch_fits()
         self.compute_dtype = _compute_dtype(config.model_dtype, self.dist)
@@ -119,7 +122,6 @@ class GRPOTrainer:
         )
         self.reward_fn = load_reward_fn(config.reward_fn)
         self.sft = SupervisedWarmStart(config, self.dist, self.policy, self.training, user, self.compute_dtype)
-        self.strategy = build_strategy(config)
         self.generator = torch.Generator(device=self.dist.device)
         self.generator.manual_seed(config.seed * 1000 + self.dist.rank)
         self.progress = Progress()
@@ -141,6 +143,7 @@ class GRPOTrainer:
             generated_logprob=self._generated_logprob, snapshot_weights=self._snapshot_weights,
             load_weights=self._load_weights, accuracy_matrix=lambda: self.reward_matrix,
             restart_optimizer=lambda: self.optimizer.state.clear(),
+            evaluate=self._evaluate_tasks, log=self._log_strategy,
         )
         self.strategy.setup(self.cl_context)
 
@@ -197,12 +200,14 @@ class GRPOTrainer:
         return Policy(model, tokenizer, compute_dtype=self.compute_dtype)
 
     def _load_domain(self, name: str) -> Domain:
-        """A domain in the setting the user can play: telecom's full setting needs an LLM user."""
+        """A domain in the setting the user can play (telecom's full setting needs an LLM user),
+        without the train tasks the strategy holds out of training."""
         solo = None if self.config.user_model is None else False
         domain = load_domain(name, self.config.max_tasks_per_domain, solo_mode=solo)
         chosen = parse_task_ids(self.config.task_ids).get(name)
         domain = domain if chosen is None else with_train_tasks(domain, chosen)
-        return compact(domain) if self.config.compact_domains else domain
+        domain = compact(domain) if self.config.compact_domains else domain  # its tools cover held-out tasks too
+        return without_train_tasks(domain, {t.id for t in self.strategy.held_out_tasks(domain)})
 
     def _load_reference(self) -> Any:
         """The frozen reference model: for the KL penalty, and as the user with --user_model reference."""
@@ -293,6 +298,34 @@ class GRPOTrainer:
         if self.dist.is_main and label is not None:
             self._write_eval_results(domain_name, label, records)
         return summary
+
+    def _evaluate_tasks(self, domain_name: str, tasks: list, label: str) -> float:
+        """CLContext.evaluate: the mean trained reward of greedy runs on `tasks` (all ranks take
+        part); its random stream comes from the seed and `label` alone, not the run's."""
+        cfg = self.config
+        engine = self.eval_engine
+        if engine.settings.temperature != 0:
+            engine = RolloutEngine(self.policy, self.user, replace(engine.settings, temperature=0.0), engine.check_stop)
+        settings = EvalSettings(
+            samples_per_task=cfg.eval_samples_per_task, max_tasks=None,
+            episodes_per_batch=cfg.batch_size_per_gpu * cfg.num_samples_per_prompt,
+            judge_model=cfg.judge_model, reward_timeout=cfg.reward_timeout,
+        )
+        generator = torch.Generator(device=self.dist.device)
+        generator.manual_seed(zlib.crc32(f"{cfg.seed}-{label}-{self.dist.rank}".encode()))
+        summary, _ = evaluate_domain(
+            engine, self.domains[domain_name], settings, self.dist.rank, self.dist.world_size, self.reward_fn,
+            generator, guard=agreed, tasks=tasks,
+            on_progress=lambda done, total: self.tracker.eval_progress(label, domain_name, done, total),
+        )
+        return summary.custom_reward_mean if self.reward_fn is not None else summary.reward_mean
+
+    def _log_strategy(self, figures: dict, line: str) -> None:
+        """CLContext.log: a `strategy` record in metrics.jsonl and a console line (rank 0)."""
+        task_idx = self.progress.task_idx
+        self.tracker.log_strategy(
+            self.strategy.name, task_idx, self.order[task_idx], self.progress.global_step, figures, line
+        )
 
     # ---- the domain loop --------------------------------------------------------------------
     def _train_domain(self, task_idx: int) -> None:

@@ -202,6 +202,8 @@ def test_distill_under_fsdp_keeps_the_ranks_identical_and_its_kl_grows_from_zero
     assert all("distill_kl" not in r for r in trains if r["domain"] == "airline")
     kl = [r["distill_kl"] for r in trains if r["domain"] == "retail"]
     assert kl[0] < 1e-6 < kl[1], kl  # the teacher is the policy at retail's start, then it moves away
+
+
 def test_progressive_under_fsdp_keeps_the_ranks_and_every_adapter_identical(tmp_path):
     """Fresh adapters loaded into the sharded copy, and earlier ones swapped into the rollout copy."""
     _, probe, log_dir, _ = _train_with_probe(
@@ -222,6 +224,26 @@ def test_progressive_under_fsdp_keeps_the_ranks_and_every_adapter_identical(tmp_
         for label in ("after_task0", "after_task1")
     ]  # fmt: skip
     assert episodes[0] == episodes[1] and len(episodes[0]) > 0
+
+
+def test_adaptive_fusion_chooses_the_same_alpha_on_both_ranks_and_never_trains_on_held_out_tasks(tmp_path):
+    """Both ranks evaluate their share of the held-out episodes, gather the same figures and load
+    rank 0's choice; the held-out task (the last of 3 train tasks) is in no rank's training step."""
+    _, probe, log_dir, _ = _train_with_probe(
+        tmp_path, "--cl_algorithm", "adaptive_fusion", "--task_order", "airline", "--max_tasks_per_domain", "3",
+        "--num_steps_per_task", "1", "--eval_max_tasks", "1", "--fusion_alpha_grid", "0.5", "1",
+    )
+    ranks = probe["ranks"]
+    assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
+    assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks loaded different merges"
+    (search,) = _records(log_dir, "strategy")
+    assert (search["task_idx"], search["strategy"]) == (0, "adaptive_fusion")
+    scores = {0.5: search["fusion_reward/alpha_0.5"], 1.0: search["fusion_reward/alpha_1"]}
+    assert search["fusion_alpha"] == max(scores, key=lambda a: (scores[a], a))
+    assert search["held_out_tasks"] == {"airline": [search["held_out_tasks"]["airline"][0]]}
+    held = f"airline/{search['held_out_tasks']['airline'][0]}"
+    trained = {task for rank in ranks for step in rank["steps"] for task in step["tasks"]}
+    assert len(trained) == 2 and held not in trained  # the 2 other train tasks, one per rank
 
 
 def test_each_rank_trains_its_own_shard_of_each_step(trained):

@@ -137,3 +137,22 @@ def test_wise_fusion_sets_exactly_the_interpolation_of_the_domains_start_and_end
     for name, value in merged.items():
         expected = start[name].detach() + 0.25 * (end[name] - start[name].detach())
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+
+
+def test_ewc_pp_updates_its_fisher_at_every_step_and_penalises_only_on_the_second_domain(tmp_path, monkeypatch):
+    """From the training episodes themselves: updates during each domain, no extra rollouts."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    config = _config(
+        tmp_path, cl_algorithm="ewc_pp", ewc_pp_interval=1, ewc_pp_alpha=0.5, ewc_lambda=100.0,
+        reward_fn="reward_fns:first_reply_length", learning_rate=3e-3,
+    )
+    GRPOTrainer(config).train()
+    trains = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trains = [r for r in trains if r["type"] == "train"]
+    assert [(r["domain"], r["ewc_pp_updates"]) for r in trains] == [("airline", 1), ("airline", 2), ("retail", 3), ("retail", 4)]
+    # the first estimate is taken as it is; every later one moves the running Fisher, within a domain too
+    assert trains[0]["ewc_pp_fisher_change"] is None
+    assert all(r["ewc_pp_fisher_change"] > 0 for r in trains[1:])
+    assert "ewc_penalty" not in trains[0] and "ewc_penalty" not in trains[1]
+    # retail's first step starts at the anchor; its update moves the weights, so the second pays
+    assert trains[2]["ewc_penalty"] == 0.0 and trains[3]["ewc_penalty"] > 0

@@ -49,6 +49,12 @@ class CLContext:
     is the reward matrix as filled so far (row 0 before training, row i after the i-th domain).
     `restart_optimizer` resets AdamW's moments (for a strategy that gives the trained parameters a
     new meaning, such as a new adapter), on every rank.
+    `evaluate(domain, tasks, label)` is the mean trained reward (the custom `--reward_fn` when one
+    is set, else tau2's) of the current policy on the given tasks, greedy, `eval_samples_per_task`
+    runs each, the same on every rank (all ranks take part); its episodes go nowhere else (not the
+    accuracy matrix, no results file), and its random stream depends only on the run's seed and
+    `label`, so the same weights and label give the same figure after a resume. `log(figures,
+    line)` writes a `strategy` record to metrics.jsonl and prints `line` (rank 0; a no-op elsewhere).
     """
 
     config: Any  # the run's GRPOConfig, read-only
@@ -63,6 +69,8 @@ class CLContext:
     load_weights: Callable[[dict[str, torch.Tensor]], None]
     accuracy_matrix: Callable[[], list[list[float | None]]]
     restart_optimizer: Callable[[], None] = lambda: None
+    evaluate: Callable[[str, list[Any], str], float] | None = None
+    log: Callable[[dict[str, Any], str], None] | None = None
 
     @property
     def current_domain(self) -> str:

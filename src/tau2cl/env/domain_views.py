@@ -1,4 +1,5 @@
-"""Views of a loaded domain: chosen train tasks (`--task_ids`) and the compact setting (`--compact_domains`).
+"""Views of a loaded domain: chosen train tasks (`--task_ids`), the compact setting (`--compact_domains`)
+and train tasks a strategy holds out of training (`without_train_tasks`).
 
 `with_train_tasks` keeps a domain's train split to the tasks named by id, in the order given; the
 test split is untouched. `compact` is the setting for small models and CPUs: the agent sees a
@@ -12,6 +13,7 @@ rules a full-setting agent must follow, and it cannot call a tool no golden acti
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 
 from tau2cl.env.domains import STOP_TOOL_NAME, Domain, official_split
 from tau2cl.errors import UserError
@@ -33,6 +35,13 @@ def with_train_tasks(domain: Domain, task_ids: list[str]) -> Domain:
             f"{len(by_id)} tasks; `tau2cl train --task_ids` takes ids of tau2's train split)."
         )
     return dataclasses.replace(domain, train_tasks=[by_id[t] for t in task_ids])
+
+
+def without_train_tasks(domain: Domain, task_ids: Collection[str]) -> Domain:
+    """The domain without these train tasks (held out of training by a strategy); the rest in order."""
+    if not task_ids:
+        return domain
+    return dataclasses.replace(domain, train_tasks=[t for t in domain.train_tasks if t.id not in task_ids])
 
 
 def golden_tool_names(domain: Domain) -> set[str]:

@@ -54,14 +54,17 @@ def evaluate_domain(
     generator: torch.Generator | None = None,
     guard: Callable[[Callable[[], Any]], Any] = lambda work: work(),
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    tasks: list | None = None,
 ) -> tuple[EvalSummary, list[EvalRecord]]:
-    """Evaluate on `settings.split`; every rank returns the same summary and all records.
+    """Evaluate on `settings.split` (or on `tasks`, when given); every rank returns the same
+    summary and all records.
 
     `guard` runs this rank's episodes (no collectives inside) before they are gathered, so a stop
     can leave on every rank together; `on_progress(done, total)` follows the episodes (rank 0's
     share times the ranks, an estimate of the whole).
     """
-    tasks = evaluated_tasks(domain, settings.split, settings.max_tasks)
+    if tasks is None:
+        tasks = evaluated_tasks(domain, settings.split, settings.max_tasks)
     k = settings.samples_per_task
     total = len(tasks) * k
     mine = [i for i in range(total) if i % world_size == rank]

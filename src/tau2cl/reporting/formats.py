@@ -222,3 +222,10 @@ def format_final_summary(
     )
 
 
+
+
+def format_alpha_search(task_idx: int, scores: Mapping[float, float], chosen: float, domains: Sequence[str]) -> str:
+    """adaptive_fusion's choice: "[FUSION] Task 1 α search on held-out airline, retail: 0.5 → 0.250 |
+    1 → 0.125 | chosen α = 0.5"."""
+    figures = " | ".join(f"{alpha:g} → {reward:.3f}" for alpha, reward in sorted(scores.items()))
+    return f"[FUSION] Task {task_idx} α search on held-out {', '.join(domains)}: {figures} | chosen α = {chosen:g}"

@@ -309,6 +309,23 @@ class MetricsTracker:
             self.log_eval(0, 0, global_step, summary, first, echo=False, stage=0)
 
     @_main_only
+    def log_strategy(
+        self, strategy: str, task_idx: int, domain: str, global_step: int, figures: Mapping[str, Any], line: str
+    ) -> None:
+        """A strategy's own record (e.g. the α a search chose) and its console line."""
+        header = {
+            "type": "strategy",
+            "strategy": strategy,
+            "task_idx": task_idx,
+            "domain": domain,
+            "step": self._step,
+            "global_step": global_step,
+        }
+        self._record(header, figures)
+        self._wandb.log(_numbers(f"strategy/{strategy}", figures), step=global_step)
+        self._write(line, "message")
+
+    @_main_only
     def end_domain(self) -> None:
         self._close_bar()
 

@@ -3,8 +3,9 @@
 The trainer calls every hook at its moment and holds no strategy-specific code; a strategy acts
 only through these hooks (Avalanche-style plugins). Order within a run:
 
-    setup → for each domain: before_domain → per step: augment_batch → after_rollout →
-    teacher_weights → loss_terms → after_update → step_metrics → after_domain
+    held_out_tasks (per domain) → setup → for each domain: before_domain → per step:
+    augment_batch → after_rollout → teacher_weights → loss_terms → after_update → step_metrics →
+    after_domain
 
 and `evaluation_weights` before every evaluation of a domain.
 
@@ -22,6 +23,7 @@ import torch
 from tau2cl.agent.episode import RolloutRequest, Trajectory
 from tau2cl.cl.context import CLContext
 from tau2cl.cl.strategies.registry import STRATEGIES, strategy_class
+from tau2cl.env.domains import Domain, Task
 from tau2cl.errors import UserError
 
 
@@ -32,6 +34,12 @@ class CLStrategy:
 
     def __init__(self, config: Any):
         self.config = config
+
+    def held_out_tasks(self, domain: Domain) -> list[Task]:
+        """Train tasks of `domain` kept out of training: the trainer removes them from the domain's
+        train split before anything samples it (steps, warm start, resampling, other hooks). Called
+        once per domain when the run starts, before `setup`."""
+        return []
 
     def setup(self, ctx: CLContext) -> None:
         """Once, after the model and domains are ready, before any evaluation."""

@@ -19,7 +19,7 @@ import random
 
 import torch
 
-from tau2cl.agent.episode import RolloutRequest
+from tau2cl.agent.episode import RolloutRequest, Trajectory
 from tau2cl.cl.context import CLContext
 from tau2cl.cl.strategies.base import CLStrategy
 from tau2cl.distributed import all_reduce_sum_
@@ -99,16 +99,24 @@ class OnlineEWC(EWC):
 def estimate_fisher(ctx: CLContext, domain_name: str) -> Tensors:
     """Diagonal Fisher of the policy on a domain's train tasks, identical on every rank.
 
-    Each rank samples its share of `ewc_fisher_samples` episodes; per episode the log-likelihood
-    of its generated tokens is backpropagated alone and the squared gradient accumulated; the
-    sums and the episode count are all-reduced, so every rank divides the same totals.
+    Each rank samples its share of `ewc_fisher_samples` episodes, then `episode_fisher`.
     """
     cfg, dist = ctx.config, ctx.dist
     domain = ctx.domains[domain_name]
     per_rank = math.ceil(cfg.ewc_fisher_samples / dist.world_size)
     rng = random.Random(f"{cfg.seed}-fisher-{domain_name}-{dist.rank}")
     requests = [RolloutRequest(domain, rng.choice(domain.train_tasks), group=i) for i in range(per_rank)]
-    trajectories = ctx.rollout(requests)
+    return episode_fisher(ctx, ctx.rollout(requests))
+
+
+def episode_fisher(ctx: CLContext, trajectories: list[Trajectory]) -> Tensors:
+    """Diagonal Fisher of the policy from episodes, identical on every rank (all ranks call it).
+
+    Per episode the log-likelihood of its generated tokens is backpropagated alone and the squared
+    gradient accumulated; the sums and the episode count are all-reduced, so every rank divides
+    the same totals. Gradients are cleared before and after.
+    """
+    dist = ctx.dist
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in ctx.params]
     count = 0
     for traj in trajectories:

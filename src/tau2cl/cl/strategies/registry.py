@@ -18,6 +18,8 @@ STRATEGIES: dict[str, tuple[str, str]] = {
     "fusion": ("tau2cl.cl.strategies.fusion", "Fusion"),
     "distill": ("tau2cl.cl.strategies.distill", "Distill"),
     "progressive": ("tau2cl.cl.strategies.progressive", "Progressive"),
+    "adaptive_fusion": ("tau2cl.cl.strategies.adaptive_fusion", "AdaptiveFusion"),
+    "ewc_pp": ("tau2cl.cl.strategies.ewc_pp", "EWCPlusPlus"),
 }
 CL_ALGORITHMS = tuple(STRATEGIES)
 NEEDS_LORA = ("progressive",)  # strategies whose trained weights are LoRA adapters
