@@ -339,7 +339,8 @@ class GRPOTrainer:
         self.tracker.start_domain(task_idx, name, len(domain.train_tasks), steps, self.progress.step)
         if self.progress.step == 0:
             self.sft.run(task_idx, domain, self.progress, self.tracker,
-                         after_step=lambda s: self._stop_if_requested(task_idx, name, s, sft=True))
+                         after_step=lambda s: self._stop_if_requested(task_idx, name, s, sft=True),
+                         extra_loss=lambda: self.strategy.loss_terms(self.cl_context))
         if self.progress.pending == "eval":  # a stop interrupted it: redo it first
             self._mid_domain_eval(task_idx, name, self.progress.step)
         for step in range(self.progress.step + 1, steps + 1):

@@ -156,3 +156,19 @@ def test_ewc_pp_updates_its_fisher_at_every_step_and_penalises_only_on_the_secon
     assert "ewc_penalty" not in trains[0] and "ewc_penalty" not in trains[1]
     # retail's first step starts at the anchor; its update moves the weights, so the second pays
     assert trains[2]["ewc_penalty"] == 0.0 and trains[3]["ewc_penalty"] > 0
+
+
+def test_ewc_penalty_also_holds_the_warm_start_of_later_domains(tmp_path, monkeypatch):
+    """The strategy's loss terms are in every supervised step's loss too, from the second domain on."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    config = _config(
+        tmp_path, cl_algorithm="ewc", ewc_lambda=100.0, ewc_fisher_samples=2, sft_steps_per_task=2,
+        sft_learning_rate=3e-3, num_steps_per_task=1, reward_fn="reward_fns:first_reply_length",
+    )
+    GRPOTrainer(config).train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    sft = [r for r in records if r["type"] == "sft"]
+    assert [(r["domain"], r["step"]) for r in sft] == [("airline", 1), ("airline", 2), ("retail", 1), ("retail", 2)]
+    assert "ewc_penalty" not in sft[0] and "ewc_penalty" not in sft[1]  # no Fisher before airline's end
+    # retail's first supervised step starts at the anchor; its update moves the weights, so the second pays
+    assert sft[2]["ewc_penalty"] == 0.0 and sft[3]["ewc_penalty"] > 0

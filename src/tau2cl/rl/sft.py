@@ -57,19 +57,27 @@ def accumulate_sft_gradients(
     micro_batches: list[list[int]],
     num_tokens_normalizer: float,
     compute_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Backward the cross-entropy over micro-batches; returns this rank's summed statistics."""
+    extra_loss: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Backward the cross-entropy over micro-batches, plus `extra_loss` terms (a CL penalty) once,
+    on the last one; returns this rank's summed statistics and the terms' values."""
     forward = as_trained_forward(model)
     totals = {"nll_sum": 0.0, "hits": 0.0, "num_tokens": 0.0}
+    terms: dict[str, float] = {}
     for i, rows in enumerate(micro_batches):
         mb = batch.rows(rows)
-        with gradient_sync(forward, enabled=i == len(micro_batches) - 1):
+        last = i == len(micro_batches) - 1
+        with gradient_sync(forward, enabled=last):
             logprobs, hits = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, 1.0, compute_dtype, with_hits=True)
             loss, stats = sft_loss(logprobs, hits, mb.loss_mask, num_tokens_normalizer)
+            if extra_loss is not None and last:
+                for name, term in extra_loss().items():
+                    loss = loss + term
+                    terms[name] = float(term.detach())
             loss.backward()
         for key in totals:
             totals[key] += stats[key]
-    return totals
+    return totals, terms
 
 
 class SupervisedWarmStart:
@@ -90,8 +98,12 @@ class SupervisedWarmStart:
         cfg = self.config
         return cfg.learning_rate if cfg.sft_learning_rate is None else cfg.sft_learning_rate
 
-    def run(self, task_idx: int, domain: Domain, progress: Any, tracker: Any, after_step: Callable[[int], None]) -> None:
-        """The domain's remaining supervised steps (from progress.sft_step + 1)."""
+    def run(
+        self, task_idx: int, domain: Domain, progress: Any, tracker: Any, after_step: Callable[[int], None],
+        extra_loss: Callable[[], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """The domain's remaining supervised steps (from progress.sft_step + 1); `extra_loss` gives
+        the strategy's penalty terms, added to every step's loss as to a GRPO step's."""
         total = self.config.sft_steps_per_task
         if progress.sft_step >= total:
             return
@@ -112,7 +124,7 @@ class SupervisedWarmStart:
             self.training.load_optimizer_state(self.optimizer, self._saved_optimizer)
         self._saved_optimizer = None
         for step in range(progress.sft_step + 1, total + 1):
-            stats = self.step(task_idx, step, demos)
+            stats = self.step(task_idx, step, demos, extra_loss)
             progress.sft_step = step
             tracker.log_sft(task_idx, domain.name, step, total, progress.global_step, stats)
             after_step(step)
@@ -127,7 +139,10 @@ class SupervisedWarmStart:
             good &= set(part)
         return [d for d in demos if d.task_id in good]
 
-    def step(self, task_idx: int, step: int, demos: list[Trajectory]) -> dict[str, float]:
+    def step(
+        self, task_idx: int, step: int, demos: list[Trajectory],
+        extra_loss: Callable[[], dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, float]:
         cfg, dist = self.config, self.dist
         t0 = time.perf_counter()
         mine = [demos[i] for i in draw_demos(cfg.seed, task_idx, step, list(range(len(demos))),
@@ -139,8 +154,9 @@ class SupervisedWarmStart:
         micro = micro_batches_by_length([len(d.token_ids) for d in mine], cfg.gradient_accumulation_steps)
         global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())
         self.training.module.train()
-        local = accumulate_sft_gradients(
-            self.training.module, batch, micro, max(global_tokens, 1.0) / dist.world_size, self.compute_dtype
+        local, terms = accumulate_sft_gradients(
+            self.training.module, batch, micro, max(global_tokens, 1.0) / dist.world_size, self.compute_dtype,
+            extra_loss,
         )
         grad_norm = as_local_tensor(torch.nn.utils.clip_grad_norm_(self.training.params, cfg.max_grad_norm))
         if torch.isfinite(grad_norm):
@@ -156,6 +172,7 @@ class SupervisedWarmStart:
             "grad_norm": float(grad_norm),
             "lr": self.learning_rate,
             "time_step": time.perf_counter() - t0,
+            **terms,  # the same on every rank: penalties are computed from the whole trained weights
         }
 
     # ---- checkpoints --------------------------------------------------------------------------
