@@ -60,3 +60,14 @@ def test_ewc_keeps_one_pair_per_domain_and_state_round_trips():
     restored.load_state_dict(strategy.state_dict())
     assert [f[0].item() for f in restored.fishers] == [1.0, 2.0]
     assert [a[0].item() for a in restored.anchors] == [0.0, 3.0]
+
+
+def test_state_read_back_onto_the_cpu_follows_the_parameters_device():
+    """A checkpoint is read onto the CPU; the penalty's tensors move to the parameters' device once."""
+    from tau2cl.cl.strategies.ewc import on_device_of
+
+    here = [torch.ones(2)]
+    assert on_device_of(here, [torch.zeros(2)]) is here  # same device: no copy
+    elsewhere = [torch.zeros(2, device="meta")]  # stands in for a GPU
+    moved = on_device_of(here, elsewhere)
+    assert [t.device.type for t in moved] == ["meta"] and here[0].device.type == "cpu"

@@ -27,6 +27,13 @@ from tau2cl.distributed import all_reduce_sum_
 Tensors = list[torch.Tensor]
 
 
+def on_device_of(tensors: Tensors, params: Tensors) -> Tensors:
+    """The tensors on their parameters' devices (a checkpoint is read onto the CPU; moved once)."""
+    if all(t.device == p.device for t, p in zip(tensors, params, strict=True)):
+        return tensors
+    return [t.to(p.device) for t, p in zip(tensors, params, strict=True)]
+
+
 def ewc_penalty(params: Tensors, anchors: Tensors, fisher: Tensors, lam: float) -> torch.Tensor:
     """(λ/2) Σ_i F_i (θ_i − θ*_i)² over all parameter tensors (differentiable in params)."""
     total = params[0].new_zeros((), dtype=torch.float32)
@@ -48,7 +55,7 @@ def online_update(running: Tensors | None, new: Tensors, gamma: float) -> Tensor
     """F ← γF + F_new (the first Fisher is taken as it is)."""
     if running is None:
         return [f.clone() for f in new]
-    return [gamma * r + f for r, f in zip(running, new, strict=True)]
+    return [gamma * r.to(f.device) + f for r, f in zip(running, new, strict=True)]  # r: maybe read to the CPU
 
 
 class EWC(CLStrategy):
@@ -73,6 +80,8 @@ class EWC(CLStrategy):
     def loss_terms(self, ctx: CLContext) -> dict[str, torch.Tensor]:
         if not self.fishers or self.config.ewc_lambda == 0:
             return {}
+        self.fishers = [on_device_of(f, ctx.params) for f in self.fishers]
+        self.anchors = [on_device_of(a, ctx.params) for a in self.anchors]
         penalty = sum(
             ewc_penalty(ctx.params, a, f, self.config.ewc_lambda) for f, a in zip(self.fishers, self.anchors, strict=True)
         )

@@ -26,14 +26,20 @@ import torch
 from tau2cl.agent.episode import Trajectory
 from tau2cl.cl.context import CLContext
 from tau2cl.cl.strategies.base import CLStrategy
-from tau2cl.cl.strategies.ewc import Tensors, episode_fisher, ewc_penalty, normalize_fisher
+from tau2cl.cl.strategies.ewc import (
+    Tensors,
+    episode_fisher,
+    ewc_penalty,
+    normalize_fisher,
+    on_device_of,
+)
 
 
 def moving_average(running: Tensors | None, new: Tensors, alpha: float) -> Tensors:
     """F ← α·F_new + (1 − α)·F (the first Fisher is taken as it is)."""
     if running is None:
         return [f.clone() for f in new]
-    return [alpha * f + (1.0 - alpha) * r for r, f in zip(running, new, strict=True)]
+    return [alpha * f + (1.0 - alpha) * r.to(f.device) for r, f in zip(running, new, strict=True)]
 
 
 def relative_change(old: Tensors, new: Tensors) -> float:
@@ -78,6 +84,7 @@ class EWCPlusPlus(CLStrategy):
     def loss_terms(self, ctx: CLContext) -> dict[str, torch.Tensor]:
         if self.fisher is None or self.config.ewc_lambda == 0:
             return {}
+        self.fisher, self.anchor = on_device_of(self.fisher, ctx.params), on_device_of(self.anchor, ctx.params)
         return {"ewc_penalty": ewc_penalty(ctx.params, self.anchor, self.fisher, self.config.ewc_lambda)}
 
     def step_metrics(self, ctx: CLContext, trajectories: list[Trajectory]) -> dict[str, Any]:

@@ -20,15 +20,16 @@ Weights = dict[str, torch.Tensor]
 
 
 def interpolate(start: Weights, end: Weights, alpha: float) -> Weights:
-    """(1 − α)·start + α·end, tensor by tensor (α = 1: end; α = 0: start)."""
-    return {name: start[name] + alpha * (end[name] - start[name]) for name in end}
+    """(1 − α)·start + α·end, tensor by tensor (α = 1: end; α = 0: start), on end's devices
+    (a start read back from a checkpoint is on the CPU)."""
+    return {name: (s := start[name].to(e.device)) + alpha * (e - s) for name, e in end.items()}
 
 
 def add_into(total: Weights | None, weights: Weights) -> Weights:
     """Running sum of weights (the first call copies)."""
     if total is None:
         return {name: w.detach().clone() for name, w in weights.items()}
-    return {name: total[name] + weights[name] for name in total}
+    return {name: total[name] + weights[name].to(total[name].device) for name in total}
 
 
 def scaled(weights: Weights, factor: float) -> Weights:
