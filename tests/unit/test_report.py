@@ -265,6 +265,19 @@ def test_comparison_table_has_one_correct_row_per_run(tmp_path):
         assert row[6:] == [f"{v:.3f}" for v in matrix[3]]
 
 
+def test_comparison_ends_with_the_do_nothing_floor_of_each_domain(tmp_path):
+    for name, floor in (("a", {"airline": 0.5, "retail": 0.0, "telecom": 0.0}), ("b", {"airline": 0.5, "retail": 0.25})):
+        path = write_run(tmp_path / name)
+        summary = json.loads((path / "summary.json").read_text())
+        (path / "summary.json").write_text(json.dumps({**summary, "do_nothing_floor": floor}))
+    runs = [report.load_run(tmp_path / "a"), report.load_run(tmp_path / "b")]
+    *_, floor = parse_markdown(report.format_comparison(runs))
+    # runs agree on airline; retail's floors differ (other tasks evaluated); only run a has telecom's
+    assert floor == ["do-nothing floor", "", "", "", "", "", "0.500", "varies", "0.000"]
+    write_run(tmp_path / "c")  # a run without a floor adds no row
+    assert len(parse_markdown(report.format_comparison([report.load_run(tmp_path / "c")]))) == 2
+
+
 def test_comparison_of_an_interrupted_run_shows_n_a_and_dashes(tmp_path):
     write_run(tmp_path / "a")
     write_run(tmp_path / "b", stages=0, summary=False)

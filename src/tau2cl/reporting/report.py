@@ -54,8 +54,25 @@ def format_run_report(run: RunData) -> str:
     return "\n".join(lines)
 
 
+FLOOR_ROW = "do-nothing floor"
+
+
+def floor_cells(runs: Sequence[RunData], domains: list[str]) -> list[str] | None:
+    """Each domain's do-nothing floor, as the runs recorded it: the value when every run that has
+    one agrees, "varies" when they evaluated different tasks; None when no run has a floor."""
+    floors = [run.floor for run in runs if run.floor]
+    if not floors:
+        return None
+    cells = []
+    for d in domains:
+        values = {f[d] for f in floors if d in f}
+        cells.append("-" if not values else f"{values.pop():.3f}" if len(values) == 1 else "varies")
+    return cells
+
+
 def comparison_rows(runs: Sequence[RunData]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells: run, stages, ACC, BWT, FWT, forgetting, final-stage reward per domain."""
+    """Header and cells: run, stages, ACC, BWT, FWT, forgetting, final-stage reward per domain; a
+    last row gives the do-nothing floor per domain (when the runs recorded one)."""
     domains: list[str] = []
     for run in runs:
         domains += [d for d in run.domains if d not in domains]
@@ -72,6 +89,9 @@ def comparison_rows(runs: Sequence[RunData]) -> tuple[list[str], list[list[str]]
                 *(_fmt(final.get(d), ".3f") for d in domains),
             ]
         )
+    floor = floor_cells(runs, domains)
+    if floor is not None:
+        rows.append([FLOOR_ROW, "", *("" for _ in MEASURE_NAMES), *floor])
     return header, rows
 
 
