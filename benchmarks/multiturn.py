@@ -152,6 +152,10 @@ class RewardRow:
 
 def bench_rewards(domains, trajectories, plain_tau2_reward) -> RewardRow:
     """compute_reward with each episode's environment vs tau2 from scratch, on the same episodes."""
+    finished = [t for t in trajectories if t.termination_reason in (TerminationReason.AGENT_STOP,
+                                                                     TerminationReason.USER_STOP)]
+    in_place = sum(predicted_state.proven(t.episode_state, t.task, t.messages, domains[t.domain].solo_mode)
+                   for t in finished)
     gold_state.clear()
     t0 = time.perf_counter()
     ours = [compute_reward(domains[t.domain], t.task, t.messages, t.termination_reason,
@@ -161,10 +165,6 @@ def bench_rewards(domains, trajectories, plain_tau2_reward) -> RewardRow:
     t2 = time.perf_counter()
     for t, a, b in zip(trajectories, ours, theirs, strict=True):
         assert a.reward_info.model_dump() == b.model_dump(), f"{t.domain} task {t.task_id}: rewards differ"
-    finished = [t for t in trajectories if t.termination_reason in (TerminationReason.AGENT_STOP,
-                                                                     TerminationReason.USER_STOP)]
-    in_place = sum(predicted_state.proven(t.episode_state, t.task, t.messages, domains[t.domain].solo_mode)
-                   for t in finished)
     return RewardRow(len(finished), in_place, t1 - t0, t2 - t1)
 
 
