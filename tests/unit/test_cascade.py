@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -36,7 +37,11 @@ def _case(m: int, pads: list[int], own: int, prefix: int = 7, heads: int = 4, gr
     return query, prefix_k, prefix_v, keys, values, mask
 
 
-def test_cascade_equals_attention_over_the_concatenated_keys():
+@pytest.mark.parametrize("fused", [True, False])  # the CPU's fused kernel for the prefix, or chunked products
+def test_cascade_equals_attention_over_the_concatenated_keys(fused, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(cascade, "_FUSED_CPU", None)
+        monkeypatch.setattr(cascade, "MAX_SCORES", 2 * 7 * 5)  # chunks of 5 queries: several chunks
     module = types.SimpleNamespace(layer_idx=0)
     for m, pads, own in ((1, [0, 3, 5], 9), (4, [0, 2, 0], 6), (3, [0, 0], 5)):
         query, prefix_k, prefix_v, keys, values, mask = _case(m, pads, own)

@@ -31,7 +31,7 @@ from tau2cl.agent.kv_cache import LayerKV, Prefix
 
 NAME = "tau2cl_cascade"
 MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama"})  # attention through transformers' interface, RoPE in the keys
-MAX_SCORES = 1 << 22  # prefix scores computed at once: 16 MB in fp32 (prefill queries go in chunks)
+MAX_SCORES = 1 << 22  # prefix scores computed at once off the CPU kernel: 16 MB in fp32 (queries in chunks)
 
 
 _PREFIX: ContextVar[list[LayerKV] | None] = ContextVar("tau2cl_cascade_prefix", default=None)
@@ -90,51 +90,77 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
     return out.reshape(batch, heads, m, dim).transpose(1, 2).contiguous().to(query.dtype), None
 
 
-def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Softmax-weighted outputs of disjoint key sets, each (unnormalised output, max, sum), merged."""
-    top = parts[0][1]
-    for _, mx, _ in parts[1:]:
-        top = torch.maximum(top, mx)
-    num = sum(o * torch.exp(mx - top) for o, mx, _ in parts)
-    den = sum(s * torch.exp(mx - top) for _, mx, s in parts)
-    return num / den
+def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention over disjoint key sets, each (normalised output, log-sum-exp of its scores), merged.
+
+    A part whose query saw none of its keys (log-sum-exp -inf) weighs 0.
+    """
+    total = parts[0][1]
+    for _, lse in parts[1:]:
+        total = torch.logaddexp(total, lse)
+    out = 0
+    for o, lse in parts:
+        out = out + torch.where(torch.isneginf(lse), 0.0, o * torch.exp(lse - total))
+    return out
 
 
 def _prefix_part(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
-    """Every query of every row against the shared keys (G, P, D): one product per chunk of queries."""
+    """Every query of every row against the shared keys (G, P, D), as one sequence of queries per kv head."""
     batch, groups, reps, m, dim = q.shape
-    flat = q.permute(1, 0, 2, 3, 4).reshape(groups, batch * reps * m, dim)  # (G, N, D)
-    chunk = max(1, MAX_SCORES // max(1, groups * keys.shape[1]))
-    outs, maxes, sums = [], [], []
-    for start in range(0, flat.shape[1], chunk):
-        scores = torch.matmul(flat[:, start : start + chunk], keys.transpose(-1, -2)) * scale  # (G, n, P)
-        top = scores.amax(-1, keepdim=True)
-        weights = torch.exp(scores - top)
-        sums.append(weights.sum(-1, keepdim=True))
-        maxes.append(top)
-        outs.append(torch.matmul(weights, values))
+    flat = q.permute(1, 0, 2, 3, 4).reshape(1, groups, batch * reps * m, dim)  # (1, G, N, D)
+    if q.device.type == "cpu" and _FUSED_CPU is not None:  # one fused kernel: no (N, P) scores in memory
+        out, lse = _FUSED_CPU(flat, keys[None], values[None], scale=scale)
+        out, lse = out[0], lse[0, ..., None]
+    else:
+        out, lse = _chunked(flat[0], keys, values, scale)
 
-    def rows(parts: list[torch.Tensor]) -> torch.Tensor:  # (G, N, X) -> (B, G, R, M, X)
-        joined = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        return joined.reshape(groups, batch, reps, m, -1).permute(1, 0, 2, 3, 4)
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (G, N, X) -> (B, G, R, M, X)
+        return t.reshape(groups, batch, reps, m, -1).permute(1, 0, 2, 3, 4)
 
-    return rows(outs), rows(maxes), rows(sums)
+    return rows(out), rows(lse)
+
+
+def _chunked(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
+    """(G, N, D) queries against (G, P, D) keys, N in chunks: (normalised output, log-sum-exp)."""
+    chunk = max(1, MAX_SCORES // max(1, q.shape[0] * keys.shape[1]))
+    outs, lses = [], []
+    for start in range(0, q.shape[1], chunk):
+        scores = torch.matmul(q[:, start : start + chunk] * scale, keys.transpose(-1, -2))  # (G, n, P)
+        lse = torch.logsumexp(scores, -1, keepdim=True)
+        outs.append(torch.matmul(scores.sub_(lse).exp_(), values))
+        lses.append(lse)
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
 def _own_part(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float):
     """Each row's queries (B, G, R, M, D) against its own keys (B, G, S, D), masked as the model asks."""
-    scores = torch.matmul(q, keys[:, :, None].transpose(-1, -2)) * scale  # (B, G, R, M, S)
+    if q.shape[3] == 1 and q.device.type == "cpu" and _FUSED_CPU is not None:  # decoding: one fused kernel
+        return _own_decode(q, keys, values, mask, scale)
+    scores = torch.matmul(q * scale, keys[:, :, None].transpose(-1, -2))  # (B, G, R, M, S)
     m, s = q.shape[3], keys.shape[2]
     if mask is None and m > 1:  # no padding: causal, the queries being the last M keys
         mask = torch.ones(m, s, dtype=torch.bool, device=q.device).tril(s - m)[None, None]
     if mask is not None:
         mask = mask[:, :, None]  # (B|1, 1, 1, M, S): the same for every head
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores.masked_fill_(~mask, float("-inf"))
         else:
-            scores = scores + mask
-    top = scores.amax(-1, keepdim=True)
-    # a padding query (left of a row's block) may see none of its row's keys: it gets the prefix alone
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-    weights = torch.exp(scores - top)
-    return torch.matmul(weights, values[:, :, None]), top, weights.sum(-1, keepdim=True)
+            scores.add_(mask)
+    # a padding query (left of a row's block) may see none of its row's keys: lse -inf, weight 0
+    lse = torch.logsumexp(scores, -1, keepdim=True)
+    weights = scores.sub_(torch.where(torch.isneginf(lse), 0.0, lse)).exp_()
+    return torch.matmul(weights, values[:, :, None]), lse
+
+
+def _own_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """One query per row: a kv head's R query heads go as R query positions, all under the row's mask."""
+    batch, groups, reps, _, dim = q.shape
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
+        mask = mask.to(q.dtype)
+    out, lse = _FUSED_CPU(q[:, :, :, 0], keys, values, attn_mask=mask, scale=scale)  # mask (B, 1, 1, S)
+    return out[:, :, :, None], lse[..., None, None]
+
+
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
