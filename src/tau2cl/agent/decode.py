@@ -215,7 +215,9 @@ def prefill(model: Any, rows: list[Row], extra: int, device: torch.device, pad_i
 
 def sample_batch(model: Any, rows: list[Row], sampling: Sampling, device: torch.device) -> list[Generation]:
     """Sample one turn per row; rows with a slot get their cache (prompt + turn, last token aside)."""
-    prefix = shared_prefix(rows) if sampling.cascade and cascade.supported(model) else None
+    # measured on CPUs only: elsewhere the prefix is copied into every row and attended by SDPA, as before
+    use = sampling.cascade and torch.device(device).type == "cpu" and cascade.supported(model)
+    prefix = shared_prefix(rows) if use else None
     if prefix is None:
         own = [_whole(r) for r in rows]
         context = contextlib.nullcontext()
