@@ -8,14 +8,14 @@ with the tiny random-init model: greedy evaluation on those tasks before trainin
 steps on their golden demonstrations, greedy evaluation right after SFT, then GRPO steps at
 temperature 1 with dynamic sampling on, whose records give the share of groups with equal
 rewards before resampling (what plain GRPO would train on) and after, and the extra episodes.
-To fit a CPU, the domain keeps only the chosen tasks, a one-line system prompt and only the tools
-they use (tau2's evaluator does not read the prompt; rewards are tau2's). Prints one table.
+To fit a CPU it runs the compact setting on the chosen tasks (`--compact_domains --task_ids`: a
+one-line system prompt and only the tools the loaded tasks' golden actions call; tau2's evaluator
+does not read the prompt, so rewards are tau2's). Prints one table.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -23,17 +23,6 @@ from pathlib import Path
 
 from tau2cl.config import GRPOConfig
 from tau2cl.trainer import GRPOTrainer
-
-SHORT_POLICY = "You are an airline customer service agent. Help the user with the tools."
-
-
-def shortened(domain, task_ids: list[str]):
-    tasks = [domain.task(t) for t in task_ids]
-    used = {a.name for t in tasks for a in t.evaluation_criteria.actions}
-    return dataclasses.replace(
-        domain, train_tasks=tasks, test_tasks=[], policy=SHORT_POLICY,
-        tool_schemas=[s for s in domain.tool_schemas if s["function"]["name"] in used],
-    )
 
 
 def main() -> None:
@@ -53,10 +42,10 @@ def main() -> None:
         learning_rate=1e-4, warmup_steps=0, batch_size_per_gpu=len(task_ids), num_samples_per_prompt=args.samples,
         temperature=1.0, kl_coef=0.0, max_new_tokens=64, max_turns=6, max_context_tokens=4096,
         eval_split="train", eval_interval=0, dynamic_sampling=True, max_resample_rounds=args.rounds,
+        compact_domains=True, task_ids=[f"airline:{t}" for t in task_ids], max_tasks_per_domain=1,
         log_dir=str(log_dir), use_progress_bar=False, log_interval=20, seed=1,
     )
     trainer = GRPOTrainer(config)
-    trainer.domains["airline"] = shortened(trainer.domains["airline"], task_ids)
     timing: dict = {}
     run_sft = trainer.sft.run
 

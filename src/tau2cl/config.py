@@ -439,6 +439,22 @@ class GRPOConfig:
         "continual learning",
         "Cap on the tasks of each split (train and test) of each domain; none uses them all.",
     )
+    task_ids: list[str] = _option(
+        [],
+        "continual learning",
+        "Train tasks to use, as DOMAIN:TASK_ID entries of tau2's train split (e.g. airline:27 "
+        "airline:9): a domain named here trains (and evaluates, with --eval_split train) on exactly "
+        "these tasks; the others keep their split, capped by --max_tasks_per_domain. Entries of "
+        "domains outside --task_order are unused.",
+    )
+    compact_domains: bool = _option(
+        False,
+        "continual learning",
+        "The compact setting for small models and CPUs: the agent sees a one-line role description "
+        "instead of the domain's policy and only the tools the loaded tasks' golden actions call "
+        "(contexts of a few hundred tokens instead of 5k-10k). Rewards are tau2's as always; the "
+        "task is easier than the full setting's, so its figures are not comparable with it.",
+    )
 
     # --- evaluation ---
     eval_interval: int = _option(
@@ -746,6 +762,7 @@ def _validate(config: GRPOConfig) -> None:
         "must be tau2 or a module:function import path such as my_pkg.rewards:score",
     )
     _validate_task_order(config.task_order)
+    _validate_task_ids(config)
     if config.num_steps_per_task == 0 and config.sft_steps_per_task == 0:
         _fail("--num_steps_per_task must be at least 1 unless --sft_steps_per_task is set (no training otherwise).")
     if config.parallelism == "fsdp" and config.cl_algorithm in ("ewc", "online_ewc"):
@@ -794,6 +811,28 @@ def _validate_task_order(order: list[str]) -> None:
             )
         if name in order[:i]:
             _fail(f"--task_order lists {name!r} twice; give each domain at most once.")
+
+
+def parse_task_ids(entries: list[str]) -> dict[str, list[str]]:
+    """`["airline:27", "airline:9", "retail:3"]` → {"airline": ["27", "9"], "retail": ["3"]}."""
+    chosen: dict[str, list[str]] = {}
+    for entry in entries:
+        domain, sep, task_id = entry.partition(":")
+        if not sep or not domain or not task_id:
+            _fail(f"--task_ids entries are DOMAIN:TASK_ID (e.g. airline:27), got {entry!r}.")
+        if domain not in DOMAIN_NAMES:
+            _fail(f"unknown domain {domain!r} in --task_ids; choose from {', '.join(DOMAIN_NAMES)}.")
+        ids = chosen.setdefault(domain, [])
+        if task_id in ids:
+            _fail(f"--task_ids names {entry!r} twice; give each task at most once.")
+        ids.append(task_id)
+    return chosen
+
+
+def _validate_task_ids(config: GRPOConfig) -> None:
+    """Well-formed entries; those of domains outside --task_order are unused (a config file's ids
+    stay valid when the command line narrows the order)."""
+    parse_task_ids(config.task_ids)
 
 
 def _fail(message: str) -> typing.NoReturn:

@@ -25,7 +25,7 @@ from tau2cl.agent.users.build import build_user
 from tau2cl.cl.context import CLContext, Progress
 from tau2cl.cl.measures import transfer_metrics
 from tau2cl.cl.strategies.base import CLStrategy, build_strategy
-from tau2cl.config import REFERENCE_USER, RESUME_MAY_CHANGE, GRPOConfig
+from tau2cl.config import REFERENCE_USER, RESUME_MAY_CHANGE, GRPOConfig, parse_task_ids
 from tau2cl.distributed import (
     DistInfo,
     all_gather_objects,
@@ -36,6 +36,7 @@ from tau2cl.distributed import (
     compute_init,
 )
 from tau2cl.env import tau2_compat
+from tau2cl.env.domain_views import compact, with_train_tasks
 from tau2cl.env.domains import Domain, load_domain
 from tau2cl.env.results_files import write_results
 from tau2cl.errors import UserError
@@ -196,7 +197,10 @@ class GRPOTrainer:
     def _load_domain(self, name: str) -> Domain:
         """A domain in the setting the user can play: telecom's full setting needs an LLM user."""
         solo = None if self.config.user_model is None else False
-        return load_domain(name, self.config.max_tasks_per_domain, solo_mode=solo)
+        domain = load_domain(name, self.config.max_tasks_per_domain, solo_mode=solo)
+        chosen = parse_task_ids(self.config.task_ids).get(name)
+        domain = domain if chosen is None else with_train_tasks(domain, chosen)
+        return compact(domain) if self.config.compact_domains else domain
 
     def _load_reference(self) -> Any:
         """The frozen reference model: for the KL penalty, and as the user with --user_model reference."""

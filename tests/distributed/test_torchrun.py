@@ -31,7 +31,8 @@ PROBE = Path(__file__).with_name("dist_probe.py")
 WORLD = 2
 BATCH, SAMPLES, STEPS = 1, 2, 2
 DOMAINS = ("airline", "retail")
-# The tiny settings shared by every run: 2 tasks per split, one short turn per episode, no
+# The tiny settings shared by every run: 2 tasks per split in the compact setting (a one-line policy,
+# contexts of a few hundred tokens), one short turn per episode, no
 # reference model, and a reward that varies within a group (tau2's is always 0 for the untrained
 # tiny model), so advantages and gradients are not zero and the parameters move.
 TINY = [
@@ -39,7 +40,7 @@ TINY = [
     "--task_order", *DOMAINS, "--max_tasks_per_domain", "2",
     "--batch_size_per_gpu", str(BATCH), "--num_samples_per_prompt", str(SAMPLES),
     "--max_new_tokens", "8", "--max_turns", "1", "--eval_max_tasks", "2", "--kl_coef", "0",
-    "--reward_fn", "reward_fns:first_reply_length", "--gradient_accumulation_steps", "2",
+    "--reward_fn", "reward_fns:first_reply_length", "--gradient_accumulation_steps", "2", "--compact_domains",
 ]  # fmt: skip
 
 

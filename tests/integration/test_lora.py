@@ -32,7 +32,7 @@ RUN = dict(
     max_new_tokens=8, max_turns=1, eval_max_tasks=1, eval_interval=0,
     reward_fn="reward_fns:first_reply_length", learning_rate=1e-2, kl_coef=0.04, cl_algorithm="ewc",
     ewc_fisher_samples=2, lora_r=R, lora_alpha=ALPHA, merge_lora_on_save=True, seed=5,
-    use_progress_bar=False,
+    use_progress_bar=False, compact_domains=True,
 )  # fmt: skip
 
 

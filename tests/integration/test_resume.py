@@ -24,7 +24,7 @@ RUN = [
     "--max_tasks_per_domain", "2", "--num_steps_per_task", "3", "--batch_size_per_gpu", "1",
     "--num_samples_per_prompt", "2", "--max_new_tokens", "8", "--max_turns", "1", "--eval_max_tasks", "1",
     "--eval_interval", "0", "--reward_fn", "reward_fns:first_reply_length", "--learning_rate", "1e-3",
-    "--cl_algorithm", "replay", "--kl_coef", "0.04", "--seed", "5", "--no-use_progress_bar",
+    "--cl_algorithm", "replay", "--kl_coef", "0.04", "--seed", "5", "--no-use_progress_bar", "--compact_domains",
 ]
 
 

@@ -2,9 +2,10 @@
 
 The tiny model (random init) is trained through the real GRPOTrainer on airline task 27, whose
 golden actions send a certificate (a write: the do-nothing floor of this task is 0). To keep the
-test to about a minute, the domain the trainer sees keeps only that task and a short system
-prompt with only the tools the task uses (about 400 tokens instead of about 4,800); tau2's
-evaluator does not read the system prompt, so rewards are tau2's as always. The test checks:
+test to about a minute, it runs the compact setting on that one task (`--compact_domains
+--task_ids airline:27`: a one-line policy and only the tools the loaded tasks' golden actions call,
+about 400 tokens of context instead of about 4,800); tau2's evaluator does not read the system
+prompt, so rewards are tau2's as always. The test checks:
 SFT loss falls and token accuracy rises; greedy evaluation right after SFT passes the task by
 tau2's evaluator while the untrained model's did not; the saved Results file re-scores to the
 recorded reward; the GRPO step that follows (temperature 1) has a group with unequal tau2 rewards,
@@ -13,7 +14,6 @@ hence non-zero advantages and loss, and changes the weights.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -25,16 +25,6 @@ from tau2cl.trainer import GRPOTrainer
 pytestmark = pytest.mark.slow  # ~1-2 min on 2 busy cores
 
 TASK_ID = "27"  # get_user_details, then send_certificate (a write)
-SHORT_POLICY = "You are an airline customer service agent. Help the user with the tools."
-
-
-def shortened_airline(domain):
-    task = domain.task(TASK_ID)
-    used = {a.name for a in task.evaluation_criteria.actions}
-    return dataclasses.replace(
-        domain, train_tasks=[task], test_tasks=[], policy=SHORT_POLICY,
-        tool_schemas=[s for s in domain.tool_schemas if s["function"]["name"] in used],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +35,10 @@ def run(tmp_path_factory):
         sft_steps_per_task=60, sft_learning_rate=3e-3, num_steps_per_task=1, learning_rate=1e-4,
         warmup_steps=0, batch_size_per_gpu=1, num_samples_per_prompt=8, temperature=1.0, kl_coef=0.0,
         max_new_tokens=64, max_turns=4, max_context_tokens=8192, eval_split="train", eval_interval=0,
+        compact_domains=True, task_ids=[f"airline:{TASK_ID}"], max_tasks_per_domain=1,
         log_dir=str(log_dir), use_progress_bar=False, log_interval=20, seed=1,
     )
     trainer = GRPOTrainer(config)
-    trainer.domains["airline"] = shortened_airline(trainer.domains["airline"])
     seen: dict = {}
     run_sft = trainer.sft.run
 

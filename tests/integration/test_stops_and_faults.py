@@ -19,6 +19,7 @@ BASE = dict(
     model_name_or_path="tiny", model_dtype="float32", max_tasks_per_domain=2, batch_size_per_gpu=1,
     num_samples_per_prompt=2, max_new_tokens=8, max_turns=1, eval_max_tasks=1, eval_interval=0,
     kl_coef=0.0, learning_rate=1e-3, seed=3, use_progress_bar=False, reward_fn="reward_fns:first_reply_length",
+    compact_domains=True,
 )
 
 

@@ -24,7 +24,7 @@ def _config(tmp_path: Path, **overrides) -> GRPOConfig:
         model_name_or_path="tiny", model_dtype="float32", task_order=["airline", "retail"],
         max_tasks_per_domain=2, num_steps_per_task=2, batch_size_per_gpu=1, num_samples_per_prompt=2,
         max_new_tokens=8, max_turns=1, eval_interval=0, eval_max_tasks=1, kl_coef=0.0,
-        use_progress_bar=False, log_dir=str(tmp_path), seed=3,
+        use_progress_bar=False, log_dir=str(tmp_path), seed=3, compact_domains=True,
     )
     values.update(overrides)
     return GRPOConfig(**values)

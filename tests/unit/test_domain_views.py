@@ -1,0 +1,66 @@
+"""--task_ids and --compact_domains: which train tasks a domain keeps, and what the agent sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from tau2cl.config import GRPOConfig, parse_task_ids
+from tau2cl.env.domain_views import COMPACT_POLICIES, compact, golden_tool_names, with_train_tasks
+from tau2cl.env.domains import STOP_TOOL_NAME, load_domain
+from tau2cl.errors import UserError
+
+TELECOM_TRANSFER = "[service_issue]lock_sim_card_pin|overdue_bill_suspension[PERSONA:Easy]"
+
+
+def test_task_ids_group_by_domain_in_the_order_given():
+    entries = ["airline:27", "retail:88", "airline:9", f"telecom:{TELECOM_TRANSFER}"]
+    assert parse_task_ids(entries) == {"airline": ["27", "9"], "retail": ["88"], "telecom": [TELECOM_TRANSFER]}
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (["27"], "DOMAIN:TASK_ID"),
+        (["airline:"], "DOMAIN:TASK_ID"),
+        (["hotel:3"], "unknown domain 'hotel'"),
+        (["airline:27", "airline:27"], "twice"),
+    ],
+)
+def test_bad_task_ids_are_refused_with_one_sentence(entries, message):
+    with pytest.raises(UserError, match=message):
+        GRPOConfig(task_ids=entries)
+
+
+def test_task_ids_of_a_domain_outside_the_order_are_unused():
+    config = GRPOConfig(task_order=["airline"], task_ids=["retail:88"])  # e.g. a file's ids, a narrower order
+    assert config.task_ids == ["retail:88"] and config.task_order == ["airline"]
+
+
+def test_with_train_tasks_keeps_exactly_the_named_tasks_in_order():
+    domain = load_domain("airline", max_tasks=2)
+    chosen = with_train_tasks(domain, ["27", "9"])
+    assert [t.id for t in chosen.train_tasks] == ["27", "9"]  # not in the first 2, still found
+    assert chosen.test_tasks == domain.test_tasks
+    test_id = domain.test_tasks[0].id  # a task of the other split is not a train task
+    with pytest.raises(UserError, match=f"airline has no train task '{test_id}'"):
+        with_train_tasks(domain, ["27", test_id])
+
+
+def test_compact_domain_shows_a_one_line_policy_and_only_the_golden_tools():
+    domain = with_train_tasks(load_domain("airline", max_tasks=1), ["27"])
+    small = compact(domain)
+    test_tools = {a.name for a in domain.test_tasks[0].evaluation_criteria.actions}
+    assert golden_tool_names(domain) == {"get_user_details", "send_certificate"} | test_tools
+    assert {s["function"]["name"] for s in small.tool_schemas} == golden_tool_names(domain)
+    assert small.tool_names == frozenset(golden_tool_names(domain))
+    assert small.policy == COMPACT_POLICIES["airline"] and COMPACT_POLICIES["airline"] not in domain.policy
+    task = small.train_tasks[0]
+    assert len(small.system_prompt(task)) < len(domain.system_prompt(task)) / 10
+    assert small.train_tasks == domain.train_tasks and small.source is domain.source
+
+
+def test_compact_solo_telecom_keeps_the_stop_tool():
+    domain = with_train_tasks(load_domain("telecom", max_tasks=1), [TELECOM_TRANSFER])
+    names = {s["function"]["name"] for s in compact(domain).tool_schemas}
+    assert domain.solo_mode and STOP_TOOL_NAME in names and "transfer_to_human_agents" in names
+    assert names < {s["function"]["name"] for s in domain.tool_schemas}
