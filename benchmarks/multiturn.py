@@ -9,7 +9,8 @@ turns and the batch shrinks as they do. Measured side by side with the same seed
 - the engine with --no-kv_reuse (every turn prefills the whole context after the shared prefix);
 - bench.py's naive loop (one episode at a time, whole conversation re-encoded, `generate`);
 - tau2's reward of the engine's episodes: compute_reward scoring each episode in its own
-  environment (predicted_state.py; every gold and predicted state built fresh at the start)
+  environment (predicted_state.py; every gold and predicted state, and the records' JSON texts of
+  db_hash.py, start unrecorded)
   against tau2's evaluate_simulation from scratch, identical RewardInfo asserted;
 - the GRPO update (accumulate_gradients, 4 micro-batches grouped by domain and length) on the
   engine's trajectories, with and without the shared prefix: tokens/s and the largest gradient

@@ -224,6 +224,8 @@ def sample_batch(model: Any, rows: list[Row], sampling: Sampling, device: torch.
     else:  # the batch's cache holds each row's tokens after the prefix; the prefix is attended once
         p = prefix.length
         own = [Row(r.prompt[p:], r.cached - p, r.layers, r.slot) for r in rows]
+        for row in rows:  # only `own` holds the cached keys and values now (freed once in the batch)
+            row.layers = []
         context = cascade.active(model, prefix)
     with context:
         return _sample(model, own, sampling, device, prefix)
