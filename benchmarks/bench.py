@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py --quick     # under 5 minutes on 2 CPU cores
     python benchmarks/bench.py             # full: 24-layer model, every naive episode (about an hour on CPU)
+    python benchmarks/bench.py --quick --multiturn_only   # section (f) alone
 
 One run measures, side by side:
 
@@ -109,6 +110,7 @@ QWEN05_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=1
 @dataclass
 class Settings:
     quick: bool
+    multiturn_only: bool
     threads: int
     seed: int
     device: str
@@ -126,6 +128,8 @@ class Settings:
 def parse_settings(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="under 5 minutes on 2 CPU cores")
+    parser.add_argument("--multiturn_only", action="store_true",
+                        help="run only section (f), multi-turn episodes (about a third of --quick's time)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,7 +140,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     quick = args.quick
     return Settings(
-        quick=quick, threads=args.threads, seed=args.seed, device=args.device,
+        quick=quick, multiturn_only=args.multiturn_only, threads=args.threads, seed=args.seed, device=args.device,
         max_turns=3 if quick else 4, max_new_tokens=16 if quick else 32,
         qwen_layers=args.qwen_layers or (2 if quick else QWEN05_SHAPE["num_hidden_layers"]),
         naive_episodes_qwen=args.naive_episodes or (2 if quick else 16),
@@ -243,9 +247,13 @@ class FlopCounter:
         batch, new = ids.shape
         cache = kwargs.get("cache")
         cache = kwargs.get("past_key_values") if cache is None else cache
-        past = cache.get_seq_length() if cache is not None else 0
-        attended = new * past + new * (new + 1) / 2  # causal: query i sees past + i + 1 keys
-        self.flops += batch * (2 * self.body_weights * new + 4 * self.attention_width * attended)
+        positions = kwargs.get("position_ids")
+        if positions is not None:  # a token at position p attends to p + 1 keys (a cascade's prefix included)
+            attended = float((positions + 1).sum())
+        else:
+            past = cache.get_seq_length() if cache is not None else 0
+            attended = batch * (new * past + new * (new + 1) / 2)  # causal: query i sees past + i + 1 keys
+        self.flops += 2 * self.body_weights * new * batch + 4 * self.attention_width * attended
         self.body_tokens += batch * new
 
     def _head(self, module, args, output) -> None:
@@ -694,6 +702,20 @@ def run_gpu_section(tokenizer, s: Settings) -> None:
 
 
 # ---- main ----------------------------------------------------------------------------------------
+def multiturn_only(tiny, tokenizer, domains, s: Settings, start: float) -> None:
+    """Section (f) alone: both models, the same runs as in the whole benchmark."""
+    multi = [multiturn.run("tiny", tiny, tokenizer, domains, s, NaiveRollout, FlopCounter, multiturn.EPISODES, True,
+                           plain_tau2_reward)]
+    seed_everything(s.seed)
+    qwen = qwen05_shaped_model(len(tokenizer), s.qwen_layers, s.device)
+    multi.append(multiturn.run(f"qwen2.5-0.5b-shape/{s.qwen_layers}L", qwen, tokenizer, domains, s, NaiveRollout,
+                               FlopCounter, s.naive_episodes_qwen, False))
+    multiturn.print_results(multi, table)
+    print(f"\nwall time {time.perf_counter() - start:.0f}s | load average at end: {load_text()}")
+    print(f"multiturn_speedup={multi[-1].speedup:.2f} "
+          f"episode_reward_speedup={multi[0].reward.tau2_s / multi[0].reward.project_s:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     s = parse_settings(argv)
     start = time.perf_counter()
@@ -707,6 +729,8 @@ def main(argv: list[str] | None = None) -> None:
     requests = rollout_requests(domains)
 
     tiny = load_model("tiny", "float32", s.device).eval()
+    if s.multiturn_only:
+        return multiturn_only(tiny, tokenizer, domains, s, start)
     results = [bench_rollouts("tiny", tiny, tokenizer, requests, len(requests), s)]
     multi = [multiturn.run("tiny", tiny, tokenizer, domains, s, NaiveRollout, FlopCounter, multiturn.EPISODES, True,
                            plain_tau2_reward)]

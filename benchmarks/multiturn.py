@@ -9,7 +9,8 @@ turns and the batch shrinks as they do. Measured side by side with the same seed
 - the engine with --no-kv_reuse (every turn prefills the whole context after the shared prefix);
 - bench.py's naive loop (one episode at a time, whole conversation re-encoded, `generate`);
 - tau2's reward of the engine's episodes: compute_reward scoring each episode in its own
-  environment (predicted_state.py; every gold and predicted state built fresh at the start)
+  environment (predicted_state.py; every gold and predicted state, and the records' JSON texts of
+  db_hash.py, start unrecorded)
   against tau2's evaluate_simulation from scratch, identical RewardInfo asserted;
 - the GRPO update (accumulate_gradients, 4 micro-batches grouped by domain and length) on the
   engine's trajectories, with and without the shared prefix: tokens/s and the largest gradient
@@ -152,6 +153,10 @@ class RewardRow:
 
 def bench_rewards(domains, trajectories, plain_tau2_reward) -> RewardRow:
     """compute_reward with each episode's environment vs tau2 from scratch, on the same episodes."""
+    finished = [t for t in trajectories if t.termination_reason in (TerminationReason.AGENT_STOP,
+                                                                     TerminationReason.USER_STOP)]
+    in_place = sum(predicted_state.proven(t.episode_state, t.task, t.messages, domains[t.domain].solo_mode)
+                   for t in finished)
     gold_state.clear()
     t0 = time.perf_counter()
     ours = [compute_reward(domains[t.domain], t.task, t.messages, t.termination_reason,
@@ -161,10 +166,6 @@ def bench_rewards(domains, trajectories, plain_tau2_reward) -> RewardRow:
     t2 = time.perf_counter()
     for t, a, b in zip(trajectories, ours, theirs, strict=True):
         assert a.reward_info.model_dump() == b.model_dump(), f"{t.domain} task {t.task_id}: rewards differ"
-    finished = [t for t in trajectories if t.termination_reason in (TerminationReason.AGENT_STOP,
-                                                                     TerminationReason.USER_STOP)]
-    in_place = sum(predicted_state.proven(t.episode_state, t.task, t.messages, domains[t.domain].solo_mode)
-                   for t in finished)
     return RewardRow(len(finished), in_place, t1 - t0, t2 - t1)
 
 

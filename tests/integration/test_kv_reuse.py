@@ -3,8 +3,10 @@
 Three turns of four airline rows with unequal contexts (one row gets a long tool result, so the
 prefill runs in two buckets and one row recomputes cached tokens): greedy turns with each row's
 cache kept across turns equal the turns of the re-prefill path, token for token, with the same
-log-probs; a row's cache after a turn equals a fresh prefill of its saved ids; and an engine run
-with reuse frees every episode's cache when the episode ends.
+log-probs, and so do the turns with the shared prompt prefix copied into every row instead of
+attended once for the batch (cascade attention); a row's cache after a turn (the shared prefix,
+then its own tokens) equals a fresh prefill of its saved ids; and an engine run with reuse frees
+every episode's cache when the episode ends.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def test_prefill_buckets_bound_the_padded_work():
     assert prefill_buckets([7, 7, 7]) == [[0, 1, 2]]
 
 
-@pytest.mark.slow  # ~6 s: three greedy turns of four 2k-token rows, twice
+@pytest.mark.slow  # ~9 s: three greedy turns of four 2k-token rows, three times
 @torch.no_grad()
 def test_greedy_turns_with_kv_reuse_equal_the_reprefill_path(tiny_model, tiny_tokenizer, domains, single_torch_thread):
     policy = Policy(tiny_model, tiny_tokenizer)
@@ -69,19 +71,30 @@ def test_greedy_turns_with_kv_reuse_equal_the_reprefill_path(tiny_model, tiny_to
     reused, contexts = _three_turns(policy, prompts, slots)
     policy.reset_prefix_cache()
     again, contexts_again = _three_turns(policy, prompts, None)
-    assert contexts == contexts_again
-    for turn_a, turn_b in zip(reused, again, strict=True):
-        for a, b in zip(turn_a, turn_b, strict=True):
-            assert a.token_ids == b.token_ids and a.finished == b.finished
-            gap = max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True))
-            assert gap < TOLERANCE
-    # the kept cache is the cache of the saved ids: compare with a fresh forward of row 1 (bucketed)
+    # without cascade attention: the shared prefix copied into every row, as plain SDPA reads it
+    policy.reset_prefix_cache()
+    policy.cascade = False
+    copied, contexts_copied = _three_turns(policy, prompts, [KVSlot() for _ in prompts])
+    assert contexts == contexts_again == contexts_copied
+    for turn_a, turn_b, turn_c in zip(reused, again, copied, strict=True):
+        for a, b, c in zip(turn_a, turn_b, turn_c, strict=True):
+            assert a.token_ids == b.token_ids == c.token_ids and a.finished == b.finished == c.finished
+            for other in (b, c):
+                gap = max(abs(x - y) for x, y in zip(a.logprobs, other.logprobs, strict=True))
+                assert gap < TOLERANCE
+    # the kept cache is the cache of the saved ids: compare with a fresh forward of row 1 (bucketed);
+    # the slot holds the tokens after the shared prefix, which it refers to (held once for all rows)
+    prefix = slots[1].prefix
+    assert prefix is not None and all(s.prefix is prefix for s in slots)
+    assert slots[1].ids[: prefix.length] == prefix.ids == prompts[0][: prefix.length]
     ids = torch.tensor([slots[1].ids])
     fresh = tiny_model(input_ids=ids, use_cache=True).past_key_values
     for layer, (keys, values) in enumerate(slots[1].layers):
-        assert keys.shape == fresh.layers[layer].keys.shape
-        assert (keys - fresh.layers[layer].keys).abs().max().item() < TOLERANCE
-        assert (values - fresh.layers[layer].values).abs().max().item() < TOLERANCE
+        expected_k, expected_v = (t[:, :, prefix.length :] for t in (fresh.layers[layer].keys, fresh.layers[layer].values))
+        assert keys.shape == expected_k.shape
+        assert (keys - expected_k).abs().max().item() < TOLERANCE
+        assert (values - expected_v).abs().max().item() < TOLERANCE
+        assert (prefix.layers[layer][0] - fresh.layers[layer].keys[:, :, : prefix.length]).abs().max().item() < TOLERANCE
 
 
 class SlotWatchingPolicy(Policy):

@@ -131,26 +131,36 @@ def _episodes(policy, domains, names, user_turns: int, temperature: float = 1.0)
     return engine.run(requests, torch.Generator().manual_seed(7))
 
 
-def _check_in_place(domains, trajectories, monkeypatch) -> tuple[int, list[float]]:
-    """Every trajectory scores tau2's RewardInfo with its own environment: (how many in place, rewards)."""
-    in_place, rewards = 0, []
+def _check_in_place(domains, trajectories, monkeypatch) -> tuple[int, list[float], int]:
+    """Every trajectory scores tau2's RewardInfo with its own environment: (how many in place, rewards, lent)."""
+    in_place, rewards, lent = 0, [], 0
     for traj in trajectories:
         domain = domains[traj.domain]
+        state = traj.episode_state
+        assert predicted_state.proven(state, traj.task, traj.messages, domain.solo_mode)  # the engine's log is tau2's
+        gold = uses_gold_environment(traj.task, traj.termination_reason)
+        lends = (gold and predicted_state.lendable(state, traj.task, domain.solo_mode)
+                 and gold_state.recorded(gold_state.gold_key(domain.name, traj.task)) is None)
         built: list[dict] = []
         build = domain.base_environment
         monkeypatch.setattr(domain, "base_environment", lambda b=build, log=built, **kw: log.append(kw) or b(**kw))
-        ours = compute_reward(domain, traj.task, traj.messages, traj.termination_reason,
-                              episode_state=traj.episode_state)
+        ours = compute_reward(domain, traj.task, traj.messages, traj.termination_reason, episode_state=state)
         monkeypatch.setattr(domain, "base_environment", build)
         theirs = plain_tau2_reward(domain, traj.task, traj.messages, traj.termination_reason)
         assert ours.reward_info.model_dump() == theirs.model_dump(), f"{traj.domain} task {traj.task_id}"
-        proven = predicted_state.proven(traj.episode_state, traj.task, traj.messages, domain.solo_mode)
-        assert proven  # the engine's call log is always tau2's replay list
-        if uses_gold_environment(traj.task, traj.termination_reason):
+        if gold:
             assert {"solo_mode": domain.solo_mode} not in built, "the predicted environment was rebuilt"
             in_place += 1
+        assert state.spent == lends
+        if lends:  # the episode's environment became the gold one: nothing was built
+            assert built == []
+            lent += 1
+            # spent: scored again, it is not trusted any more and tau2's full path gives the same
+            assert not predicted_state.proven(state, traj.task, traj.messages, domain.solo_mode)
+            again = compute_reward(domain, traj.task, traj.messages, traj.termination_reason, episode_state=state)
+            assert again.reward_info.model_dump() == theirs.model_dump()
         rewards.append(ours.reward)
-    return in_place, rewards
+    return in_place, rewards, lent
 
 
 @pytest.mark.slow  # ~15 s on 2 busy cores: tau2 scores each of four episodes plainly too
@@ -162,7 +172,7 @@ def test_episode_environment_scores_tau2s_reward_golden_calls(tiny_model, tiny_t
     policy = GoldenActionsPolicy(tiny_model, tiny_tokenizer, tasks)
     trajectories = _episodes(policy, domains, names, user_turns=1)
     gold_state.clear()
-    in_place, rewards = _check_in_place(domains, trajectories, monkeypatch)
+    in_place, rewards, _ = _check_in_place(domains, trajectories, monkeypatch)
     assert in_place == len(trajectories)
     assert rewards.count(1.0) >= len(rewards) // 2  # golden actions made: most tasks pass
     # a log that is not tau2's replay list is not trusted: the full path rebuilds the environment
@@ -177,5 +187,6 @@ def test_episode_environment_scores_tau2s_reward_sampled(tiny_policy, domains, m
     """Episodes sampled from the tiny model (garbage calls, text turns, user stops)."""
     trajectories = _episodes(tiny_policy, domains, ("airline", "retail"), user_turns=1)
     gold_state.clear()
-    in_place, _ = _check_in_place(domains, trajectories, monkeypatch)
+    in_place, _, lent = _check_in_place(domains, trajectories, monkeypatch)
     assert in_place > 0, [t.termination_reason for t in trajectories]
+    assert lent > 0  # episodes without writes lend their environment to their task's first gold state

@@ -8,12 +8,17 @@ bucket, a row with fewer new tokens than the bucket's widest recomputes a few of
 tokens instead of being padded in the middle. Decoding reads the sampled tokens back every
 `STOP_CHECK_EVERY` tokens (not every token), and rows that have stopped leave the batch then.
 
+When every row starts from the same shared prompt prefix (its keys and values held once), the
+batch's cache holds only the rows' tokens after it and the prefix is attended once for the whole
+batch (cascade.py); otherwise each row's prefix is copied in front of its own keys.
+
 The log-prob of every sampled token is taken from the same temperature-scaled distribution the
 GRPO update recomputes (`grpo.token_logprobs`), without keeping (steps, batch, vocab) logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -21,9 +26,11 @@ from typing import Any
 
 import torch
 
+from tau2cl.agent import cascade
 from tau2cl.agent.kv_cache import (
     KVSlot,
     LayerKV,
+    Prefix,
     assemble,
     empty_cache,
     row_layers,
@@ -51,8 +58,9 @@ class Row:
 
     prompt: list[int]
     cached: int
-    layers: list[LayerKV]  # (1, H, >= cached, D) per layer; empty when cached == 0
+    layers: list[LayerKV]  # (1, H, >= cached - P, D) per layer: the cached tokens after the prefix (P tokens)
     slot: KVSlot | None = None  # where the row's cache goes after sampling (None: dropped)
+    prefix: Prefix | None = None  # shared keys and values of the prompt's first P tokens (P <= cached)
 
     @property
     def new_tokens(self) -> int:
@@ -67,6 +75,7 @@ class Sampling:
     generator: torch.Generator | None
     stop_ids: list[int]
     pad_id: int
+    cascade: bool = True  # attend a prefix shared by every row once for the batch (cascade.py)
 
 
 def cache_kwarg(model: Any) -> str:
@@ -152,8 +161,11 @@ def _right_aligned_mask(pads: list[int], capacity: int, device: torch.device) ->
     return (torch.arange(capacity, device=device)[None, :] >= pads_t).long()  # (B, capacity)
 
 
-def _run_bucket(model: Any, rows: list[Row], extra: int, device: torch.device, pad_id: int) -> _Batch:
-    """Prefill rows together: [pad | cached tokens | block of the last M tokens of every row]."""
+def _run_bucket(model: Any, rows: list[Row], extra: int, device: torch.device, pad_id: int, offset: int) -> _Batch:
+    """Prefill rows together: [pad | cached tokens | block of the last M tokens of every row].
+
+    `offset`: tokens before every row that the cache does not hold (the cascade's prefix).
+    """
     lengths = [len(r.prompt) for r in rows]
     width = max(lengths)
     block = max(r.new_tokens for r in rows)  # M
@@ -168,7 +180,7 @@ def _run_bucket(model: Any, rows: list[Row], extra: int, device: torch.device, p
         ids[i, block - len(tail) :] = torch.tensor(tail, dtype=torch.long)
     pads = [width - n for n in lengths]
     columns = torch.arange(width - block, width)[None, :]  # (1, M)
-    positions = (columns - torch.tensor(pads)[:, None]).clamp(min=0)  # (B, M)
+    positions = (columns - torch.tensor(pads)[:, None]).clamp(min=0) + offset  # (B, M)
     mask = _right_aligned_mask(pads, capacity, device)
     out = model(
         input_ids=ids.to(device),
@@ -178,18 +190,18 @@ def _run_bucket(model: Any, rows: list[Row], extra: int, device: torch.device, p
         **{cache_kwarg(model): cache},
         **last_logits_kwargs(model),
     )
-    last = torch.tensor(lengths, device=device)[:, None]
+    last = torch.tensor(lengths, device=device)[:, None] + offset
     return _Batch(cache, pads, mask, last, out.logits[:, -1].float(), list(range(len(rows))))
 
 
-def prefill(model: Any, rows: list[Row], extra: int, device: torch.device, pad_id: int) -> _Batch:
+def prefill(model: Any, rows: list[Row], extra: int, device: torch.device, pad_id: int, offset: int = 0) -> _Batch:
     """One decode batch of all rows, each prefilled from what it has cached."""
     buckets = prefill_buckets([r.new_tokens for r in rows])
     if len(buckets) == 1:
-        return _run_bucket(model, rows, extra, device, pad_id)
+        return _run_bucket(model, rows, extra, device, pad_id, offset)
     parts: dict[int, tuple[list[LayerKV], torch.Tensor]] = {}
     for bucket in buckets:
-        batch = _run_bucket(model, [rows[i] for i in bucket], 0, device, pad_id)
+        batch = _run_bucket(model, [rows[i] for i in bucket], 0, device, pad_id, offset)
         for j, i in enumerate(bucket):
             parts[i] = (row_layers(batch.cache, j, batch.pads[j], batch.width, copy=False), batch.logits[j])
     lengths = [len(r.prompt) for r in rows]
@@ -197,14 +209,52 @@ def prefill(model: Any, rows: list[Row], extra: int, device: torch.device, pad_i
     cache = assemble([(parts[i][0], lengths[i]) for i in range(len(rows))], width, width + extra)
     pads = [width - n for n in lengths]
     logits = torch.stack([parts[i][1] for i in range(len(rows))])
-    positions = torch.tensor(lengths, device=device)[:, None]
+    positions = torch.tensor(lengths, device=device)[:, None] + offset
     return _Batch(cache, pads, _right_aligned_mask(pads, width + extra, device), positions, logits, list(range(len(rows))))
 
 
 def sample_batch(model: Any, rows: list[Row], sampling: Sampling, device: torch.device) -> list[Generation]:
     """Sample one turn per row; rows with a slot get their cache (prompt + turn, last token aside)."""
+    # measured on CPUs only: elsewhere the prefix is copied into every row and attended by SDPA, as before
+    use = sampling.cascade and torch.device(device).type == "cpu" and cascade.supported(model)
+    prefix = shared_prefix(rows) if use else None
+    if prefix is None:
+        own = [_whole(r) for r in rows]
+        context = contextlib.nullcontext()
+    else:  # the batch's cache holds each row's tokens after the prefix; the prefix is attended once
+        p = prefix.length
+        own = [Row(r.prompt[p:], r.cached - p, r.layers, r.slot) for r in rows]
+        for row in rows:  # only `own` holds the cached keys and values now (freed once in the batch)
+            row.layers = []
+        context = cascade.active(model, prefix)
+    with context:
+        return _sample(model, own, sampling, device, prefix)
+
+
+def shared_prefix(rows: list[Row]) -> Prefix | None:
+    """The prefix every row starts from, when it is one and the same object for all of them."""
+    first = rows[0].prefix
+    return first if first is not None and all(r.prefix is first for r in rows) else None
+
+
+def _whole(row: Row) -> Row:
+    """The row with its prefix's keys and values in front of its own (for a batch without a shared prefix)."""
+    if row.prefix is None:
+        return row
+    p = row.prefix.length
+    if row.cached == p:
+        return Row(row.prompt, row.cached, row.prefix.layers, row.slot)
+    layers = [(torch.cat([pk, k[:, :, : row.cached - p]], dim=2), torch.cat([pv, v[:, :, : row.cached - p]], dim=2))
+              for (pk, pv), (k, v) in zip(row.prefix.layers, row.layers, strict=True)]
+    return Row(row.prompt, row.cached, layers, row.slot)
+
+
+def _sample(model: Any, rows: list[Row], sampling: Sampling, device: torch.device,
+            prefix: Prefix | None) -> list[Generation]:
+    """The decode loop over rows whose caches (and prompts) start after `prefix` (None: at the start)."""
     s = sampling
-    batch = prefill(model, rows, s.max_new_tokens, device, s.pad_id)
+    offset = 0 if prefix is None else prefix.length
+    batch = prefill(model, rows, s.max_new_tokens, device, s.pad_id, offset)
     for row in rows:  # their keys and values are in the batch now
         row.layers = []
         if row.slot is not None:
@@ -223,7 +273,7 @@ def sample_batch(model: Any, rows: list[Row], sampling: Sampling, device: torch.
             done = _read_back(pending, batch.rows, tokens, logprobs, finished, stops)
             pending = []
             leaving = list(range(len(batch.rows))) if last else done
-            _save_slots(batch, leaving, rows, tokens)
+            _save_slots(batch, leaving, rows, tokens, prefix)
             if last or len(leaving) == len(batch.rows):
                 break
             if leaving:
@@ -259,15 +309,20 @@ def _read_back(pending, batch_rows, tokens, logprobs, finished, stops) -> list[i
     return done
 
 
-def _save_slots(batch: _Batch, leaving: list[int], rows: list[Row], tokens: list[list[int]]) -> None:
-    """Copy the cache of rows leaving the batch into their slots: prompt + turn, last token aside."""
+def _save_slots(batch: _Batch, leaving: list[int], rows: list[Row], tokens: list[list[int]],
+                prefix: Prefix | None) -> None:
+    """Copy the cache of rows leaving the batch into their slots: prompt + turn, last token aside.
+
+    Rows after a shared prefix keep referring to it and store only their own tokens.
+    """
     for j in leaving:
         row = rows[batch.rows[j]]
         if row.slot is None:
             continue
         ids = row.prompt + tokens[batch.rows[j]][:-1]
         start = batch.pads[j]
-        row.slot.store(ids, row_layers(batch.cache, j, start, start + len(ids), copy=True))
+        layers = row_layers(batch.cache, j, start, start + len(ids), copy=True)
+        row.slot.store(ids if prefix is None else prefix.ids + ids, layers, prefix)
 
 
 def _keep_rows(batch: _Batch, keep: list[int]) -> _Batch:

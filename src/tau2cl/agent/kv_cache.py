@@ -7,7 +7,8 @@ of a `torch.cat` per token and layer, and rows can leave the batch (`select`).
 
 An episode's `KVSlot` holds the keys and values of the first `len(slot.ids)` tokens of its
 context, copied out of the batch buffer so that a finished batch frees its memory; a slot is
-emptied when its episode ends.
+emptied when its episode ends. Where the batch attended to a shared prompt prefix held once
+(cascade.py), the slot refers to that prefix and holds only the tokens after it.
 """
 
 from __future__ import annotations
@@ -21,23 +22,39 @@ from transformers.cache_utils import DynamicLayer
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (1, kv_heads, n, head_dim) each
 
 
+@dataclass(eq=False)
+class Prefix:
+    """A prompt prefix shared by rows: its ids and its keys and values (1, kv_heads, P, head_dim) per layer."""
+
+    ids: list[int]
+    layers: list[LayerKV]
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
 @dataclass
 class KVSlot:
-    """One episode's cache across its turns: the keys and values of the context `ids`."""
+    """One episode's cache across its turns: the keys and values of the context `ids`.
+
+    With a `prefix` (shared with other episodes, held once), `layers` hold the tokens after it.
+    """
 
     ids: list[int] = field(default_factory=list)
     layers: list[LayerKV] = field(default_factory=list)
+    prefix: Prefix | None = None
 
     def covers(self, prompt: list[int]) -> int:
         """How many leading tokens of `prompt` this slot holds (0 unless it is a strict prefix)."""
         n = len(self.ids)
         return n if 0 < n < len(prompt) and prompt[:n] == self.ids else 0
 
-    def store(self, ids: list[int], layers: list[LayerKV]) -> None:
-        self.ids, self.layers = ids, layers
+    def store(self, ids: list[int], layers: list[LayerKV], prefix: Prefix | None = None) -> None:
+        self.ids, self.layers, self.prefix = ids, layers, prefix
 
     def clear(self) -> None:
-        self.ids, self.layers = [], []
+        self.ids, self.layers, self.prefix = [], [], None
 
     @property
     def num_bytes(self) -> int:

@@ -24,7 +24,7 @@ from tau2cl.agent.decode import (
     last_logits_kwargs,
     sample_batch,
 )
-from tau2cl.agent.kv_cache import KVSlot, LayerKV, layers_of
+from tau2cl.agent.kv_cache import KVSlot, Prefix, layers_of
 from tau2cl.agent.model_source import check_model_source
 from tau2cl.agent.tiny_model import resolve_model_path
 from tau2cl.errors import UserError
@@ -112,7 +112,8 @@ class Policy:
         self.renderer = ChatRenderer(tokenizer)
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.end_of_turn_text = tokenizer.decode([tokenizer.eos_token_id])
-        self.prefix_caches: dict[tuple, list[LayerKV]] = {}
+        self.prefix_caches: dict[tuple, Prefix] = {}
+        self.cascade = True  # attend the batch's shared prompt prefix once (False: copied into every row)
 
     def reset_prefix_cache(self) -> None:
         """Forget cached prompt prefixes; call whenever the weights may have changed."""
@@ -149,7 +150,7 @@ class Policy:
         """
         slots = caches if caches is not None else [None] * len(prompts)
         sampling = Sampling(max_new_tokens, temperature, top_p, generator, self.stop_ids,
-                            self.tokenizer.pad_token_id)
+                            self.tokenizer.pad_token_id, self.cascade)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -182,23 +183,23 @@ def _common_prefix_length(prompts: list[list[int]]) -> int:
     return n
 
 
-def _prefix_layers(policy: Policy, prefix: list[int]) -> list[LayerKV]:
+def _prefix(policy: Policy, ids: list[int]) -> Prefix:
     """The keys and values of a shared prompt prefix (batch 1), computed once per weights version.
 
-    Read-only: sampling copies them into its own batch buffer.
+    Read-only: sampling attends to them in place or copies them into its own batch buffer.
     """
-    key = tuple(prefix)
-    layers = policy.prefix_caches.get(key)
-    if layers is None:
+    key = tuple(ids)
+    prefix = policy.prefix_caches.get(key)
+    if prefix is None:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        _run_body(policy.model, torch.tensor([prefix], device=policy.device), cache)
-        layers = layers_of(cache)
+        _run_body(policy.model, torch.tensor([ids], device=policy.device), cache)
+        prefix = Prefix(list(ids), layers_of(cache))
         if len(policy.prefix_caches) >= _MAX_PREFIX_CACHES:  # a run mixes a few domains at most
             policy.prefix_caches.pop(next(iter(policy.prefix_caches)))
-        policy.prefix_caches[key] = layers
-    return layers
+        policy.prefix_caches[key] = prefix
+    return prefix
 
 
 def _rows(policy: Policy, prompts: list[list[int]], slots: list[KVSlot | None]) -> list[Row]:
@@ -206,12 +207,12 @@ def _rows(policy: Policy, prompts: list[list[int]], slots: list[KVSlot | None]) 
     rows = []
     for prompt, slot in zip(prompts, slots, strict=True):
         n = slot.covers(prompt) if slot is not None else 0
-        rows.append(Row(prompt, n, slot.layers if n else [], slot))
+        rows.append(Row(prompt, n, slot.layers if n else [], slot, slot.prefix if n else None))
     fresh = [r for r in rows if r.cached == 0]
     if fresh:
         shared = _common_prefix_length([r.prompt for r in fresh])
         if shared >= _MIN_SHARED_PREFIX:
-            layers = _prefix_layers(policy, fresh[0].prompt[:shared])
+            prefix = _prefix(policy, fresh[0].prompt[:shared])
             for row in fresh:
-                row.cached, row.layers = shared, layers
+                row.cached, row.prefix = shared, prefix
     return rows

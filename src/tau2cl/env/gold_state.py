@@ -26,6 +26,8 @@ from tau2cl.env import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 # isort: split
 from tau2.data_model.tasks import Task
 
+from tau2cl.env import db_hash
+
 MAX_TASKS = 8192  # recorded tasks per process; an entry is two short hash strings
 
 GoldKey = tuple[str, str, str]
@@ -66,9 +68,10 @@ def record(key: GoldKey, hashes: GoldHashes) -> None:
 
 
 def clear() -> None:
-    """Forget every recorded gold state."""
+    """Forget every recorded gold and predicted state, and the records' JSON texts behind them."""
     with _lock:
         _hashes.clear()
+    db_hash.clear()
 
 
 def recorded_count() -> int:
@@ -83,16 +86,26 @@ def gold_aware_constructor(
     """tau2's environment constructor for scoring `task`, with the gold environment reused.
 
     `build` is the plain constructor (same signature as tau2's registry entry for the domain);
-    `predicted`, when given, is handed out as the predicted environment instead of a new one.
+    `predicted`, when given, is handed out as the predicted environment instead of a new one; once
+    handed out, it may lend its own environment as the gold one (predicted_state.py).
     """
 
+    handed_out = False
+
     def construct(**kwargs: Any) -> Any:
+        nonlocal handed_out
         if kwargs:  # tau2's predicted environment: always built with the run's solo_mode
-            return predicted if predicted is not None else build(**kwargs)
+            if predicted is None:
+                return build(**kwargs)
+            handed_out = True
+            return predicted
         key = gold_key(domain_name, task)
         hashes = recorded(key)
         if hashes is not None:
             return _ReplayedGold(*hashes)
+        lent = predicted.lend_initial_state() if handed_out and hasattr(predicted, "lend_initial_state") else None
+        if lent is not None:  # the episode's environment, in the task's initial state
+            return _RecordingGold(lent, key, in_initial_state=True)
         return _RecordingGold(build(), key)
 
     return construct
@@ -120,18 +133,22 @@ class _ReplayedGold:
 class _RecordingGold:
     """A real gold environment that records the two hashes tau2 reads from it."""
 
-    def __init__(self, env: Any, key: GoldKey):
-        self._env, self._key = env, key
+    def __init__(self, env: Any, key: GoldKey, in_initial_state: bool = False):
+        self._env, self._key, self._in_initial_state = env, key, in_initial_state
         self._read: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._env, name)
 
+    def set_state(self, **kwargs: Any) -> None:
+        if not self._in_initial_state:  # a lent episode environment is already in the task's initial state
+            self._env.set_state(**kwargs)
+
     def get_db_hash(self) -> Any:
-        return self._read_hash("agent", self._env.get_db_hash())
+        return self._read_hash("agent", db_hash.agent_hash(self._env))
 
     def get_user_db_hash(self) -> Any:
-        return self._read_hash("user", self._env.get_user_db_hash())
+        return self._read_hash("user", db_hash.user_hash(self._env))
 
     def _read_hash(self, which: str, value: Any) -> Any:
         self._read[which] = value

@@ -98,8 +98,9 @@ def compute_reward(
     simulation = make_simulation(task, messages, termination_reason)
     predicted = None
     if predicted_state.proven(episode_state, task, messages, domain.solo_mode):
-        key = predicted_state.state_key(domain.name, task, episode_state)
-        predicted = predicted_state.EpisodeEnvironment(episode_state.env, key)
+        key = predicted_state.state_key(domain.name, task, episode_state, domain.solo_mode)
+        lendable = predicted_state.lendable(episode_state, task, domain.solo_mode)
+        predicted = predicted_state.EpisodeEnvironment(episode_state, key, lendable)
     info = _evaluate(domain, task, simulation, judge_model, judge_args or {}, predicted)
     return RewardResult(
         reward=float(info.reward),
