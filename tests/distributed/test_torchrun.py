@@ -123,28 +123,34 @@ def _train_with_probe(tmp: Path, *extra: str) -> tuple[Launch, dict, Path, dict]
     return launch, json.loads(out.read_text()), log_dir, logs
 
 
+# WiSE-FT fusion at each domain's end: the merge of the domain's start and end weights, on every rank
+FUSION = ("--cl_algorithm", "fusion", "--fusion_mode", "wise", "--fusion_alpha", "0.5")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """DDP (the default), with 2 micro-batches per step: gradients sync on the last one only."""
-    return _train_with_probe(tmp_path_factory.mktemp("torchrun_train"))
+    return _train_with_probe(tmp_path_factory.mktemp("torchrun_train"), *FUSION)
 
 
 @pytest.fixture(scope="module")
 def trained_fsdp(tmp_path_factory):
     """The same run with the policy sharded by FSDP2."""
-    return _train_with_probe(tmp_path_factory.mktemp("torchrun_fsdp"), "--parallelism", "fsdp")
+    return _train_with_probe(tmp_path_factory.mktemp("torchrun_fsdp"), *FUSION, "--parallelism", "fsdp")
 
 
 @pytest.fixture(scope="module")
 def trained_sft_ds(tmp_path_factory):
-    """Warm start (2 supervised steps, 2 micro-batches) and dynamic sampling, under DDP."""
+    """Warm start (2 supervised steps, 2 micro-batches) and dynamic sampling, under DDP, with EWC++
+    (its Fisher from every step's episodes, its penalty in retail's supervised and GRPO steps)."""
     return _train_with_probe(
         tmp_path_factory.mktemp("torchrun_sft_ds"), "--sft_steps_per_task", "2", "--sft_learning_rate", "1e-3",
         "--dynamic_sampling", "--max_resample_rounds", "1", "--reward_fn", "reward_fns:constant_on_task_zero",
+        "--cl_algorithm", "ewc_pp", "--ewc_pp_interval", "1", "--ewc_lambda", "100",
     )
 
 
-def test_warm_start_and_dynamic_sampling_keep_the_ranks_bit_identical(trained_sft_ds):
+def test_warm_start_dynamic_sampling_and_ewc_pp_keep_the_ranks_bit_identical(trained_sft_ds):
     _, probe, log_dir, _ = trained_sft_ds
     ranks = probe["ranks"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
@@ -152,6 +158,8 @@ def test_warm_start_and_dynamic_sampling_keep_the_ranks_bit_identical(trained_sf
     sft = _records(log_dir, "sft")
     assert [(r["task_idx"], r["step"]) for r in sft] == [(i, s) for i in range(len(DOMAINS)) for s in (1, 2)]
     assert all(r["num_tokens"] > 0 and 0 <= r["token_accuracy"] <= 1 for r in sft)
+    # EWC++: no penalty before airline's end; retail's second supervised step pays for the first's move
+    assert [r.get("ewc_penalty") for r in sft[:3]] == [None, None, 0.0] and sft[3]["ewc_penalty"] > 0
     train = _records(log_dir, "train")
     assert len(train) == STEPS * len(DOMAINS)
     for r in train:  # at most one round; after it no more zero-variance groups than before
