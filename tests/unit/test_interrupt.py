@@ -12,6 +12,7 @@ from tau2cl.runs.interrupt import StopRequest, TrainingInterrupted
 def test_first_signal_is_recorded_second_exits_immediately(monkeypatch):
     exits = []
     monkeypatch.setattr(interrupt.os, "_exit", lambda code: exits.append(code))
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN in a background job
     request = StopRequest()
     request.install()
     try:
@@ -21,7 +22,7 @@ def test_first_signal_is_recorded_second_exits_immediately(monkeypatch):
         assert exits == [128 + signal.SIGTERM]
     finally:
         request.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # the handlers found are put back
 
 
 def test_interrupted_run_reports_where_and_the_shell_exit_code():
