@@ -170,7 +170,8 @@ class GRPOTrainer:
             if self.config.batch_size_per_gpu > len(domain.train_tasks):
                 raise UserError(
                     f"batch_size_per_gpu {self.config.batch_size_per_gpu} is larger than the {name} train split "
-                    f"({len(domain.train_tasks)} tasks); lower it or raise max_tasks_per_domain."
+                    f"({len(domain.train_tasks)} tasks, after any the strategy holds out); lower it, raise "
+                    f"max_tasks_per_domain or name more --task_ids."
                 )
 
     def _check_context_fits(self) -> None:
