@@ -323,14 +323,15 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_its_ranks_agree(trained, traine
 
 
 def test_fsdp_resumes_from_a_domain_checkpoint_to_the_same_weights(trained_fsdp, tmp_path):
-    """The sharded optimizer state is saved whole and re-sharded: resuming is exact."""
+    """The sharded optimizer state is saved whole and re-sharded, fusion takes retail's start from the
+    resumed weights: resuming is exact."""
     _, _, fsdp_dir, _ = trained_fsdp
     log_dir = tmp_path / "resumed"
     log_dir.mkdir()
     shutil.copytree(fsdp_dir / "checkpoint_task_0", log_dir / "checkpoint_task_0")
     launch = _run(
         _torchrun(
-            "-m", "tau2cl.train", *TINY, "--num_steps_per_task", str(STEPS), "--parallelism", "fsdp",
+            "-m", "tau2cl.train", *TINY, *FUSION, "--num_steps_per_task", str(STEPS), "--parallelism", "fsdp",
             "--log_dir", str(log_dir), "--resume_from", str(log_dir), "--no-use_progress_bar",
         ),
         timeout=400,
