@@ -53,7 +53,7 @@ from tau2cl.rl.lora import adapters_disabled, add_lora, base_dtype
 from tau2cl.rl.rewards import load_reward_fn, score_trajectories
 from tau2cl.rl.schedule import learning_rate
 from tau2cl.rl.sft import SupervisedWarmStart
-from tau2cl.rl.teacher import teacher_logprobs
+from tau2cl.rl.teacher import weights_in_place
 from tau2cl.rl.training_model import TrainingModel
 from tau2cl.rl.update import (
     LossSettings,
@@ -476,9 +476,10 @@ class GRPOTrainer:
                 )
         teacher = self.strategy.teacher_weights(self.cl_context)
         if teacher is not None:  # the rollout model holds full weights on every rank, even under FSDP
-            batch.teacher_logprobs = teacher_logprobs(
-                self.policy.model, teacher, batch, micro, cfg.temperature, self.compute_dtype, cfg.shared_prefix_update
-            )
+            with weights_in_place(self.policy.model, teacher):
+                batch.teacher_logprobs = reference_logprobs(
+                    self.policy.model, batch, micro, cfg.temperature, self.compute_dtype, cfg.shared_prefix_update
+                )
         time_ref = time.perf_counter() - t0
         global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())
         settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef,

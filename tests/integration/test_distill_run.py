@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tau2cl.config import GRPOConfig
 from tau2cl.rl.lora import ADAPTER_WEIGHTS
-from tau2cl.rl.teacher import teacher_logprobs
+from tau2cl.rl.teacher import weights_in_place
 from tau2cl.rl.update import LossSettings, accumulate_gradients, collate, reference_logprobs
 from tau2cl.trainer import GRPOTrainer
 
@@ -51,7 +51,8 @@ def test_teacher_logprobs_are_those_of_a_separate_copy_and_leave_the_policy_bit_
     teacher.load_state_dict(weights, strict=False)
     expected = reference_logprobs(teacher, batch, [[0, 1, 2]], 0.7, None)
     for micro, shared in (([[0, 1, 2]], False), ([[2], [0, 1]], True)):
-        got = teacher_logprobs(policy, weights, batch, micro, 0.7, None, shared_prefix=shared)
+        with weights_in_place(policy, weights):
+            got = reference_logprobs(policy, batch, micro, 0.7, None, shared_prefix=shared)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert policy.training  # its mode is back
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
@@ -68,13 +69,15 @@ def test_the_teacher_kl_is_in_the_accumulated_loss_and_zero_for_the_policy_itsel
     tokens = float(batch.num_tokens)
 
     own = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    batch.teacher_logprobs = teacher_logprobs(policy, own, batch, [[0, 1], [2]], 1.0, None, shared_prefix=True)
+    with weights_in_place(policy, own):
+        batch.teacher_logprobs = reference_logprobs(policy, batch, [[0, 1], [2]], 1.0, None, shared_prefix=True)
     stats = accumulate_gradients(policy, batch, [[0, 1], [2]], settings, tokens)
     assert stats["distill_kl"] == 0.0  # the teacher is the policy: log-probs equal, k3 exactly 0
     plain = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad(set_to_none=True)
 
-    batch.teacher_logprobs = teacher_logprobs(policy, _moved(policy), batch, [[0, 1, 2]], 1.0, None)
+    with weights_in_place(policy, _moved(policy)):
+        batch.teacher_logprobs = reference_logprobs(policy, batch, [[0, 1, 2]], 1.0, None)
     one = accumulate_gradients(policy, batch, [[0, 1, 2]], settings, tokens)
     policy.zero_grad(set_to_none=True)
     split = accumulate_gradients(policy, batch, [[0, 1], [2]], settings, tokens)

@@ -15,8 +15,6 @@ from collections.abc import Iterator
 
 import torch
 
-from tau2cl.rl.update import TokenBatch, reference_logprobs
-
 Weights = dict[str, torch.Tensor]
 
 
@@ -51,16 +49,3 @@ def _exchange(params: Weights, weights: Weights) -> None:
         param.copy_(weights[name])
         weights[name].copy_(held)
 
-
-def teacher_logprobs(
-    model: torch.nn.Module,
-    weights: Weights,
-    batch: TokenBatch,
-    micro_batches: list[list[int]],
-    temperature: float,
-    compute_dtype: torch.dtype | None,
-    shared_prefix: bool = False,
-) -> torch.Tensor:
-    """(B, T) log-probs of the batch's trained tokens under `model` with `weights` in place (no grad)."""
-    with weights_in_place(model, weights):
-        return reference_logprobs(model, batch, micro_batches, temperature, compute_dtype, shared_prefix)
