@@ -53,7 +53,7 @@ def test_teacher_logprobs_are_those_of_a_separate_copy_and_leave_the_policy_bit_
     for micro, shared in (([[0, 1, 2]], False), ([[2], [0, 1]], True)):
         with weights_in_place(policy, weights):
             got = reference_logprobs(policy, batch, micro, 0.7, None, shared_prefix=shared)
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # float32 sums differ by CPU
     assert policy.training  # its mode is back
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
     assert all(torch.equal(w, kept[n]) for n, w in weights.items())
