@@ -7,7 +7,8 @@ turns and the batch shrinks as they do. Measured side by side with the same seed
 - the engine as the trainer runs it (each episode's KV cache kept across turns, right-aligned
   decode batches that shrink, stop checks every few tokens);
 - the engine with --no-kv_reuse (every turn prefills the whole context after the shared prefix);
-- bench.py's naive loop (one episode at a time, whole conversation re-encoded, `generate`);
+- bench.py's naive loop (one episode at a time, whole conversation re-encoded, `generate`), on
+  every episode or, for the larger model, on a subset whose mean length is the batch's;
 - tau2's reward of the engine's episodes: compute_reward scoring each episode in its own
   environment (predicted_state.py; every gold and predicted state, and the records' JSON texts of
   db_hash.py, start unrecorded)
@@ -69,6 +70,22 @@ def requests(domains) -> list[RolloutRequest]:
     per_domain = EPISODES // len(DOMAINS)
     tasks = [(name, task) for name in DOMAINS for task in domains[name].train_tasks[: per_domain // 2] * 2]
     return [RolloutRequest(domains[name], task, group=i) for i, (name, task) in enumerate(tasks)]
+
+
+def naive_requests(reqs: list[RolloutRequest], count: int) -> list[RolloutRequest]:
+    """`count` of the episodes whose lengths stand for the batch's: the naive loop's cost per token
+    grows with the context, so a subset of short episodes would flatter it.
+
+    Episodes sorted by their user's replies; picked in pairs mirrored about the middle, so the
+    subset's mean length is the batch's (count 2: the 5th and 12th of 16, 5 and 8 replies).
+    """
+    if count >= len(reqs):
+        return list(reqs)
+    ranked = sorted(reqs, key=lambda r: (user_replies(r.group), r.group))
+    n = len(ranked)
+    low = [int((k + 0.5) * n / count) for k in range((count + 1) // 2)]
+    picks = low + [n - 1 - p for p in low[: count // 2]]
+    return [ranked[p] for p in sorted(set(picks))]
 
 
 @dataclass
@@ -191,8 +208,7 @@ def run(name, model, tokenizer, domains, settings, naive_class, flop_counter: Ca
     print(f"    engine (KV kept): {kept.seconds:.1f}s", flush=True)
     again = run_engine(model, tokenizer, reqs, False, settings.max_new_tokens, settings.seed, counter)
     print(f"    engine (re-prefill): {again.seconds:.1f}s", flush=True)
-    step = max(1, len(reqs) // naive_episodes)
-    naive = run_naive(naive_class, model, tokenizer, reqs[::step][:naive_episodes], settings, counter)
+    naive = run_naive(naive_class, model, tokenizer, naive_requests(reqs, naive_episodes), settings, counter)
     print(f"    naive: {naive.episodes} episodes in {naive.seconds:.1f}s", flush=True)
     counter.remove()
     same = sum(a.token_ids == b.token_ids for a, b in zip(kept.trajectories, again.trajectories, strict=True))

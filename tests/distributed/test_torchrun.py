@@ -197,6 +197,21 @@ def test_adaptive_replay_keeps_the_ranks_identical(tmp_path):
     assert all(r["replay_frac"] > 0 for r in trains if r["domain"] == "retail")
 
 
+def test_online_ewc_estimates_one_fisher_on_both_ranks_and_retail_pays_its_penalty(tmp_path):
+    """Each rank rolls out its own share of the Fisher's episodes; the all-reduced Fisher is the same."""
+    _, probe, log_dir, _ = _train_with_probe(
+        tmp_path, "--cl_algorithm", "online_ewc", "--ewc_fisher_samples", "4", "--ewc_lambda", "1000",
+    )
+    ranks = probe["ranks"]
+    assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
+    assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' parameters diverged"
+    penalties = [(r["domain"], r.get("ewc_penalty")) for r in _records(log_dir, "train")]
+    # airline's steps have no earlier domain; retail's first step starts at the anchor, its second has moved
+    assert [p for d, p in penalties if d == "airline"] == [None] * STEPS
+    retail = [p for d, p in penalties if d == "retail"]
+    assert retail[0] == 0.0 and retail[1] > 0
+
+
 def test_distill_under_fsdp_keeps_the_ranks_identical_and_its_kl_grows_from_zero(tmp_path):
     """The teacher's forward runs on each rank's whole rollout copy; the policy's on the shards."""
     _, probe, log_dir, _ = _train_with_probe(

@@ -6,7 +6,8 @@ cache kept across turns equal the turns of the re-prefill path, token for token,
 log-probs, and so do the turns with the shared prompt prefix copied into every row instead of
 attended once for the batch (cascade attention); a row's cache after a turn (the shared prefix,
 then its own tokens) equals a fresh prefill of its saved ids; and an engine run with reuse frees
-every episode's cache when the episode ends.
+every episode's cache when the episode ends. One batch mixing two domains' rows (each domain's
+prefix held once) samples what each domain's rows sample in a batch of their own.
 """
 
 from __future__ import annotations
@@ -123,3 +124,50 @@ def test_ended_episodes_free_their_cache(tiny_model, tiny_tokenizer, domains, si
     assert len(trajectories) == 3 and len(policy.slots) == 3
     assert policy.largest > 0  # caches were kept between turns
     assert all(s.num_bytes == 0 and not s.ids for s in policy.slots)  # and freed at the end
+
+
+class PrefixCountingPolicy(Policy):
+    """The real policy, noting how many distinct shared prefixes each batch's rows started from."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        self.prefixes_per_batch: list[int] = []
+
+    def generate(self, prompts, *args, caches=None, **kwargs):
+        generations = super().generate(prompts, *args, caches=caches, **kwargs)
+        self.prefixes_per_batch.append(len({id(s.prefix) for s in caches if s.prefix is not None}))
+        return generations
+
+
+@pytest.mark.slow  # ~10 s: two greedy turns of four 2k-token rows, four times
+@torch.no_grad()
+def test_a_batch_mixing_two_domains_samples_what_each_domains_batch_samples(
+    tiny_model, tiny_tokenizer, domains, single_torch_thread
+):
+    policy = PrefixCountingPolicy(tiny_model, tiny_tokenizer)
+    airline, retail = _prompts(policy, domains["airline"])[:2], _prompts(policy, domains["retail"])[2:]
+    mixed = [airline[0], retail[0], airline[1], retail[1]]  # rows of one prefix not contiguous
+    groups = ["airline", "retail", "airline", "retail"]
+
+    def turns(prompts, group_keys, rows=(0, 1, 2, 3), cascade=True):
+        policy.reset_prefix_cache()
+        policy.cascade = cascade
+        slots = [KVSlot() for _ in prompts]
+        contexts, out = [list(p) for p in prompts], []
+        for _ in range(2):
+            generations = policy.generate(contexts, MAX_NEW_TOKENS, temperature=0.0, caches=slots, groups=group_keys)
+            out.append(generations)
+            for k, (context, gen) in enumerate(zip(contexts, generations, strict=True)):
+                context += gen.token_ids + _tool_reply(policy, gen, rows[k])  # row 1's long reply: 2 buckets
+        return [[turn[k] for turn in out] for k in range(len(prompts))]  # per row: its turns
+
+    together = turns(mixed, groups)
+    assert policy.prefixes_per_batch[-2:] == [2, 2]  # both domains' prefixes, each held once, in one batch
+    alone = {"airline": turns(airline, ["airline"] * 2, (0, 2)), "retail": turns(retail, ["retail"] * 2, (1, 3))}
+    copied = turns(mixed, groups, cascade=False)  # each row's prefix copied in front of its keys
+    expected = [alone["airline"][0], alone["retail"][0], alone["airline"][1], alone["retail"][1]]
+    for row_turns, row_expected, row_copied in zip(together, expected, copied, strict=True):
+        for a, b, c in zip(row_turns, row_expected, row_copied, strict=True):
+            assert a.token_ids == b.token_ids == c.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < TOLERANCE
+            assert max(abs(x - y) for x, y in zip(a.logprobs, c.logprobs, strict=True)) < TOLERANCE

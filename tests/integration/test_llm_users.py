@@ -41,7 +41,7 @@ MODEL = "openai/test-user"
 class FixedPolicy(Policy):
     """The tiny model's policy, answering every turn with AGENT_TEXT (then its end-of-turn)."""
 
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, caches=None):
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, caches=None, groups=None):
         ids = self.renderer.encode(AGENT_TEXT) + [self.tokenizer.eos_token_id]
         return [Generation(token_ids=list(ids), logprobs=[-1.0] * len(ids), finished=True) for _ in prompts]
 
@@ -54,7 +54,7 @@ class ScriptedGenerations(Policy):
         self.texts = texts
         self.prompts: list[list[int]] = []
 
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, caches=None):
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, caches=None, groups=None):
         calls = len(self.prompts)
         self.prompts.append(list(prompts[0]))
         text = self.texts[min(calls, len(self.texts) - 1)]

@@ -108,7 +108,7 @@ class GoldenActionsPolicy(Policy):
         self.calls_made: set[int] = set()
         self.tasks = tasks_by_prompt_start
 
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, caches=None):
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, caches=None, groups=None):
         out = []
         for prompt in prompts:
             task = next(t for key, t in self.tasks if key in self.decode(prompt))

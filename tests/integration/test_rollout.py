@@ -59,7 +59,7 @@ class ScriptedPolicy(Policy):
         self.prompts: list[list[int]] = []
         self.outputs: list[list[int]] = []
 
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, caches=None):
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, caches=None, groups=None):
         out = []
         for prompt in prompts:
             text = self.turns[min(len(self.prompts), len(self.turns) - 1)]

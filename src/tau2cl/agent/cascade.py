@@ -1,14 +1,15 @@
-"""Cascade attention: the batch's shared prompt prefix attended once for all rows, not once per row.
+"""Cascade attention: each shared prompt prefix attended once for all its rows, not once per row.
 
-Every row of a sampling batch starts with the same system prompt and tool block (thousands of
-tokens). Stored once per row, its keys and values are copied into every row and read by every
-row at every decode step. Here the batch's cache holds only each row's tokens after that prefix,
-and the prefix's keys and values are kept once, (1, kv_heads, P, head_dim) per layer. Attention
-is split in two and merged exactly: all rows' queries against the prefix in one matrix product
-(every query sees the whole prefix, which comes before all of its row's tokens), each row's
-queries against its own tokens (causal and padding mask as the model builds it), and the two
-softmax parts combined by their maxima and sums (the log-sum-exp merge): the same attention as
-over the concatenated keys, up to floating-point rounding.
+Every row of a sampling batch starts with its domain's system prompt and tool block (thousands of
+tokens), the same for all the domain's rows. Stored once per row, its keys and values are copied
+into every row and read by every row at every decode step. Here the batch's cache holds only each
+row's tokens after its prefix, and each prefix's keys and values are kept once, (1, kv_heads, P,
+head_dim) per layer; one batch may mix rows of several prefixes (domains). Attention is split in
+two and merged exactly: the queries of all rows of a prefix against that prefix in one matrix
+product (every query sees the whole prefix, which comes before all of its row's tokens), each
+row's queries against its own tokens (causal and padding mask as the model builds it), and the
+two softmax parts combined by their maxima and sums (the log-sum-exp merge): the same attention
+as over the concatenated keys, up to floating-point rounding.
 
 While a batch samples, the model's attention implementation is this module's (registered with
 transformers under `NAME`, its mask built as for SDPA); outside `active` it is the model's own
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,14 +29,56 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from tau2cl.agent.kv_cache import LayerKV, Prefix
+from tau2cl.agent.kv_cache import Prefix
 
 NAME = "tau2cl_cascade"
 MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama"})  # attention through transformers' interface, RoPE in the keys
 MAX_SCORES = 1 << 22  # prefix scores computed at once off the CPU kernel: 16 MB in fp32 (queries in chunks)
 
 
-_PREFIX: ContextVar[list[LayerKV] | None] = ContextVar("tau2cl_cascade_prefix", default=None)
+@dataclass(eq=False)
+class Shared:
+    """The prefixes a batch attends once, and which of them each row of the model's next call follows."""
+
+    prefixes: list[Prefix]
+    of_row: list[int]  # index into `prefixes` of every row of the caller's batch
+    batch_rows: list[int] = field(default_factory=list)  # the caller's rows in the model's next call, in order
+    _spans: list[tuple[int, slice | torch.Tensor]] | None = None
+
+    @classmethod
+    def of(cls, row_prefixes: list[Prefix]) -> Shared:
+        """The distinct prefixes (by identity) of a batch's rows, in order of first appearance."""
+        prefixes: list[Prefix] = []
+        of_row = []
+        for prefix in row_prefixes:
+            index = next((i for i, p in enumerate(prefixes) if p is prefix), len(prefixes))
+            if index == len(prefixes):
+                prefixes.append(prefix)
+            of_row.append(index)
+        return cls(prefixes, of_row, list(range(len(of_row))))
+
+    def select(self, batch_rows: list[int]) -> None:
+        """The caller's rows that the model's next call runs, in its batch order."""
+        self.batch_rows = list(batch_rows)
+        self._spans = None
+
+    def spans(self, device: torch.device) -> list[tuple[int, slice | torch.Tensor]]:
+        """(prefix index, the call's batch rows that follow it): a slice where they are contiguous."""
+        if self._spans is None:
+            groups: dict[int, list[int]] = {}
+            for j, row in enumerate(self.batch_rows):
+                groups.setdefault(self.of_row[row], []).append(j)
+            self._spans = [(i, _rows_index(js, device)) for i, js in groups.items()]
+        return self._spans
+
+
+def _rows_index(rows: list[int], device: torch.device) -> slice | torch.Tensor:
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)
+
+
+_SHARED: ContextVar[Shared | None] = ContextVar("tau2cl_cascade_shared", default=None)
 
 
 def _register() -> None:
@@ -55,17 +99,19 @@ def supported(model: Any) -> bool:
 
 
 @contextlib.contextmanager
-def active(model: Any, prefix: Prefix) -> Iterator[None]:
-    """Within this block, every attention of `model` also attends to `prefix` (held outside its cache)."""
+def active(model: Any, row_prefixes: list[Prefix]) -> Iterator[Shared]:
+    """Within this block, every attention of `model` also attends to each row's prefix (held outside
+    its cache); the caller says through the yielded `Shared.select` which rows each call runs."""
     _register()
     config = model.config
     saved = config._attn_implementation
     config._attn_implementation = NAME
-    token = _PREFIX.set(prefix.layers)
+    shared = Shared.of(row_prefixes)
+    token = _SHARED.set(shared)
     try:
-        yield
+        yield shared
     finally:
-        _PREFIX.reset(token)
+        _SHARED.reset(token)
         config._attn_implementation = saved
 
 
@@ -74,17 +120,16 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
               **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: (B, H, M, D) queries, (B, kv_heads, S, D) keys and values
     of the rows' own tokens; returns (B, M, H, D) as SDPA's wrapper does."""
-    prefix = _PREFIX.get()
-    if prefix is None:
+    shared = _SHARED.get()
+    if shared is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    prefix_k, prefix_v = prefix[module.layer_idx]
     batch, heads, m, dim = query.shape
     groups = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
     dtype = torch.promote_types(query.dtype, torch.float32)  # fp32 at least: half types go through fp32
     q = query.to(dtype).reshape(batch, groups, heads // groups, m, dim)  # head h reads kv head h // (heads // groups)
-    parts = [_prefix_part(q, prefix_k[0].to(dtype), prefix_v[0].to(dtype), scale),
+    parts = [_prefix_parts(q, shared, module.layer_idx, scale),
              _own_part(q, key.to(dtype), value.to(dtype), attention_mask, scale)]
     out = merge_parts(parts)  # (B, G, R, M, D)
     return out.reshape(batch, heads, m, dim).transpose(1, 2).contiguous().to(query.dtype), None
@@ -102,6 +147,25 @@ def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     for o, lse in parts:
         out = out + torch.where(torch.isneginf(lse), 0.0, o * torch.exp(lse - total))
     return out
+
+
+def _prefix_parts(q: torch.Tensor, shared: Shared, layer: int, scale: float):
+    """Every row's queries (B, G, R, M, D) against its own prefix's keys of this layer."""
+    spans = shared.spans(q.device)
+    if len(spans) != 1 and q.shape[0] != len(shared.batch_rows):
+        raise RuntimeError(f"cascade: a call of {q.shape[0]} rows, {len(shared.batch_rows)} selected")
+
+    def part(index: int, rows_q: torch.Tensor):
+        keys, values = shared.prefixes[index].layers[layer]
+        return _prefix_part(rows_q, keys[0].to(q.dtype), values[0].to(q.dtype), scale)
+
+    if len(spans) == 1:
+        return part(spans[0][0], q)
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((*q.shape[:-1], 1))
+    for index, rows in spans:
+        out[rows], lse[rows] = part(index, q[rows])
+    return out, lse
 
 
 def _prefix_part(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):

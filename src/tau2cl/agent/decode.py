@@ -8,9 +8,10 @@ bucket, a row with fewer new tokens than the bucket's widest recomputes a few of
 tokens instead of being padded in the middle. Decoding reads the sampled tokens back every
 `STOP_CHECK_EVERY` tokens (not every token), and rows that have stopped leave the batch then.
 
-When every row starts from the same shared prompt prefix (its keys and values held once), the
-batch's cache holds only the rows' tokens after it and the prefix is attended once for the whole
-batch (cascade.py); otherwise each row's prefix is copied in front of its own keys.
+When every row starts from a shared prompt prefix (its domain's, keys and values held once), the
+batch's cache holds only the rows' tokens after their prefixes and each prefix is attended once
+for all its rows (cascade.py), so one batch mixes domains without copying any prefix; otherwise
+each row's prefix is copied in front of its own keys.
 
 The log-prob of every sampled token is taken from the same temperature-scaled distribution the
 GRPO update recomputes (`grpo.token_logprobs`), without keeping (steps, batch, vocab) logits.
@@ -18,7 +19,6 @@ GRPO update recomputes (`grpo.token_logprobs`), without keeping (steps, batch, v
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -161,10 +161,11 @@ def _right_aligned_mask(pads: list[int], capacity: int, device: torch.device) ->
     return (torch.arange(capacity, device=device)[None, :] >= pads_t).long()  # (B, capacity)
 
 
-def _run_bucket(model: Any, rows: list[Row], extra: int, device: torch.device, pad_id: int, offset: int) -> _Batch:
+def _run_bucket(model: Any, rows: list[Row], extra: int, device: torch.device, pad_id: int,
+                offsets: list[int]) -> _Batch:
     """Prefill rows together: [pad | cached tokens | block of the last M tokens of every row].
 
-    `offset`: tokens before every row that the cache does not hold (the cascade's prefix).
+    `offsets`: each row's tokens before it that the cache does not hold (its cascade prefix).
     """
     lengths = [len(r.prompt) for r in rows]
     width = max(lengths)
@@ -180,6 +181,7 @@ def _run_bucket(model: Any, rows: list[Row], extra: int, device: torch.device, p
         ids[i, block - len(tail) :] = torch.tensor(tail, dtype=torch.long)
     pads = [width - n for n in lengths]
     columns = torch.arange(width - block, width)[None, :]  # (1, M)
+    offset = torch.tensor(offsets)[:, None]
     positions = (columns - torch.tensor(pads)[:, None]).clamp(min=0) + offset  # (B, M)
     mask = _right_aligned_mask(pads, capacity, device)
     out = model(
@@ -190,18 +192,28 @@ def _run_bucket(model: Any, rows: list[Row], extra: int, device: torch.device, p
         **{cache_kwarg(model): cache},
         **last_logits_kwargs(model),
     )
-    last = torch.tensor(lengths, device=device)[:, None] + offset
+    last = (torch.tensor(lengths)[:, None] + offset).to(device)
     return _Batch(cache, pads, mask, last, out.logits[:, -1].float(), list(range(len(rows))))
 
 
-def prefill(model: Any, rows: list[Row], extra: int, device: torch.device, pad_id: int, offset: int = 0) -> _Batch:
-    """One decode batch of all rows, each prefilled from what it has cached."""
+def prefill(model: Any, rows: list[Row], extra: int, device: torch.device, pad_id: int,
+            offsets: list[int] | None = None, shared: cascade.Shared | None = None) -> _Batch:
+    """One decode batch of all rows, each prefilled from what it has cached.
+
+    `offsets`: each row's tokens before it that the cache does not hold; `shared`: the cascade's
+    prefixes, told which rows each bucket runs.
+    """
+    offsets = offsets if offsets is not None else [0] * len(rows)
     buckets = prefill_buckets([r.new_tokens for r in rows])
     if len(buckets) == 1:
-        return _run_bucket(model, rows, extra, device, pad_id, offset)
+        if shared is not None:
+            shared.select(list(range(len(rows))))
+        return _run_bucket(model, rows, extra, device, pad_id, offsets)
     parts: dict[int, tuple[list[LayerKV], torch.Tensor]] = {}
     for bucket in buckets:
-        batch = _run_bucket(model, [rows[i] for i in bucket], 0, device, pad_id, offset)
+        if shared is not None:
+            shared.select(bucket)
+        batch = _run_bucket(model, [rows[i] for i in bucket], 0, device, pad_id, [offsets[i] for i in bucket])
         for j, i in enumerate(bucket):
             parts[i] = (row_layers(batch.cache, j, batch.pads[j], batch.width, copy=False), batch.logits[j])
     lengths = [len(r.prompt) for r in rows]
@@ -209,7 +221,7 @@ def prefill(model: Any, rows: list[Row], extra: int, device: torch.device, pad_i
     cache = assemble([(parts[i][0], lengths[i]) for i in range(len(rows))], width, width + extra)
     pads = [width - n for n in lengths]
     logits = torch.stack([parts[i][1] for i in range(len(rows))])
-    positions = torch.tensor(lengths, device=device)[:, None] + offset
+    positions = (torch.tensor(lengths)[:, None] + torch.tensor(offsets)[:, None]).to(device)
     return _Batch(cache, pads, _right_aligned_mask(pads, width + extra, device), positions, logits, list(range(len(rows))))
 
 
@@ -217,24 +229,15 @@ def sample_batch(model: Any, rows: list[Row], sampling: Sampling, device: torch.
     """Sample one turn per row; rows with a slot get their cache (prompt + turn, last token aside)."""
     # measured on CPUs only: elsewhere the prefix is copied into every row and attended by SDPA, as before
     use = sampling.cascade and torch.device(device).type == "cpu" and cascade.supported(model)
-    prefix = shared_prefix(rows) if use else None
-    if prefix is None:
-        own = [_whole(r) for r in rows]
-        context = contextlib.nullcontext()
-    else:  # the batch's cache holds each row's tokens after the prefix; the prefix is attended once
-        p = prefix.length
-        own = [Row(r.prompt[p:], r.cached - p, r.layers, r.slot) for r in rows]
-        for row in rows:  # only `own` holds the cached keys and values now (freed once in the batch)
-            row.layers = []
-        context = cascade.active(model, prefix)
-    with context:
-        return _sample(model, own, sampling, device, prefix)
-
-
-def shared_prefix(rows: list[Row]) -> Prefix | None:
-    """The prefix every row starts from, when it is one and the same object for all of them."""
-    first = rows[0].prefix
-    return first if first is not None and all(r.prefix is first for r in rows) else None
+    if not (use and all(r.prefix is not None for r in rows)):
+        return _sample(model, [_whole(r) for r in rows], sampling, device, [None] * len(rows))
+    # the batch's cache holds each row's tokens after its prefix; each prefix is attended once
+    prefixes = [r.prefix for r in rows]
+    own = [Row(r.prompt[r.prefix.length :], r.cached - r.prefix.length, r.layers, r.slot) for r in rows]
+    for row in rows:  # only `own` holds the cached keys and values now (freed once in the batch)
+        row.layers = []
+    with cascade.active(model, prefixes) as shared:
+        return _sample(model, own, sampling, device, prefixes, shared)
 
 
 def _whole(row: Row) -> Row:
@@ -249,12 +252,14 @@ def _whole(row: Row) -> Row:
     return Row(row.prompt, row.cached, layers, row.slot)
 
 
-def _sample(model: Any, rows: list[Row], sampling: Sampling, device: torch.device,
-            prefix: Prefix | None) -> list[Generation]:
-    """The decode loop over rows whose caches (and prompts) start after `prefix` (None: at the start)."""
+def _sample(model: Any, rows: list[Row], sampling: Sampling, device: torch.device, prefixes: list[Prefix | None],
+            shared: cascade.Shared | None = None) -> list[Generation]:
+    """The decode loop over rows whose caches (and prompts) start after their `prefixes` (None: at the start)."""
     s = sampling
-    offset = 0 if prefix is None else prefix.length
-    batch = prefill(model, rows, s.max_new_tokens, device, s.pad_id, offset)
+    offsets = [0 if p is None else p.length for p in prefixes]
+    batch = prefill(model, rows, s.max_new_tokens, device, s.pad_id, offsets, shared)
+    if shared is not None:
+        shared.select(batch.rows)
     for row in rows:  # their keys and values are in the batch now
         row.layers = []
         if row.slot is not None:
@@ -273,13 +278,15 @@ def _sample(model: Any, rows: list[Row], sampling: Sampling, device: torch.devic
             done = _read_back(pending, batch.rows, tokens, logprobs, finished, stops)
             pending = []
             leaving = list(range(len(batch.rows))) if last else done
-            _save_slots(batch, leaving, rows, tokens, prefix)
+            _save_slots(batch, leaving, rows, tokens, prefixes)
             if last or len(leaving) == len(batch.rows):
                 break
             if leaving:
                 keep = [j for j in range(len(batch.rows)) if j not in set(leaving)]
                 batch = _keep_rows(batch, keep)
                 tok = tok[torch.tensor(keep, device=device)]
+                if shared is not None:
+                    shared.select(batch.rows)
         width = batch.width
         out = model(
             input_ids=tok[:, None],
@@ -310,7 +317,7 @@ def _read_back(pending, batch_rows, tokens, logprobs, finished, stops) -> list[i
 
 
 def _save_slots(batch: _Batch, leaving: list[int], rows: list[Row], tokens: list[list[int]],
-                prefix: Prefix | None) -> None:
+                prefixes: list[Prefix | None]) -> None:
     """Copy the cache of rows leaving the batch into their slots: prompt + turn, last token aside.
 
     Rows after a shared prefix keep referring to it and store only their own tokens.
@@ -319,6 +326,7 @@ def _save_slots(batch: _Batch, leaving: list[int], rows: list[Row], tokens: list
         row = rows[batch.rows[j]]
         if row.slot is None:
             continue
+        prefix = prefixes[batch.rows[j]]
         ids = row.prompt + tokens[batch.rows[j]][:-1]
         start = batch.pads[j]
         layers = row_layers(batch.cache, j, start, start + len(ids), copy=True)

@@ -81,14 +81,14 @@ class RolloutEngine:
                 self.check_stop()
             waiting = [e for e in episodes if e.termination is None and e.awaiting == AWAITING_POLICY]
             waiting = [e for e in waiting if self._fits_context(e)]
-            for group in _by_domain(waiting):  # one domain shares one prompt prefix
-                prompts = [e.token_ids for e in group]
+            if waiting:  # one batch; a domain's episodes share its prompt prefix
                 s = self.settings
-                caches = [e.kv for e in group] if s.kv_reuse else None
                 generations = self.policy.generate(
-                    prompts, s.max_new_tokens, s.temperature, s.top_p, generator, caches=caches
+                    [e.token_ids for e in waiting], s.max_new_tokens, s.temperature, s.top_p, generator,
+                    caches=[e.kv for e in waiting] if s.kv_reuse else None,
+                    groups=[e.domain.name for e in waiting],
                 )
-                for episode, generation in zip(group, generations, strict=True):
+                for episode, generation in zip(waiting, generations, strict=True):
                     self._agent_turn(episode, generation)
             asking = [e for e in episodes if e.termination is None and e.awaiting == AWAITING_USER]
             if asking:
@@ -231,13 +231,6 @@ class RolloutEngine:
         ids = self.policy.renderer.continuation_ids(episode.last_turn, new_chat, episode.last_end_of_turn)
         episode.add_context(ids)
         episode.awaiting = awaiting
-
-
-def _by_domain(episodes: list[Episode]) -> list[list[Episode]]:
-    groups: dict[str, list[Episode]] = {}
-    for episode in episodes:
-        groups.setdefault(episode.domain.name, []).append(episode)
-    return list(groups.values())
 
 
 def agent_tool_calls(parsed: ParsedTurn, turn: int) -> list[ToolCall]:

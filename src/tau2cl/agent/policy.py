@@ -9,7 +9,7 @@ from the previous turn, or the batch's shared prompt prefix (system prompt and t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +141,15 @@ class Policy:
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         caches: list[KVSlot | None] | None = None,
+        groups: list[Hashable] | None = None,
     ) -> list[Generation]:
         """Sample one turn for each prompt (temperature 0 = greedy), all prompts in one batch.
 
         `caches`: one KVSlot per prompt (cross-turn reuse): a slot holding a prefix of its prompt
         saves prefilling that prefix, and after sampling holds the prompt and the sampled turn
-        (its last token aside). None: every prompt is prefilled after the batch's shared prefix.
+        (its last token aside). None: every prompt is prefilled after its group's shared prefix.
+        `groups`: a key per prompt (e.g. its domain); a group's prompts share one cached prompt
+        prefix, their longest common one (None: all prompts are one group).
         """
         slots = caches if caches is not None else [None] * len(prompts)
         sampling = Sampling(max_new_tokens, temperature, top_p, generator, self.stop_ids,
@@ -155,7 +158,8 @@ class Policy:
         self.model.eval()
         try:
             with self.weights(), autocast_for(self.device, self.compute_dtype):
-                return sample_batch(self.model, _rows(self, prompts, slots), sampling, self.device)
+                rows = _rows(self, prompts, slots, groups or [None] * len(prompts))
+                return sample_batch(self.model, rows, sampling, self.device)
         finally:
             self.model.train(was_training)
 
@@ -202,17 +206,19 @@ def _prefix(policy: Policy, ids: list[int]) -> Prefix:
     return prefix
 
 
-def _rows(policy: Policy, prompts: list[list[int]], slots: list[KVSlot | None]) -> list[Row]:
-    """Each prompt with the cache it starts from: its slot's, else the batch's shared prefix."""
+def _rows(policy: Policy, prompts: list[list[int]], slots: list[KVSlot | None], groups: list[Hashable]) -> list[Row]:
+    """Each prompt with the cache it starts from: its slot's, else its group's shared prefix."""
     rows = []
-    for prompt, slot in zip(prompts, slots, strict=True):
+    fresh: dict[Hashable, list[Row]] = {}
+    for prompt, slot, group in zip(prompts, slots, groups, strict=True):
         n = slot.covers(prompt) if slot is not None else 0
         rows.append(Row(prompt, n, slot.layers if n else [], slot, slot.prefix if n else None))
-    fresh = [r for r in rows if r.cached == 0]
-    if fresh:
-        shared = _common_prefix_length([r.prompt for r in fresh])
+        if n == 0:
+            fresh.setdefault(group, []).append(rows[-1])
+    for members in fresh.values():
+        shared = _common_prefix_length([r.prompt for r in members])
         if shared >= _MIN_SHARED_PREFIX:
-            prefix = _prefix(policy, fresh[0].prompt[:shared])
-            for row in fresh:
+            prefix = _prefix(policy, members[0].prompt[:shared])
+            for row in members:
                 row.cached, row.prefix = shared, prefix
     return rows
