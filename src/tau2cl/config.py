@@ -305,7 +305,8 @@ class GRPOConfig:
         True,
         "optimization",
         "Run the common prefix of each micro-batch's rows (system prompt, policy, tool schemas: "
-        "most of every tau2 row) once in the update's and the reference's forward, and attend "
+        "most of every tau2 row) once in the update's and the reference's forward, and the "
+        "episodes' common prefix once in the EWC Fisher's per-episode gradients, and attend "
         "every row's suffix to it; same gradients, far fewer FLOPs. Off under gradient "
         "checkpointing (which turns caches off). --no-shared_prefix_update runs every row whole.",
     )

@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -58,11 +59,11 @@ from tau2cl.rl.training_model import TrainingModel
 from tau2cl.rl.update import (
     LossSettings,
     accumulate_gradients,
+    backward_each,
     collate,
     micro_batches_by_length,
     recompute_old_logprobs,
     reference_logprobs,
-    sequence_logprobs,
 )
 from tau2cl.runs.checkpoint import (
     CheckpointSaveError,
@@ -140,7 +141,7 @@ class GRPOTrainer:
         self.cl_context = CLContext(
             config=config, dist=self.dist, order=self.order, domains=self.domains, params=self.params,
             progress=self.progress, rollout=lambda requests: agreed(lambda: self.train_engine.run(requests, self.generator)),
-            generated_logprob=self._generated_logprob, snapshot_weights=self._snapshot_weights,
+            episode_gradients=self._episode_gradients, snapshot_weights=self._snapshot_weights,
             load_weights=self._load_weights, accuracy_matrix=lambda: self.reward_matrix,
             restart_optimizer=lambda: self.optimizer.state.clear(),
             evaluate=self._evaluate_tasks, log=self._log_strategy,
@@ -221,13 +222,12 @@ class GRPOTrainer:
         model.eval().requires_grad_(False)
         return model
 
-    def _generated_logprob(self, traj: Trajectory) -> torch.Tensor:
-        """Sum of the current policy's log-probs of the tokens `traj`'s policy generated."""
-        device = self.dist.device
-        ids = torch.tensor([traj.token_ids], device=device)  # (1, T)
-        mask = torch.tensor([traj.loss_mask], device=device, dtype=torch.bool)
-        mask[:, 0] = False
-        return sequence_logprobs(self.policy.model, ids, torch.ones_like(ids), mask, 1.0, self.compute_dtype).sum()
+    def _episode_gradients(self, trajectories: list[Trajectory]) -> Iterator[Trajectory]:
+        """CLContext.episode_gradients: the batch's common prompt prefix runs once (--shared_prefix_update)."""
+        kept = [t for t in trajectories if t.num_generated_tokens > 0]
+        sequences = [(t.token_ids, t.loss_mask) for t in kept]
+        for i in backward_each(self.policy.model, sequences, self.compute_dtype, self.config.shared_prefix_update):
+            yield kept[i]
 
     def _trainable_weights(self) -> dict[str, torch.Tensor]:
         """The rollout model's trained parameters by name (full tensors on every rank)."""

@@ -3,7 +3,9 @@
 Four rows of unequal length share an 80-token prefix; trained tokens sit in the suffixes, right
 after the prefix (predicted from the prefix's last hidden state) and inside the prefix itself.
 In fp64 the log-probs and the accumulated GRPO gradients equal the per-row computation to 1e-10,
-in one micro-batch and in two; in fp32 to 1e-4 (log-probs) and 1e-4 relative (gradients).
+in one micro-batch and in two; in fp32 to 1e-4 (log-probs) and 1e-4 relative (gradients). The
+per-sequence gradients of the EWC Fisher, each sequence backpropagated alone after one shared
+prefix forward, equal those of separate forwards to the same tolerances.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tau2cl.rl.shared_prefix import shared_prefix_length
 from tau2cl.rl.update import (
     LossSettings,
     accumulate_gradients,
+    backward_each,
     collate,
     micro_batches_by_length,
     reference_logprobs,
@@ -83,3 +86,31 @@ def test_micro_batches_keep_a_group_together_before_length():
     # keys (b,5) (a,9) (b,3) (a,7) sort to rows 3, 1, 2, 0: domain a's rows, then b's, each by length
     assert micro_batches_by_length([5, 9, 3, 7], 2, groups=["b", "a", "b", "a"]) == [[3, 1], [2, 0]]
     assert micro_batches_by_length([5, 9, 3, 7], 2) == [[2, 0], [3, 1]]  # by length alone
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_per_sequence_gradients_with_the_prefix_run_once_equal_those_of_separate_forwards(
+    tiny_model, tiny_tokenizer, dtype, tol
+):
+    # the EWC Fisher's per-episode gradients: the prefix's graph serves every sequence's backward
+    model = copy.deepcopy(tiny_model).to(dtype).train()
+    batch = _batch(tiny_tokenizer.pad_token_id)
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    sequences = [(batch.input_ids[i, :n].tolist(), batch.loss_mask[i, :n].int().tolist()) for i, n in enumerate(lengths)]
+
+    def per_sequence(shared: bool) -> list[list[torch.Tensor]]:
+        grads = []
+        model.zero_grad(set_to_none=True)
+        for i in backward_each(model, sequences, None, shared_prefix=shared):
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+            model.zero_grad(set_to_none=True)
+        assert i == len(sequences) - 1
+        return grads
+
+    alone, once = per_sequence(False), per_sequence(True)
+    for row, (a, b) in enumerate(zip(alone, once, strict=True)):
+        scale = max(g.abs().max().item() for g in a)
+        assert scale > 0
+        assert max((x - y).abs().max().item() for x, y in zip(a, b, strict=True)) <= tol * scale, row
+    # each sequence's own gradient, not the sum so far: rows differ
+    assert max((x - y).abs().max().item() for x, y in zip(once[0], once[1], strict=True)) > 1e-3 * scale

@@ -15,6 +15,16 @@ from tau2cl.cl.strategies.fusion import interpolate
 from tau2cl.config import GRPOConfig
 from tau2cl.errors import UserError
 
+
+def _gradients_of(logprob):
+    """A CLContext.episode_gradients that backpropagates logprob(traj) for each trajectory in turn."""
+    def gradients(trajectories):
+        for traj in trajectories:
+            logprob(traj).backward()
+            yield traj
+    return gradients
+
+
 CPU = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
 
 
@@ -43,7 +53,7 @@ class Policy:
 def _fusion_context(policy: Policy, logged: list, order=("airline", "retail")) -> CLContext:
     return CLContext(
         config=None, dist=CPU, order=list(order), domains={}, params=[], progress=Progress(),
-        rollout=None, generated_logprob=None, snapshot_weights=policy.snapshot, load_weights=policy.load,
+        rollout=None, episode_gradients=None, snapshot_weights=policy.snapshot, load_weights=policy.load,
         accuracy_matrix=lambda: None, evaluate=policy.evaluate, log=lambda figures, line: logged.append((figures, line)),
     )
 
@@ -148,7 +158,7 @@ def test_ewc_pp_updates_its_fisher_during_a_domain_and_penalises_only_from_the_s
     progress = Progress()
     ctx = CLContext(
         config=config, dist=CPU, order=["airline", "retail"], domains={}, params=[w], progress=progress,
-        rollout=None, generated_logprob=lambda traj: (w * traj.x).sum(),  # gradient = x, Fisher term x²
+        rollout=None, episode_gradients=_gradients_of(lambda traj: (w * traj.x).sum()),  # gradient = x, Fisher x²
         snapshot_weights=None, load_weights=None, accuracy_matrix=lambda: None,
     )
     strategy = build_strategy(config)
@@ -184,7 +194,7 @@ def test_ewc_pp_skips_the_steps_between_updates():
     progress = Progress()
     ctx = CLContext(
         config=config, dist=CPU, order=["airline"], domains={}, params=[w], progress=progress, rollout=None,
-        generated_logprob=lambda traj: (w * traj.x).sum(), snapshot_weights=None, load_weights=None,
+        episode_gradients=_gradients_of(lambda traj: (w * traj.x).sum()), snapshot_weights=None, load_weights=None,
         accuracy_matrix=lambda: None,
     )
     strategy = build_strategy(config)

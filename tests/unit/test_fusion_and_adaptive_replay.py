@@ -34,7 +34,7 @@ class Weights:
 def _context(weights: Weights, order=("airline", "retail", "telecom"), matrix=None, task_idx=0) -> CLContext:
     return CLContext(
         config=None, dist=SimpleNamespace(rank=0, world_size=1), order=list(order), domains={}, params=[],
-        progress=Progress(task_idx=task_idx), rollout=None, generated_logprob=None,
+        progress=Progress(task_idx=task_idx), rollout=None, episode_gradients=None,
         snapshot_weights=weights.snapshot, load_weights=weights.load, accuracy_matrix=lambda: matrix,
     )
 

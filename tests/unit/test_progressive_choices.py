@@ -36,7 +36,7 @@ class Live:
 def _context(live: Live, progress: Progress) -> CLContext:
     return CLContext(
         config=None, dist=SimpleNamespace(rank=0, world_size=1), order=list(ORDER), domains={}, params=[],
-        progress=progress, rollout=None, generated_logprob=None, snapshot_weights=live.snapshot,
+        progress=progress, rollout=None, episode_gradients=None, snapshot_weights=live.snapshot,
         load_weights=live.load, accuracy_matrix=lambda: [], restart_optimizer=live.restart,
     )
 

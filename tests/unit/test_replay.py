@@ -40,7 +40,7 @@ def _context(task_idx: int, domains: dict, config: GRPOConfig) -> CLContext:
     """The strategy's whole view of a run at `task_idx`, global step 7, on rank 0."""
     return CLContext(
         config=config, dist=SimpleNamespace(rank=0), order=list(domains), domains=domains, params=[],
-        progress=Progress(task_idx=task_idx, global_step=7), rollout=None, generated_logprob=None,
+        progress=Progress(task_idx=task_idx, global_step=7), rollout=None, episode_gradients=None,
         snapshot_weights=None, load_weights=None, accuracy_matrix=None,
     )
 

@@ -28,6 +28,7 @@ from tau2cl.agent.kv_cache import KVSlot, Prefix, layers_of
 from tau2cl.agent.model_source import check_model_source
 from tau2cl.agent.tiny_model import resolve_model_path
 from tau2cl.errors import UserError
+from tau2cl.rl.shared_prefix import common_prefix_length
 from tau2cl.rl.update import autocast_for
 
 __all__ = ["DTYPES", "Generation", "Policy", "load_model", "load_tokenizer", "stop_token_ids"]
@@ -177,16 +178,6 @@ def _run_body(model: Any, ids: torch.Tensor, cache: Any) -> None:
     body(input_ids=ids, use_cache=True, **{cache_kwarg(body): cache})
 
 
-def _common_prefix_length(prompts: list[list[int]]) -> int:
-    """Length of the longest common prefix, leaving every prompt at least one token of its own."""
-    limit = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n
-
-
 def _prefix(policy: Policy, ids: list[int]) -> Prefix:
     """The keys and values of a shared prompt prefix (batch 1), computed once per weights version.
 
@@ -216,7 +207,7 @@ def _rows(policy: Policy, prompts: list[list[int]], slots: list[KVSlot | None], 
         if n == 0:
             fresh.setdefault(group, []).append(rows[-1])
     for members in fresh.values():
-        shared = _common_prefix_length([r.prompt for r in members])
+        shared = common_prefix_length([r.prompt for r in members])
         if shared >= _MIN_SHARED_PREFIX:
             prefix = _prefix(policy, members[0].prompt[:shared])
             for row in members:

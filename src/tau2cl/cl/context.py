@@ -6,7 +6,7 @@ hook; a test can fake one in a few lines.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +42,10 @@ class CLContext:
     """A strategy's view of the run.
 
     `rollout` samples episodes with the current policy (the training engine and the run's random
-    stream); `generated_logprob` is the differentiable sum of log-probs, under the current policy,
-    of the tokens a trajectory's policy generated (for Fisher estimates). `snapshot_weights` is a
+    stream); `episode_gradients(trajectories)` backpropagates, one trajectory at a time, the sum of
+    log-probs under the current policy of the tokens each trajectory's policy generated, and yields
+    each trajectory (skipping those that generated none) once that gradient is in the parameters'
+    `.grad` (accumulated: clear them before resuming; for Fisher estimates). `snapshot_weights` is a
     detached fp32 copy of the policy's full weights by name, and `load_weights` makes such a dict
     the policy's weights (training copy and rollout copy alike, on every rank). `accuracy_matrix`
     is the reward matrix as filled so far (row 0 before training, row i after the i-th domain).
@@ -64,7 +66,7 @@ class CLContext:
     params: list[torch.Tensor]  # the trainable parameters, whole on every rank (LoRA: the adapters)
     progress: Progress
     rollout: Callable[[list[RolloutRequest]], list[Trajectory]]
-    generated_logprob: Callable[[Trajectory], torch.Tensor]
+    episode_gradients: Callable[[list[Trajectory]], Iterator[Trajectory]]
     snapshot_weights: Callable[[], dict[str, torch.Tensor]]
     load_weights: Callable[[dict[str, torch.Tensor]], None]
     accuracy_matrix: Callable[[], list[list[float | None]]]

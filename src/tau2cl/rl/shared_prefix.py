@@ -13,6 +13,7 @@ no real token ever sees a pad after it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from typing import Any
@@ -40,24 +41,56 @@ def hidden_at(
 
     `positions` are the columns whose hidden states are wanted (the trained token's column - 1).
     """
+    head, cache = run_prefix(body, input_ids[:1, :prefix])
+    tail = run_after(body, cache, input_ids[:, prefix:], prefix)
+    return pick_hidden(head, tail, prefix, rows, positions)
+
+
+def run_prefix(body: Any, prefix_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The (1, P, H) final hidden states of a (1, P) prefix and the cache of its keys and values."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    kw = _cache_kwarg(type(body))
-    head = body(input_ids=input_ids[:1, :prefix], use_cache=True, **{kw: cache}).last_hidden_state  # (1, P, H)
-    batch = input_ids.shape[0]
-    for layer in cache.layers:
+    head = body(input_ids=prefix_ids, use_cache=True, **{_cache_kwarg(type(body)): cache}).last_hidden_state
+    return head, cache
+
+
+def run_after(body: Any, cache: Any, suffix_ids: torch.Tensor, start: int) -> torch.Tensor:
+    """(B, S, H) final hidden states of (B, S) rows that follow the prefix held in `cache`.
+
+    The prefix's keys and values are shared by every row (expanded, not copied); `cache` itself is
+    left as it was, so several calls can follow the same prefix.
+    """
+    batch, width = suffix_ids.shape
+    view = copy.copy(cache)
+    view.layers = [copy.copy(layer) for layer in cache.layers]  # a layer's update rebinds, never writes
+    for layer in view.layers:
         layer.keys = layer.keys.expand(batch, -1, -1, -1)
         layer.values = layer.values.expand(batch, -1, -1, -1)
-    suffix = input_ids[:, prefix:]  # (B, S)
-    columns = torch.arange(prefix, input_ids.shape[1], device=input_ids.device)
-    tail = body(
-        input_ids=suffix, use_cache=True, **{kw: cache}, position_ids=columns[None, :].expand(batch, -1)
-    ).last_hidden_state  # (B, S, H)
+    columns = torch.arange(start, start + width, device=suffix_ids.device)
+    return body(
+        input_ids=suffix_ids, use_cache=True, **{_cache_kwarg(type(body)): view},
+        position_ids=columns[None, :].expand(batch, -1),
+    ).last_hidden_state
+
+
+def pick_hidden(head: torch.Tensor, tail: torch.Tensor, prefix: int, rows: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+    """(N, H) hidden states at (rows, positions): the prefix's where a position is in it, else the row's."""
     in_prefix = (positions < prefix)[:, None]  # (N, 1)
     from_head = head[0, positions.clamp(max=prefix - 1)]  # (N, H)
     from_tail = tail[rows, (positions - prefix).clamp(min=0)]  # (N, H)
     return torch.where(in_prefix, from_head, from_tail)
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least one of its own."""
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
 
 
 def usable(model: Any) -> bool:

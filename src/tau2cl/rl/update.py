@@ -7,14 +7,23 @@ the trajectories' own token ids (token-in, token-out).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tau2cl.distributed import gradient_sync
 from tau2cl.rl.grpo import grpo_loss, token_logprobs
-from tau2cl.rl.shared_prefix import MIN_SHARED_PREFIX, hidden_at, shared_prefix_length, usable
+from tau2cl.rl.shared_prefix import (
+    MIN_SHARED_PREFIX,
+    common_prefix_length,
+    hidden_at,
+    pick_hidden,
+    run_after,
+    run_prefix,
+    shared_prefix_length,
+    usable,
+)
 
 
 @dataclass
@@ -74,6 +83,51 @@ def collate(
     return TokenBatch(ids.to(device), attn.to(device), mask.to(device), old.to(device), adv.to(device))
 
 
+def _picked(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N,) log-prob of each target under softmax(logits / T), computed in fp32."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logprobs.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def backward_each(
+    model: torch.nn.Module,
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    compute_dtype: torch.dtype | None = None,
+    shared_prefix: bool = True,
+) -> Iterator[int]:
+    """Backpropagate, one (token ids, loss mask) sequence at a time, the sum of log p (T = 1) of its
+    masked tokens; yields each sequence's index once its gradient is in the parameters' `.grad`
+    (accumulated: clear them before resuming to keep per-sequence gradients).
+
+    With `shared_prefix` the sequences' common prefix runs once, with gradients, and each
+    sequence's remainder on top of it (shared_prefix.py); that forward's graph is kept until the
+    last sequence's backward. Each gradient is that of the sequence run alone, up to float order.
+    """
+    device = next(model.parameters()).device
+    body, head = _split_lm(model)
+    prefix = 0
+    if shared_prefix and body is not None and usable(model) and len(sequences) > 1:
+        prefix = common_prefix_length([list(ids) for ids, _ in sequences])
+        prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    if prefix:
+        with autocast_for(device, compute_dtype):
+            prefix_head, cache = run_prefix(body, torch.tensor([list(sequences[0][0][:prefix])], device=device))
+    for i, (token_ids, loss_mask) in enumerate(sequences):
+        ids = torch.tensor([list(token_ids)], device=device)  # (1, T)
+        mask = torch.tensor([list(loss_mask)], dtype=torch.bool, device=device)
+        mask[:, 0] = False  # position 0 has no prefix to predict it from
+        if prefix:
+            rows, cols = mask.nonzero(as_tuple=True)
+            with autocast_for(device, compute_dtype):
+                tail = run_after(body, cache, ids[:, prefix:], prefix)  # (1, S, H)
+                logits = head(pick_hidden(prefix_head, tail, prefix, rows, cols - 1))
+            total = _picked(logits, ids[rows, cols], 1.0).sum()
+        else:
+            total = sequence_logprobs(model, ids, torch.ones_like(ids), mask, 1.0, compute_dtype).sum()
+        total.backward(retain_graph=bool(prefix) and i < len(sequences) - 1)
+        yield i
+
+
 def autocast_for(device: torch.device, dtype: torch.dtype | None):
     """bf16/fp16 compute over fp32 master weights; a no-op context for fp32."""
     if dtype is None or dtype == torch.float32:
@@ -117,9 +171,8 @@ def sequence_logprobs(
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             hidden = hidden[rows, cols - 1]  # (N, H)
         logits = head(hidden)  # (N, V)
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
     targets = input_ids[rows, cols]
-    picked = logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+    picked = _picked(logits, targets, temperature)  # (N,)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out = out.index_put((rows, cols), picked)
     if not with_hits:

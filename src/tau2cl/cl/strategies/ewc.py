@@ -128,16 +128,13 @@ def episode_fisher(ctx: CLContext, trajectories: list[Trajectory]) -> Tensors:
     dist = ctx.dist
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in ctx.params]
     count = 0
-    for traj in trajectories:
-        if traj.num_generated_tokens == 0:
-            continue
-        _clear_grads(ctx.params)
-        ctx.generated_logprob(traj).backward()
+    _clear_grads(ctx.params)
+    for _ in ctx.episode_gradients(trajectories):
         for s, p in zip(sums, ctx.params, strict=True):
             if p.grad is not None:
                 s += p.grad.float() ** 2
         count += 1
-    _clear_grads(ctx.params)
+        _clear_grads(ctx.params)
     for s in sums:
         all_reduce_sum_(s)
     total = all_reduce_sum_(torch.tensor([float(count)], device=dist.device)).item()
