@@ -102,6 +102,7 @@ def test_per_sequence_gradients_with_the_prefix_run_once_equal_those_of_separate
         grads = []
         model.zero_grad(set_to_none=True)
         for i in backward_each(model, sequences, None, shared_prefix=shared):
+            assert i == len(grads)  # in order, one yield per sequence
             grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
             model.zero_grad(set_to_none=True)
         assert i == len(sequences) - 1
