@@ -196,14 +196,13 @@ def _run_bucket(model: Any, rows: list[Row], extra: int, device: torch.device, p
     return _Batch(cache, pads, mask, last, out.logits[:, -1].float(), list(range(len(rows))))
 
 
-def prefill(model: Any, rows: list[Row], extra: int, device: torch.device, pad_id: int,
-            offsets: list[int] | None = None, shared: cascade.Shared | None = None) -> _Batch:
+def prefill(model: Any, rows: list[Row], extra: int, device: torch.device, pad_id: int, offsets: list[int],
+            shared: cascade.Shared | None) -> _Batch:
     """One decode batch of all rows, each prefilled from what it has cached.
 
     `offsets`: each row's tokens before it that the cache does not hold; `shared`: the cascade's
-    prefixes, told which rows each bucket runs.
+    prefixes (None without cascade attention), told which rows each bucket runs.
     """
-    offsets = offsets if offsets is not None else [0] * len(rows)
     buckets = prefill_buckets([r.new_tokens for r in rows])
     if len(buckets) == 1:
         if shared is not None:
