@@ -465,6 +465,7 @@ def test_sigterm_during_the_first_evaluation_stops_both_ranks_together_and_resum
     args = _torchrun(
         "-m", "tau2cl.train", *TINY[:5], "airline", *TINY[7:], "--num_steps_per_task", "2",
         "--log_dir", str(log_dir), "--no-use_progress_bar",
+        "--eval_samples_per_task", "64",  # seconds of evaluation, so the signal lands inside it on a fast CPU
     )  # fmt: skip
     proc = subprocess.Popen(
         args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
