@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from tau2cl.cl.context import CLContext, Progress
-from tau2cl.cl.strategies.adaptive_fusion import AdaptiveFusion, best_alpha, holdout_split
+from tau2cl.cl.strategies.adaptive_fusion import (
+    AdaptiveFusion,
+    best_alpha,
+    format_alpha_search,
+    holdout_split,
+)
 from tau2cl.cl.strategies.base import build_strategy
 from tau2cl.cl.strategies.ewc_pp import is_update_step, moving_average, relative_change
 from tau2cl.cl.strategies.fusion import interpolate
@@ -77,6 +82,11 @@ def test_best_alpha_takes_the_highest_reward_and_the_largest_alpha_on_a_tie():
     assert best_alpha({0.25: 0.4, 0.75: 0.4, 1.0: 0.2}) == 0.75
 
 
+def test_the_alpha_search_line_lists_the_grid_by_increasing_alpha_then_the_choice():
+    line = format_alpha_search(1, {1.0: 0.125, 0.5: 0.25}, 0.5, ["airline", "retail"])
+    assert line == "[FUSION] Task 1 α search on held-out airline, retail: 0.5 → 0.250 | 1 → 0.125 | chosen α = 0.5"
+
+
 def test_the_last_train_tasks_are_held_out_and_too_many_is_refused():
     assert [t.id for t in holdout_split(_domain("airline", 5), 2)] == ["3", "4"]
     with pytest.raises(UserError, match="leaves none of the 2 airline train tasks"):
@@ -102,7 +112,10 @@ def test_the_search_keeps_the_alpha_of_the_planted_reward_and_loads_exactly_its_
     assert len({label for _, _, label in policy.evaluations}) == 4
     figures, line = logged[0]
     assert figures["fusion_alpha"] == 0.5 and figures["fusion_reward/alpha_0.75"] == 0.75
-    assert "chosen α = 0.5" in line and "0.25 → 0.750" in line
+    assert line == (
+        "[FUSION] Task 0 α search on held-out airline: 0.25 → 0.750 | 0.5 → 1.000 | 0.75 → 0.750 | 1 → 0.500"
+        " | chosen α = 0.5"
+    )
     assert strategy.start is None and strategy.end is None and strategy.scores == {}
 
 

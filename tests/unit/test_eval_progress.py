@@ -29,9 +29,9 @@ def test_the_bar_counts_episodes_and_closes_itself_at_the_end(tmp_path):
     tracker, stream = _tracker(tmp_path, use_progress_bar=True)
     tracker.eval_progress("after_task0", "retail", 0, 4)
     tracker.eval_progress("after_task0", "retail", 2, 4)
-    assert tracker._eval_bar is not None and tracker._eval_bar.n == 2
+    assert tracker._console.eval_bar is not None and tracker._console.eval_bar.n == 2
     tracker.eval_progress("after_task0", "retail", 4, 4)
-    assert tracker._eval_bar is None
+    assert tracker._console.eval_bar is None
     assert "Eval retail (after_task0)" in stream.getvalue() and "2/4 episodes" in stream.getvalue()
     tracker.close()
 

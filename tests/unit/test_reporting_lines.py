@@ -22,6 +22,7 @@ from tau2cl.reporting.formats import (
     format_train_detail,
     format_train_line,
     format_transfer_block,
+    with_separator,
 )
 from tau2cl.reporting.tracker import MetricsTracker
 
@@ -187,6 +188,16 @@ def test_final_summary_table():
         "",
     ]
     assert text.endswith("  forgetting: 0.0330")
+
+
+def test_blocks_and_the_first_eval_line_after_other_output_get_a_blank_line_above():
+    assert with_separator("Task 0: AIRLINE", "block", None) == "Task 0: AIRLINE"  # nothing above it yet
+    assert with_separator("Task 0: AIRLINE", "block", "block") == "\nTask 0: AIRLINE"
+    assert with_separator("[EVAL] Task 0", "eval", "train") == "\n[EVAL] Task 0"
+    assert with_separator("[EVAL] Task 0", "eval", "bar") == "\n[EVAL] Task 0"
+    assert with_separator("[EVAL] Task 0", "eval", "eval") == "[EVAL] Task 0"  # a run of [EVAL] lines
+    for kind in ("train", "message", "progress"):
+        assert with_separator("a line", kind, "block") == "a line"
 
 
 # ---------------------------------------------------------------- tracker console

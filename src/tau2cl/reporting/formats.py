@@ -1,7 +1,8 @@
 """The console's line formats, each a pure function of numbers and names (tests compare strings).
 
 Banners, compact train lines, `[EVAL]` rows, aligned domain rows, the transfer block, the accuracy
-matrix and the final summary; the tracker (tracker.py) only decides when and where they are written.
+matrix and the final summary, and the blank lines between them; the tracker (tracker.py) decides
+when they are written and hands them to its writers.
 """
 
 from __future__ import annotations
@@ -14,14 +15,22 @@ from tau2cl.evaluation.stats import EvalSummary
 RULE = "=" * 80
 NAME_WIDTH = 10  # domain column of the transfer rows: "airline    | Reward: ..."
 DETAIL_INDENT = " " * 8
-# The bar has no rate field: "100/100 [10:23<00:00, loss: 2.1234, reward: 0.456, kl: ...]".
-BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
-EVAL_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} episodes [{elapsed}<{remaining}]"
 # The transfer block prints the measures in this order; any other key follows in the order given.
 MEASURE_ORDER = ("backward_transfer", "average_performance", "forgetting", "forward_transfer")
 
 
 # ---------------------------------------------------------------- line formats (pure)
+
+
+def with_separator(text: str, kind: str, last_kind: str | None) -> str:
+    """`text` as printed after output of `last_kind` (None: nothing printed yet).
+
+    A block ("block") and the first [EVAL] line ("eval") after other output get a blank line above
+    them; train lines, messages and progress lines follow directly.
+    """
+    if last_kind is not None and (kind == "block" or (kind == "eval" and last_kind != "eval")):
+        return "\n" + text
+    return text
 
 
 def _num(value: Any, spec: str) -> str:
@@ -32,11 +41,11 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def format_banner(task_idx: int, domain: str, num_train_tasks: int) -> str:
+def format_banner(domain_idx: int, domain: str, num_train_tasks: int) -> str:
     return "\n".join(
         [
             RULE,
-            f"Task {task_idx}: {domain.upper()}",
+            f"Task {domain_idx}: {domain.upper()}",
             RULE,
             "",
             f"Training on {num_train_tasks} tasks from {domain} domain",
@@ -54,22 +63,22 @@ def format_postfix(stats: Mapping[str, Any]) -> str:
 
 
 def format_train_line(
-    task_idx: int, step: int, num_steps: int | None, stats: Mapping[str, Any]
+    domain_idx: int, step: int, num_steps: int | None, stats: Mapping[str, Any]
 ) -> str:
     """Compact line: "[TRAIN] Task 0 Step 10/100 | loss: 2.1234 | reward: 0.456±0.120 | kl: ..."."""
     of_total = f"/{num_steps}" if num_steps else ""
     return (
-        f"[TRAIN] Task {task_idx} Step {step}{of_total}"
+        f"[TRAIN] Task {domain_idx} Step {step}{of_total}"
         f" | loss: {_num(stats.get('loss'), '.4f')}"
         f" | reward: {_num(stats.get('reward_mean'), '.3f')}±{_num(stats.get('reward_std'), '.3f')}"
         f" | kl: {_num(stats.get('kl'), '.4f')}"
     )
 
 
-def format_sft_line(task_idx: int, step: int, num_steps: int, stats: Mapping[str, Any]) -> str:
+def format_sft_line(domain_idx: int, step: int, num_steps: int, stats: Mapping[str, Any]) -> str:
     """Supervised step: "[SFT] Task 0 Step 3/10 | loss: 2.3100 | token acc: 45.2% | 6.1s"."""
     return (
-        f"[SFT] Task {task_idx} Step {step}/{num_steps}"
+        f"[SFT] Task {domain_idx} Step {step}/{num_steps}"
         f" | loss: {_num(stats.get('loss'), '.4f')}"
         f" | token acc: {_pct(stats.get('token_accuracy'))}"
         f" | {_num(stats.get('time_step'), '.1f')}s"
@@ -104,9 +113,9 @@ def format_scores(summary: EvalSummary) -> str:
     )
 
 
-def format_eval_line(task_idx: int, step: int, summary: EvalSummary, current_domain: str) -> str:
+def format_eval_line(domain_idx: int, step: int, summary: EvalSummary, current_domain: str) -> str:
     """The [EVAL] line; " (<domain>)" is appended only when another domain was evaluated."""
-    line = f"[EVAL] Task {task_idx} Step {step} | {format_scores(summary)}"
+    line = f"[EVAL] Task {domain_idx} Step {step} | {format_scores(summary)}"
     return line if summary.domain == current_domain else f"{line} ({summary.domain})"
 
 
@@ -127,7 +136,7 @@ def format_measures(measures: Mapping[str, float | None]) -> list[str]:
 
 
 def format_transfer_block(
-    task_idx: int,
+    domain_idx: int,
     summaries: Mapping[str, EvalSummary],
     seen: Sequence[str],
     measures: Mapping[str, float | None],
@@ -136,11 +145,11 @@ def format_transfer_block(
     return "\n".join(
         [
             RULE,
-            f"Backward Transfer Evaluation (after Task {task_idx})",
+            f"Backward Transfer Evaluation (after Task {domain_idx})",
             RULE,
             *format_domain_rows(summaries, seen),
             "",
-            f"=== Transfer Metrics after Task {task_idx} ===",
+            f"=== Transfer Metrics after Task {domain_idx} ===",
             *format_measures(measures),
         ]
     )
@@ -221,11 +230,3 @@ def format_final_summary(
         ]
     )
 
-
-
-
-def format_alpha_search(task_idx: int, scores: Mapping[float, float], chosen: float, domains: Sequence[str]) -> str:
-    """adaptive_fusion's choice: "[FUSION] Task 1 α search on held-out airline, retail: 0.5 → 0.250 |
-    1 → 0.125 | chosen α = 0.5"."""
-    figures = " | ".join(f"{alpha:g} → {reward:.3f}" for alpha, reward in sorted(scores.items()))
-    return f"[FUSION] Task {task_idx} α search on held-out {', '.join(domains)}: {figures} | chosen α = {chosen:g}"

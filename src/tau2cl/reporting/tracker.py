@@ -1,27 +1,21 @@
-"""Rank-0 reporting of a run: tqdm bar, compact lines, metrics.jsonl, summary.json, train.log, wandb.
+"""Rank-0 reporting of a run: what is recorded and printed when, handed to one writer per output.
 
-The lines themselves come from the pure formatters in formats.py; the tracker decides when and
-where to write them. Only the main process writes; on every other rank each method is a no-op.
+The lines come from the pure formatters in formats.py; the writers (writers/) put them on the
+console (tqdm bar, compact lines), in train.log, metrics.jsonl, summary.json and wandb. Only the
+main process writes; on every other rank each method is a no-op.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import numbers
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from tqdm import tqdm
-
-from tau2cl.errors import UserError
 from tau2cl.evaluation.stats import EvalSummary
 from tau2cl.reporting.formats import (
-    BAR_FORMAT,
-    EVAL_BAR_FORMAT,
     format_banner,
     format_domain_rows,
     format_eval_detail,
@@ -34,52 +28,14 @@ from tau2cl.reporting.formats import (
     format_train_detail,
     format_train_line,
     format_transfer_block,
+    with_separator,
 )
+from tau2cl.reporting.writers.console import ConsoleWriter
+from tau2cl.reporting.writers.jsonl import JsonlWriter
+from tau2cl.reporting.writers.log_file import LogFileWriter
+from tau2cl.reporting.writers.summary_file import SummaryFileWriter
+from tau2cl.reporting.writers.wandb_writer import NullWandbWriter, open_wandb
 from tau2cl.runs.files import LOG_FILE, METRICS_FILE, SUMMARY_FILE
-
-# ---------------------------------------------------------------- the tracker
-
-
-class _NoWandb:
-    """Do-nothing stand-in for a wandb run (wandb off, or not rank 0), so callers never branch."""
-
-    id = None
-
-    def __init__(self) -> None:
-        self.summary: dict[str, Any] = {}
-
-    def log(self, data: dict, step: int | None = None) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-def _init_wandb(project: str, name: str | None, run_id: str | None, config: dict, log_dir: str):
-    try:
-        import wandb  # imported here: no import cost when wandb is off
-    except ImportError as error:
-        raise UserError(
-            "wandb_project is set but wandb is not installed; pip install wandb or unset it."
-        ) from error
-    # resume="allow": a resumed run passes its old id and continues the same wandb run.
-    return wandb.init(
-        project=project, name=name, id=run_id, resume="allow", config=config, dir=log_dir
-    )
-
-
-def _numbers(prefix: str, figures: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric figures under a wandb namespace ("train/loss"); None and text are left out."""
-    return {f"{prefix}/{k}": v for k, v in figures.items() if isinstance(v, numbers.Real)}
-
-
-def _to_json(value: Any) -> Any:
-    """json default: numpy scalars and 0-d tensors become Python numbers, arrays lists."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _main_only(method):
@@ -120,30 +76,23 @@ class MetricsTracker:
         self.use_progress_bar = use_progress_bar
         self.log_interval = max(1, log_interval)
         self.verbose = verbose
-        self._stream = stream if stream is not None else sys.stdout
-        self._bar: tqdm | None = None
-        self._eval_bar: tqdm | None = None
         self._domain, self._num_steps, self._step = None, None, 0
         self._initial_announced = False  # the row-0 header is out; its rows follow alone
         self._last_kind: str | None = None  # what was printed last; decides blank separator lines
-        self._jsonl = None
-        self._log = None
-        self._wandb: Any = _NoWandb()
+        self._console = ConsoleWriter(stream if stream is not None else sys.stdout)
+        self._log_file: LogFileWriter | None = None
+        self._jsonl: JsonlWriter | None = None
+        self._summary_file = SummaryFileWriter(os.path.join(log_dir, SUMMARY_FILE))
+        self._wandb: Any = NullWandbWriter()
         self._wandb_run_id: str | None = None
         if not is_main:
             return
         os.makedirs(log_dir, exist_ok=True)
-        # Line-buffered append: a crash loses no finished line, a resumed run adds to the file.
-        self._jsonl = open(
-            os.path.join(log_dir, METRICS_FILE), "a", buffering=1, encoding="utf-8"
-        )
-        # Every console line (and the compact train lines, even under the bar) also goes here.
-        self._log = open(os.path.join(log_dir, LOG_FILE), "a", buffering=1, encoding="utf-8")
+        self._jsonl = JsonlWriter(os.path.join(log_dir, METRICS_FILE))
+        self._log_file = LogFileWriter(os.path.join(log_dir, LOG_FILE))
         if wandb_project:
-            self._wandb = _init_wandb(
-                wandb_project, wandb_run_name, wandb_run_id, config_dict, log_dir
-            )
-            self._wandb_run_id = self._wandb.id
+            self._wandb = open_wandb(wandb_project, wandb_run_name, wandb_run_id, config_dict, log_dir)
+            self._wandb_run_id = self._wandb.run_id
 
     @classmethod
     def from_config(cls, config, *, is_main: bool, wandb_run_id: str | None = None, stream=None):
@@ -166,103 +115,81 @@ class MetricsTracker:
         """The wandb run's id (keep it in the checkpoint to resume the same run); else None."""
         return self._wandb_run_id
 
-    # ------------------------------------------------------------ output plumbing
+    # ------------------------------------------------------------ handing out lines and records
 
-    def _write(self, text: str, kind: str) -> None:
-        """Print through tqdm.write, which lifts the bar, prints, and redraws it below.
-
-        Blocks ("block") and the first [EVAL] line after other output get a blank line above them.
-        """
-        if self._last_kind is not None and (
-            kind == "block" or (kind == "eval" and self._last_kind != "eval")
-        ):
-            text = "\n" + text
-        tqdm.write(text, file=self._stream)
-        self._stream.flush()
-        self._to_log(text)
+    def _show(self, text: str, kind: str) -> None:
+        """A console line, also kept in train.log; `kind` decides the blank line above it."""
+        text = with_separator(text, kind, self._last_kind)
+        self._console.write_line(text)
+        self._log_file.write_line(text)
         self._last_kind = kind
 
-    def _to_log(self, text: str) -> None:
-        if self._log is not None:
-            self._log.write(text + "\n")
-
     def _record(self, header: dict, figures: Mapping[str, Any]) -> None:
-        """Append one metrics.jsonl line: header keys first (they win a clash), then figures."""
+        """One metrics.jsonl record: header keys first (they win a clash), then figures."""
         record = {**header, "time": time.time()}
         record.update((k, v) for k, v in figures.items() if k not in record)
-        self._jsonl.write(json.dumps(record, default=_to_json) + "\n")
+        self._jsonl.write_record(record)
 
     def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()  # leave=True: the finished bar stays on screen
-            self._bar = None
+        if self._console.close_bar():
             self._last_kind = "bar"
+
+    def _is_log_step(self, step: int, num_steps: int | None) -> bool:
+        return step % self.log_interval == 0 or step == num_steps
 
     # ------------------------------------------------------------ the trainer's calls
 
     @_main_only
     def start_domain(
-        self, task_idx: int, domain: str, num_train_tasks: int, num_steps: int, start_step: int = 0
+        self, domain_idx: int, domain: str, num_train_tasks: int, num_steps: int, start_step: int = 0
     ) -> None:
         self._close_bar()
         self._domain, self._num_steps, self._step = domain, num_steps, start_step
-        self._write(format_banner(task_idx, domain, num_train_tasks), "block")
+        self._show(format_banner(domain_idx, domain, num_train_tasks), "block")
         if self.use_progress_bar:
-            self._bar = tqdm(
-                total=num_steps,
-                initial=start_step,
-                desc=f"Task {task_idx} ({domain})",
-                file=self._stream,
-                bar_format=BAR_FORMAT,
-                dynamic_ncols=True,
-                mininterval=0.1,  # a step takes seconds: redraw on every one
-                miniters=1,
-                leave=True,
-            )
+            self._console.open_bar(f"Task {domain_idx} ({domain})", num_steps, start_step)
 
     @_main_only
     def log_train(
-        self, task_idx: int, domain: str, step: int, global_step: int, stats: Mapping[str, Any]
+        self, domain_idx: int, domain: str, step: int, global_step: int, stats: Mapping[str, Any]
     ) -> None:
         self._step = step
         header = {
             "type": "train",
-            "task_idx": task_idx,
+            "task_idx": domain_idx,
             "domain": domain,
             "step": step,
             "global_step": global_step,
         }
         self._record(header, stats)
-        self._wandb.log(_numbers("train", stats), step=global_step)
-        if self._bar is not None:
-            self._bar.set_postfix_str(format_postfix(stats), refresh=False)
-            self._bar.update(1)
-            if self._bar.total is not None and self._bar.n >= self._bar.total:
+        self._wandb.write_record("train", stats, global_step)
+        if self._console.bar is not None:
+            if self._console.advance_bar(format_postfix(stats)):
                 self._close_bar()  # so the domain's last [EVAL] prints below a finished bar
             if not self.verbose:  # the bar shows loss, reward and kl; the log file gets the line
-                if step % self.log_interval == 0 or step == self._num_steps:
-                    self._to_log(format_train_line(task_idx, step, self._num_steps, stats))
+                if self._is_log_step(step, self._num_steps):
+                    self._log_file.write_line(format_train_line(domain_idx, step, self._num_steps, stats))
                 return
-        if step % self.log_interval == 0 or step == self._num_steps:
-            self._write(format_train_line(task_idx, step, self._num_steps, stats), "train")
+        if self._is_log_step(step, self._num_steps):
+            self._show(format_train_line(domain_idx, step, self._num_steps, stats), "train")
             if self.verbose:
-                self._write(format_train_detail(stats), "train")
+                self._show(format_train_detail(stats), "train")
 
     @_main_only
     def log_sft(
-        self, task_idx: int, domain: str, step: int, num_steps: int, global_step: int, stats: Mapping[str, Any]
+        self, domain_idx: int, domain: str, step: int, num_steps: int, global_step: int, stats: Mapping[str, Any]
     ) -> None:
         """A supervised warm-start step: its own record type; a line every log_interval steps."""
-        header = {"type": "sft", "task_idx": task_idx, "domain": domain, "step": step, "global_step": global_step}
+        header = {"type": "sft", "task_idx": domain_idx, "domain": domain, "step": step, "global_step": global_step}
         self._record(header, stats)
-        self._wandb.log(_numbers("sft", stats), step=global_step)
-        if step % self.log_interval == 0 or step == num_steps:
-            self._write(format_sft_line(task_idx, step, num_steps, stats), "train")
+        self._wandb.write_record("sft", stats, global_step)
+        if self._is_log_step(step, num_steps):
+            self._show(format_sft_line(domain_idx, step, num_steps, stats), "train")
 
     @_main_only
     def log_eval(
         self,
-        task_idx: int,
+        domain_idx: int,
         step: int,
         global_step: int,
         summary: EvalSummary,
@@ -274,15 +201,15 @@ class MetricsTracker:
         """Record an evaluation; `echo` prints the [EVAL] line; `stage` = its accuracy-matrix row."""
         self._step = step
         if echo:
-            self._write(format_eval_line(task_idx, step, summary, current_domain), "eval")
+            self._show(format_eval_line(domain_idx, step, summary, current_domain), "eval")
             if self.verbose:
-                self._write(format_eval_detail(summary), "eval")
+                self._show(format_eval_detail(summary), "eval")
         figures = summary.to_dict()
         del figures["domain"]
         figures["pass_hat_k"] = {str(k): v for k, v in summary.pass_hat_k.items()}
         header = {
             "type": "eval",
-            "task_idx": task_idx,
+            "task_idx": domain_idx,
             "domain": current_domain,
             "eval_domain": summary.domain,
             "step": step,
@@ -291,39 +218,39 @@ class MetricsTracker:
         }
         self._record(header, figures)
         wandb_figures = {**figures, **{f"pass_hat_{k}": v for k, v in summary.pass_hat_k.items()}}
-        self._wandb.log(_numbers(f"eval/{summary.domain}", wandb_figures), step=global_step)
+        self._wandb.write_record(f"eval/{summary.domain}", wandb_figures, global_step)
 
     @_main_only
     def announce_initial_eval(self) -> None:
         """The header of the evaluation before training, before that evaluation runs."""
-        self._write(format_initial_header(), "block")
+        self._show(format_initial_header(), "block")
         self._initial_announced = True
 
     @_main_only
     def log_initial_eval(self, global_step: int, summaries: Mapping[str, EvalSummary]) -> None:
         """Row 0: print every domain's scores before training (under its header) and record them."""
         rows = "\n".join(format_domain_rows(summaries, None))
-        self._write(rows if self._initial_announced else format_initial_block(summaries), "block")
+        self._show(rows if self._initial_announced else format_initial_block(summaries), "block")
         first = next(iter(summaries))
         for summary in summaries.values():
             self.log_eval(0, 0, global_step, summary, first, echo=False, stage=0)
 
     @_main_only
     def log_strategy(
-        self, strategy: str, task_idx: int, domain: str, global_step: int, figures: Mapping[str, Any], line: str
+        self, strategy: str, domain_idx: int, domain: str, global_step: int, figures: Mapping[str, Any], line: str
     ) -> None:
         """A strategy's own record (e.g. the α a search chose) and its console line."""
         header = {
             "type": "strategy",
             "strategy": strategy,
-            "task_idx": task_idx,
+            "task_idx": domain_idx,
             "domain": domain,
             "step": self._step,
             "global_step": global_step,
         }
         self._record(header, figures)
-        self._wandb.log(_numbers(f"strategy/{strategy}", figures), step=global_step)
-        self._write(line, "message")
+        self._wandb.write_record(f"strategy/{strategy}", figures, global_step)
+        self._show(line, "message")
 
     @_main_only
     def end_domain(self) -> None:
@@ -332,18 +259,18 @@ class MetricsTracker:
     @_main_only
     def log_transfer(
         self,
-        task_idx: int,
+        domain_idx: int,
         global_step: int,
         summaries: Mapping[str, EvalSummary],
         seen: Sequence[str],
         measures: Mapping[str, float | None],
     ) -> None:
         self._close_bar()
-        self._write(format_transfer_block(task_idx, summaries, seen, measures), "block")
+        self._show(format_transfer_block(domain_idx, summaries, seen, measures), "block")
         domain = self._domain if self._domain is not None else (seen[-1] if seen else None)
         header = {
             "type": "transfer",
-            "task_idx": task_idx,
+            "task_idx": domain_idx,
             "domain": domain,
             "step": self._step,
             "global_step": global_step,
@@ -351,7 +278,7 @@ class MetricsTracker:
         scores = {name: s.reward_mean for name, s in summaries.items()}
         self._record(header, {**measures, "seen": list(seen), "scores": scores})
         per_domain = {f"{name}/reward_mean": v for name, v in scores.items()}
-        self._wandb.log(_numbers("transfer", {**measures, **per_domain}), step=global_step)
+        self._wandb.write_record("transfer", {**measures, **per_domain}, global_step)
 
     @_main_only
     def log_final_summary(
@@ -363,18 +290,13 @@ class MetricsTracker:
         floor: Mapping[str, float] | None = None,
     ) -> None:
         self._close_bar()
-        self._write(format_final_summary(domains, matrix, measures, split, floor), "block")
-        self._wandb.summary.update(_numbers("final", measures))
+        self._show(format_final_summary(domains, matrix, measures, split, floor), "block")
+        self._wandb.write_summary("final", measures)
 
     @_main_only
     def write_summary(self, summary: dict) -> None:
         """Write log_dir/summary.json atomically, so a reader never sees half a file."""
-        path = os.path.join(self.log_dir, SUMMARY_FILE)
-        tmp_path = f"{path}.tmp"
-        with open(tmp_path, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, default=_to_json)
-            f.write("\n")
-        os.replace(tmp_path, path)
+        self._summary_file.write_record(summary)
 
     @_main_only
     def eval_progress(self, label: str, domain: str, done: int, total: int) -> None:
@@ -383,43 +305,24 @@ class MetricsTracker:
         Called with done=0 before the first episode (so its header comes before the work) and after
         every batch; the bar closes itself when done reaches total.
         """
-        desc = f"Eval {domain} ({label})"
         if not self.use_progress_bar:
-            self._write(f"[EVAL] {domain} ({label}): {done}/{total} episodes", "progress")
+            self._show(f"[EVAL] {domain} ({label}): {done}/{total} episodes", "progress")
             return
-        if done == 0 or self._eval_bar is None:
-            self._close_eval_bar()
-            self._eval_bar = tqdm(
-                total=total, desc=desc, file=self._stream, bar_format=EVAL_BAR_FORMAT,
-                dynamic_ncols=True, mininterval=0, miniters=1, leave=False,  # a batch takes seconds
-            )
-        self._eval_bar.update(done - self._eval_bar.n)
-        if done >= total:
-            self._close_eval_bar()
-
-    def _close_eval_bar(self) -> None:
-        if self._eval_bar is not None:
-            self._eval_bar.close()  # leave=False: the [EVAL] line that follows stays instead
-            self._eval_bar = None
+        self._console.show_eval_progress(f"Eval {domain} ({label})", done, total)
 
     @_main_only
     def log_message(self, text: str) -> None:
         """Any other line from the trainer, printed without garbling the bar."""
-        self._write(text, "message")
+        self._show(text, "message")
 
     @_main_only
     def close(self) -> None:
-        """Close the bars, the metrics file and the wandb run; safe to call twice."""
-        self._close_eval_bar()
+        """Close the bars, the files and the wandb run; safe to call twice."""
+        self._console.close_eval_bar()
         self._close_bar()
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        self._wandb.finish()
-        self._wandb = _NoWandb()
+        for writer in (self._jsonl, self._log_file, self._summary_file, self._wandb):
+            writer.close()
+        self._wandb = NullWandbWriter()
 
     def __enter__(self) -> MetricsTracker:
         return self

@@ -21,7 +21,7 @@ domain end one greedy evaluation of the held-out tasks of the domains seen so fa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tau2cl.cl.context import CLContext
@@ -30,7 +30,15 @@ from tau2cl.cl.strategies.fusion import Weights, interpolate
 from tau2cl.distributed import all_gather_objects
 from tau2cl.env.domains import Domain, Task
 from tau2cl.errors import UserError
-from tau2cl.reporting.formats import format_alpha_search
+
+
+def format_alpha_search(
+    domain_idx: int, scores: Mapping[float, float], chosen: float, domains: Sequence[str]
+) -> str:
+    """The search's console line: "[FUSION] Task 1 α search on held-out airline, retail:
+    0.5 → 0.250 | 1 → 0.125 | chosen α = 0.5" (grid points in increasing α)."""
+    figures = " | ".join(f"{alpha:g} → {reward:.3f}" for alpha, reward in sorted(scores.items()))
+    return f"[FUSION] Task {domain_idx} α search on held-out {', '.join(domains)}: {figures} | chosen α = {chosen:g}"
 
 
 def best_alpha(scores: Mapping[float, float]) -> float:
