@@ -34,7 +34,7 @@ from tau2.environment.environment import Environment
 from tau2.environment.tool import Tool
 from tau2.registry import registry
 
-from tau2cl.config import DOMAIN_NAMES
+from tau2cl.constants import DOMAIN_NAMES
 from tau2cl.env.tau2_compat import as_list
 from tau2cl.errors import UserError
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tau2cl.config import ADVANTAGE_NORMALIZATIONS, LOG_RATIO_BOUND
+from tau2cl.constants import ADVANTAGE_NORMALIZATIONS, LOG_RATIO_BOUND
 
 
 def _grouped(rewards: Tensor, group_size: int) -> Tensor:

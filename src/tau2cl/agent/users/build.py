@@ -8,7 +8,7 @@ from tau2cl.agent.users.base import UserSimulator
 from tau2cl.agent.users.litellm_user import LiteLLMUser
 from tau2cl.agent.users.local import LocalModelUser
 from tau2cl.agent.users.scripted import ScriptedUser
-from tau2cl.config import LITELLM_PREFIX, REFERENCE_USER
+from tau2cl.constants import LITELLM_PREFIX, REFERENCE_USER
 
 
 def build_user(config: Any, reference: Any = None, device: Any = "cpu") -> UserSimulator:

@@ -17,7 +17,7 @@ from typing import Any
 
 from tau2cl.agent.episode import Episode
 from tau2cl.agent.users.base import UserFailure, UserReply, UserSimulator, tau2_user, user_history
-from tau2cl.config import LITELLM_PREFIX, USER_API_KEY_ENV
+from tau2cl.constants import LITELLM_PREFIX, USER_API_KEY_ENV
 from tau2cl.env import tau2_compat  # noqa: F401  (first: quiets tau2's import)
 
 MAX_CONCURRENT_CALLS = 32

@@ -1,35 +1,30 @@
-"""GRPOConfig: the one source of every training flag, its default, its help text and its checks.
+"""GRPOConfig: every training flag as a dataclass field with its default, help text and group.
 
-The command line, `--config` files and `summary.json` are all built from the dataclass fields, so a
-flag cannot exist in one place and be missing from another. Values from any source pass through the
-same coercion and validation in `__post_init__`, so a bad value gets the same one-sentence message
-whether it came from a flag, a YAML file or Python code. Only light stdlib modules are imported here
-so that `tau2cl train --help` is instant.
+The command line, `--config` files and `summary.json` are all built from these fields, so a flag
+cannot exist in one place and be missing from another. `__post_init__` passes every value, whatever
+its source, through the same coercion and validation.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import re
-import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-from tau2cl.cl.strategies.registry import CL_ALGORITHMS, NEEDS_LORA
-from tau2cl.errors import ArgumentParser, UserError
+from tau2cl.cl.strategies.registry import CL_ALGORITHMS, in_help_order
+from tau2cl.config.coercion import coerce, hint_item_type, hint_type
+from tau2cl.config.validation import validate
+from tau2cl.constants import (
+    ADVANTAGE_NORMALIZATIONS,
+    DOMAIN_NAMES,
+    LOG_RATIO_BOUND,
+    USER_API_KEY_ENV,
+)
+from tau2cl.errors import UserError
 
-DOMAIN_NAMES = ("airline", "retail", "telecom")
-USER_API_KEY_ENV = "TAU2CL_USER_API_KEY"  # read when --user_api_key is not given
-LITELLM_PREFIX = "litellm:"  # --user_model litellm:<model> selects tau2's litellm user
-REFERENCE_USER = "reference"  # --user_model value: the frozen reference model plays the user
 MODEL_DTYPES = ("float32", "float16", "bfloat16", "auto")
-ADVANTAGE_NORMALIZATIONS = ("std", "mean")
 FISHER_NORMALIZATIONS = ("mean", "max", "none")
 REPLAY_SELECTIONS = ("uniform", "reward")
 FUSION_MODES = ("endpoints", "wise")
@@ -37,7 +32,6 @@ PROGRESSIVE_INITS = ("fresh", "previous")
 PARALLELISMS = ("ddp", "fsdp")
 # LoRA's default targets: the attention and MLP projections of Qwen/Llama/Mistral-style decoders
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LOG_RATIO_BOUND = 20.0  # the GRPO loss clamps log-ratios to ±this before exp (see rl/grpo.py)
 DOMAIN_RESTARTS = ("none", "warmup", "optimizer")
 
 # Flags a resumed run may change: how it reports, saves, evaluates mid-domain and waits. Every other
@@ -83,6 +77,12 @@ def _option(
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, repr=not secret, metadata=metadata)
+
+
+def cl_algorithm_help() -> str:
+    """`--cl_algorithm`'s help: every registered strategy with its registry summary."""
+    described = "; ".join(f"{name} = {entry.summary}" for name, entry in in_help_order())
+    return f"Strategy against forgetting: {described}."
 
 
 @dataclass
@@ -357,22 +357,7 @@ class GRPOConfig:
     cl_algorithm: str = _option(
         "sequential",
         "continual learning",
-        "Strategy against forgetting: sequential = plain fine-tuning, one domain after another; "
-        "replay = part of each batch is earlier domains' tasks, each run in its own domain's "
-        "environment (costs that share of the batch's rollouts); ewc = Elastic Weight "
-        "Consolidation, a Fisher-weighted pull towards the weights after each earlier domain "
-        "(2 extra copies of the weights per domain); online_ewc = one running Fisher and anchor "
-        "(2 extra copies in all); adaptive_replay = replay whose share per earlier domain follows "
-        "the forgetting measured in the accuracy matrix (replay's cost); fusion = at each "
-        "domain's end the weights become a merge (--fusion_mode; one extra copy); "
-        "adaptive_fusion = WiSE-FT whose α is chosen at each domain's end from "
-        "--fusion_alpha_grid by the reward on held-out train tasks (2 extra copies, one greedy "
-        "evaluation of the held-out tasks per grid point); ewc_pp = EWC++, a moving-average "
-        "Fisher updated from the training steps' own episodes (3 extra copies, no extra rollouts); "
-        "distill = from the second domain on, a KL penalty (--distill_coef) towards the policy as "
-        "it was when the domain began (one extra copy of the trained weights, one no-grad forward "
-        "per step); progressive = a new LoRA adapter for each domain, earlier ones frozen, domain j "
-        "evaluated with adapter j (needs --lora_r > 0; one adapter copy per domain).",
+        cl_algorithm_help(),
         CL_ALGORITHMS,
     )
     replay_buffer_size: int = _option(
@@ -608,9 +593,10 @@ class GRPOConfig:
     )
 
     def __post_init__(self) -> None:
+        hints = _field_hints()
         for f in fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name)))
-        _validate(self)
+            setattr(self, f.name, coerce(f.name, hints[f.name], getattr(self, f.name)))
+        validate(self)
 
     @property
     def upper_clip_range(self) -> float:
@@ -646,402 +632,18 @@ def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in fields(GRPOConfig))
 
 
-# ----------------------------------------------------------------------------- coercion
-# One converter per base type; each takes a native value (from YAML/JSON/Python) or a string
-# (from the command line) and raises TypeError/ValueError when it cannot be that type.
-
-_TRUE_WORDS = ("true", "yes", "on", "1")
-_FALSE_WORDS = ("false", "no", "off", "0")
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
-        return value.strip().lower() in _TRUE_WORDS
-    raise ValueError(value)
-
-
-def _to_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, (int, str)):
-        return int(value)
-    raise TypeError(value)
-
-
-def _to_float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise TypeError(value)
-    number = float(value)  # YAML reads 1e-6 (no dot) as a string; float() accepts it
-    if math.isnan(number):
-        raise ValueError(value)
-    return number
-
-
-def _to_str(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise TypeError(value)
-    return str(value)
-
-
-def _to_str_list(value: Any) -> list[str]:
-    """A list from `a b`, `a,b` or ["a", "b,c"]: every item split on commas, blanks dropped."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
-        raise TypeError(value)
-    return [part.strip() for item in items for part in item.split(",") if part.strip()]
-
-
-def _to_float_list(value: Any) -> list[float]:
-    """A list of numbers from `0.5 1` or `0.5,1` (items split like names) or [0.5, 1]."""
-    items = value if isinstance(value, (list, tuple)) else [value]
-    return [_to_float(v) for item in items for v in (_to_str_list(item) if isinstance(item, str) else [item])]
-
-
-_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
-_LIST_CONVERTERS = {str: _to_str_list, float: _to_float_list}  # by item type
-_TYPE_WORDS = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-}
-_LIST_WORDS = {str: "a list of names", float: "a list of numbers"}
+@cache
+def _field_hints() -> dict[str, Any]:
+    return typing.get_type_hints(GRPOConfig)
 
 
 @cache
 def field_type(name: str) -> tuple[type, bool]:
     """(base type, optional) of a field: `int | None` → (int, True), `list[str]` → (list, False)."""
-    hint = typing.get_type_hints(GRPOConfig)[name]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional:
-        hint = next(arg for arg in args if arg is not type(None))
-    return typing.get_origin(hint) or hint, optional
+    return hint_type(_field_hints()[name])
 
 
 @cache
 def list_item_type(name: str) -> type:
     """The item type of a list field: `list[float]` → float."""
-    (item,) = typing.get_args(typing.get_type_hints(GRPOConfig)[name])
-    return item
-
-
-def _coerce(name: str, value: Any) -> Any:
-    base, optional = field_type(name)
-    if optional and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
-        return None
-    if value is None:
-        raise UserError(
-            f"--{name} cannot be none; give it a value or leave it out for the default."
-        )
-    item = list_item_type(name) if base is list else None
-    try:
-        return _LIST_CONVERTERS[item](value) if item else _CONVERTERS[base](value)
-    except (TypeError, ValueError):
-        none = " or none" if optional else ""
-        words = _LIST_WORDS[item] if item else _TYPE_WORDS[base]
-        raise UserError(f"--{name} expects {words}{none}, got {value!r}.") from None
-
-
-# ----------------------------------------------------------------------------- validation
-
-_AT_LEAST_ONE = (
-    "max_new_tokens",
-    "max_turns",
-    "max_context_tokens",
-    "user_max_turns",
-    "user_max_new_tokens",
-    "num_updates_per_batch",
-    "batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "replay_buffer_size",
-    "ewc_fisher_samples",
-    "ewc_pp_interval",
-    "fusion_holdout_tasks",
-    "eval_samples_per_task",
-    "log_interval",
-    "max_tasks_per_domain",
-    "eval_max_tasks",
-    "save_total_limit",
-)
-_NON_NEGATIVE = (
-    "kl_coef",
-    "distill_coef",
-    "ewc_lambda",
-    "learning_rate",
-    "weight_decay",
-    "warmup_steps",
-    "eval_interval",
-    "num_steps_per_task",
-    "sft_steps_per_task",
-    "sft_learning_rate",
-    "max_resample_rounds",
-    "save_interval",
-    "eval_temperature",
-    "user_temperature",
-    "user_max_retries",
-)
-_POSITIVE = (
-    "clip_range", "clip_range_high", "max_grad_norm", "dist_timeout_minutes", "user_timeout", "reward_timeout"
-)
-_NON_EMPTY = ("model_name_or_path", "log_dir")
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-def _validate(config: GRPOConfig) -> None:
-    """Raise a UserError, one sentence that says how to fix it, for the first bad value."""
-    for f in fields(config):
-        value, choices = getattr(config, f.name), f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            _fail(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}.")
-    for name in _AT_LEAST_ONE:
-        _check(config, name, lambda v: v >= 1, "must be at least 1")
-    for name in _NON_NEGATIVE:
-        _check(config, name, lambda v: v >= 0, "must be 0 or more")
-    for name in _POSITIVE:
-        _check(config, name, lambda v: v > 0, "must be greater than 0")
-    for name in _NON_EMPTY:
-        _check(config, name, lambda v: v.strip() != "", "must not be empty")
-    _check(
-        config,
-        "num_samples_per_prompt",
-        lambda v: v >= 2,
-        "must be at least 2, because GRPO compares the samples of one task with each other",
-    )
-    _check(
-        config,
-        "temperature",
-        lambda v: v > 0,
-        "must be greater than 0, because training needs samples that differ (greedy decoding "
-        "is for --eval_temperature 0)",
-    )
-    _check(config, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
-    _check(config, "dual_clip", lambda v: v > 1, "must be greater than 1 (or none to turn it off)")
-    _check(config, "tis_cap", lambda v: v >= 1, "must be at least 1 (or none to turn it off)")
-    _validate_lora(config)
-    _check(config, "replay_ratio", lambda v: 0 <= v <= 1, "must be between 0 and 1")
-    _check(config, "ewc_gamma", lambda v: 0 <= v <= 1, "must be between 0 and 1")
-    _check(config, "fusion_alpha", lambda v: 0 <= v <= 1, "must be between 0 and 1")
-    _check(config, "fusion_alpha_grid", lambda v: v and all(0 <= a <= 1 for a in v), "needs values between 0 and 1")
-    _check(config, "ewc_pp_alpha", lambda v: 0 < v <= 1, "must be in (0, 1]")
-    _check(config, "adaptive_replay_floor", lambda v: v >= 0, "must be >= 0")
-    _check(
-        config,
-        "reward_fn",
-        lambda v: v == "tau2" or _IMPORT_PATH.match(v) is not None,
-        "must be tau2 or a module:function import path such as my_pkg.rewards:score",
-    )
-    _validate_task_order(config.task_order)
-    _validate_task_ids(config)
-    if config.num_steps_per_task == 0 and config.sft_steps_per_task == 0:
-        _fail("--num_steps_per_task must be at least 1 unless --sft_steps_per_task is set (no training otherwise).")
-    if config.parallelism == "fsdp" and config.cl_algorithm in ("ewc", "online_ewc", "ewc_pp"):
-        _fail(
-            f"--cl_algorithm {config.cl_algorithm} needs --parallelism ddp: its Fisher comes from "
-            "per-episode gradients of the whole model, which FSDP shards across processes."
-        )
-    _validate_user(config)
-
-
-def _validate_lora(config: GRPOConfig) -> None:
-    _check(config, "lora_r", lambda v: v >= 0, "must be 0 (full fine-tuning) or more")
-    _check(config, "lora_alpha", lambda v: v > 0, "must be greater than 0")
-    _check(config, "lora_dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
-    if config.lora_r > 0 and not config.lora_target_modules:
-        _fail("--lora_target_modules needs at least one module name, e.g. q_proj v_proj.")
-    if config.merge_lora_on_save and config.lora_r == 0:
-        _fail("--merge_lora_on_save needs --lora_r > 0: a full fine-tuning checkpoint is already a plain model.")
-    if config.cl_algorithm in NEEDS_LORA and config.lora_r == 0:
-        _fail(f"--cl_algorithm {config.cl_algorithm} needs --lora_r > 0: it trains a LoRA adapter for each domain.")
-
-
-def _validate_user(config: GRPOConfig) -> None:
-    model = config.user_model
-    if model is not None and not model.strip():
-        _fail("--user_model must not be empty; leave it out for the scripted user.")
-    litellm = model is not None and model.startswith(LITELLM_PREFIX)
-    if litellm and not model[len(LITELLM_PREFIX) :].strip():
-        _fail("--user_model litellm: needs a model name, e.g. litellm:gpt-4.1-mini.")
-    for name in ("user_api_base", "user_api_key"):
-        if getattr(config, name) is not None and not litellm:
-            _fail(f"--{name} is only used by a litellm user; set --user_model litellm:<model>.")
-
-
-def _check(config: GRPOConfig, name: str, ok: typing.Callable[[Any], bool], rule: str) -> None:
-    value = getattr(config, name)
-    if value is not None and not ok(value):
-        _fail(f"--{name} {rule}, got {value!r}.")
-
-
-def _validate_task_order(order: list[str]) -> None:
-    if not order:
-        _fail(f"--task_order needs at least one domain from {', '.join(DOMAIN_NAMES)}.")
-    for i, name in enumerate(order):
-        if name not in DOMAIN_NAMES:
-            _fail(
-                f"unknown domain {name!r} in --task_order; choose from {', '.join(DOMAIN_NAMES)}."
-            )
-        if name in order[:i]:
-            _fail(f"--task_order lists {name!r} twice; give each domain at most once.")
-
-
-def parse_task_ids(entries: list[str]) -> dict[str, list[str]]:
-    """`["airline:27", "airline:9", "retail:3"]` → {"airline": ["27", "9"], "retail": ["3"]}."""
-    chosen: dict[str, list[str]] = {}
-    for entry in entries:
-        domain, sep, task_id = entry.partition(":")
-        if not sep or not domain or not task_id:
-            _fail(f"--task_ids entries are DOMAIN:TASK_ID (e.g. airline:27), got {entry!r}.")
-        if domain not in DOMAIN_NAMES:
-            _fail(f"unknown domain {domain!r} in --task_ids; choose from {', '.join(DOMAIN_NAMES)}.")
-        ids = chosen.setdefault(domain, [])
-        if task_id in ids:
-            _fail(f"--task_ids names {entry!r} twice; give each task at most once.")
-        ids.append(task_id)
-    return chosen
-
-
-def _validate_task_ids(config: GRPOConfig) -> None:
-    """Well-formed entries; those of domains outside --task_order are unused (a config file's ids
-    stay valid when the command line narrows the order)."""
-    parse_task_ids(config.task_ids)
-
-
-def _fail(message: str) -> typing.NoReturn:
-    raise UserError(message)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def build_parser(prog: str = "tau2cl train") -> argparse.ArgumentParser:
-    """The `train` parser: one flag per field, grouped; only flags actually given are returned."""
-    parser = ArgumentParser(
-        prog=prog,
-        usage="%(prog)s [--config FILE] [--FIELD VALUE ...]",
-        description="Train a tool-use agent with GRPO on the tau2-bench domains, one domain after "
-        "another, with a continual-learning strategy. Flags given on the command line override "
-        "values from --config.",
-        argument_default=argparse.SUPPRESS,  # so a flag's presence means the user gave it
-        allow_abbrev=False,  # flags are spelled out in full, so scripts keep working as fields grow
-    )
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="YAML (.yaml/.yml) or JSON (.json) file: a mapping of field names to values.",
-    )
-    groups = {name: parser.add_argument_group(name, about) for name, about in GROUPS.items()}
-    for f in fields(GRPOConfig):
-        _add_field_argument(groups[f.metadata["group"]], f)
-    return parser
-
-
-def _add_field_argument(group: Any, f: Any) -> None:
-    base, _ = field_type(f.name)
-    default = f.default_factory() if base is list else f.default
-    shown = "none" if default is None else " ".join(map(str, default)) if base is list else default
-    help_text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
-    flag = f"--{f.name}"
-    if base is bool:  # --flag / --no-flag, spelled with the field name
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-    elif base is list:
-        metavar = "X" if list_item_type(f.name) is float else "NAME"
-        group.add_argument(flag, nargs="+", metavar=metavar, help=help_text)
-    else:
-        choices = f.metadata.get("choices")
-        metavar = "{" + ",".join(choices) + "}" if choices else _METAVARS[base]
-        group.add_argument(flag, metavar=metavar, help=help_text)
-
-
-_METAVARS = {int: "N", float: "X", str: "STR"}
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Field values from a YAML or JSON file (chosen by suffix); unknown keys are a UserError."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".json"):
-        raise UserError(f"config file {path} must end in .yaml, .yml or .json.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise UserError(f"cannot read config file {path}: {error.strerror or error}.") from None
-    except UnicodeDecodeError as error:
-        raise UserError(f"config file {path} is not UTF-8 text (byte {error.start} cannot be read).") from None
-    values = _parse_config_text(path, text, suffix)
-    if values is None:  # an empty file sets nothing
-        return {}
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path} must hold a mapping of field names to values.")
-    unknown = sorted(set(map(str, values)) - set(field_names()))
-    if unknown:
-        raise UserError(
-            f"config file {path} has unknown key(s) {', '.join(map(repr, unknown))}; "
-            "use the flag names of 'tau2cl train --help' without the dashes."
-        )
-    return values
-
-
-def _parse_config_text(path: Path, text: str, suffix: str) -> Any:
-    if suffix == ".json":
-        try:
-            return json.loads(text) if text.strip() else None
-        except json.JSONDecodeError as error:
-            raise UserError(f"config file {path} is not valid JSON: {error}.") from None
-    import yaml  # only needed when a YAML config is given
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{line}.") from None
-
-
-_NUMBER = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
-
-
-def _join_negative_numbers(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """`--flag -1e-5` → `--flag=-1e-5`, so argparse reads a negative number as the flag's value."""
-    takes_value = {
-        flag for action in parser._actions if action.nargs is None and not isinstance(action, argparse.BooleanOptionalAction)
-        for flag in action.option_strings
-    }
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] in takes_value and i + 1 < len(argv) and _NUMBER.match(argv[i + 1]):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
-def _unknown_flag_message(parser: argparse.ArgumentParser, unknown: list[str], prog: str) -> str:
-    """`unrecognized arguments: --learnig_rate 1e-5; the closest flag is --learning_rate.` (one sentence)."""
-    import difflib
-
-    flags = [f for action in parser._actions for f in action.option_strings]
-    first = unknown[0].split("=", 1)[0]
-    close = difflib.get_close_matches(first, flags, n=1, cutoff=0.6) if first.startswith("-") else []
-    hint = f"; the closest flag is {close[0]}." if close else f" (see '{prog} --help')."
-    return f"unrecognized arguments: {' '.join(unknown)}{hint}"
-
-
-def parse_config(argv: list[str] | None = None, prog: str = "tau2cl train") -> GRPOConfig:
-    """Defaults, then --config file values, then explicit flags, then validation."""
-    parser = build_parser(prog)
-    argv = _join_negative_numbers(parser, sys.argv[1:] if argv is None else list(argv))
-    known, unknown = parser.parse_known_args(argv)
-    if unknown:
-        raise UserError(_unknown_flag_message(parser, unknown, prog))
-    given = vars(known)
-    values = load_config_file(given.pop("config")) if "config" in given else {}
-    values.update(given)
-    return GRPOConfig.from_dict(values)
+    return hint_item_type(_field_hints()[name])
