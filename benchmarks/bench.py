@@ -90,7 +90,7 @@ from tau2cl.env.golden import reward_corpus
 from tau2cl.env.tau2_compat import as_list
 from tau2cl.env.tau2_reward import compute_reward
 from tau2cl.rl.grpo import group_advantages
-from tau2cl.rl.rewards import score_trajectories
+from tau2cl.env.rewards import score_trajectories
 from tau2cl.rl.update import (
     LossSettings,
     accumulate_gradients,

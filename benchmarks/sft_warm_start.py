@@ -53,7 +53,7 @@ def main() -> None:
         t0 = time.perf_counter()
         run_sft(*a, **k)
         timing["sft_s"] = time.perf_counter() - t0
-        timing["after_sft"] = trainer.evaluate_task("airline")
+        timing["after_sft"] = trainer.evaluation.evaluate_domain("airline", "after_sft")
 
     trainer.sft.run = timed_sft
     start = time.perf_counter()

@@ -18,12 +18,12 @@ def main(argv: list[str] | None = None, prog: str = "tau2cl train") -> int:
 
     def train() -> int:
         config = parse_config(argv, prog=prog)
-        from tau2cl.runs.interrupt import TrainingInterrupted
+        from tau2cl.runs.interrupt import StoppedWithCheckpoint
         from tau2cl.trainer import GRPOTrainer
 
         try:
             GRPOTrainer(config).train()
-        except TrainingInterrupted as stop:
+        except StoppedWithCheckpoint as stop:
             if os.environ.get("RANK", "0") == "0":
                 print(
                     f"tau2cl: {stop}; checkpoint saved to {stop.checkpoint}. Resume with the same flags "

@@ -123,7 +123,7 @@ def probe_evaluate(out: str, argv: list[str]) -> int:
     config = parse_config(argv, prog="dist_probe.py evaluate")
     trainer = GRPOTrainer(config)
     summaries = {
-        name: trainer.evaluate_task(name, label="probe").to_dict() for name in config.task_order
+        name: trainer.evaluation.evaluate_domain(name, "probe").to_dict() for name in config.task_order
     }
     if trainer.dist.is_main:
         _write(out, {"world_size": trainer.dist.world_size, "summaries": summaries})

@@ -187,7 +187,7 @@ def test_ewc_pp_updates_its_fisher_during_a_domain_and_penalises_only_from_the_s
     assert strategy.step_metrics(ctx, []) == {"ewc_pp_updates": 2, "ewc_pp_fisher_change": pytest.approx(1.5 / 7)}
     assert w.grad is None  # the estimate leaves no gradient behind for the update
     strategy.after_domain(ctx, 0, "airline")
-    progress.set(task_idx=1, step=0)
+    progress.set(domain_idx=1, step=0)
     assert float(strategy.loss_terms(ctx)["ewc_penalty"].detach()) == 0.0  # at the anchor
     with torch.no_grad():
         w += torch.tensor([1.0, 0.0])

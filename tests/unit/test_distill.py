@@ -75,10 +75,10 @@ def test_weights_in_place_exchanges_exactly_and_gives_everything_back():
     assert all(torch.equal(p, own[n]) for n, p in model.named_parameters())  # a refusal changes nothing
 
 
-def _context(weights: dict, task_idx: int) -> CLContext:
+def _context(weights: dict, domain_idx: int) -> CLContext:
     return CLContext(
         config=None, dist=SimpleNamespace(rank=0, world_size=1), order=["airline", "retail"], domains={},
-        params=list(weights.values()), progress=Progress(task_idx=task_idx), rollout=None, episode_gradients=None,
+        params=list(weights.values()), progress=Progress(domain_idx=domain_idx), rollout=None, episode_gradients=None,
         snapshot_weights=lambda: {n: w.clone() for n, w in weights.items()}, load_weights=None,
         accuracy_matrix=lambda: [],
     )

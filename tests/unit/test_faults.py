@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from tau2cl.errors import UserError
-from tau2cl.rl.rewards import RewardFnError, checked_reward
+from tau2cl.env.rewards import RewardFnError, checked_reward
 from tau2cl.rl.schedule import learning_rate
-from tau2cl.runs.interrupt import RunStop, StopNow, StopRequest, agreed
+from tau2cl.runs.interrupt import AllRanksStop, LocalStop, SignalWatch, agreed
 
 TASK = SimpleNamespace(id="7")
 
@@ -61,25 +61,25 @@ def test_a_hung_reward_call_times_out_and_a_stop_request_interrupts_it():
     with pytest.raises(RewardFnError, match="did not return within --reward_timeout 0.4 s"):
         checked_reward(slow, "airline", TASK, [], timeout=0.4)
     assert time.perf_counter() - start < 2
-    request = StopRequest(announce=False)
+    request = SignalWatch(announce=False)
     request.signum = signal.SIGTERM
-    with pytest.raises(StopNow):
+    with pytest.raises(LocalStop):
         checked_reward(slow, "airline", TASK, [], timeout=None, check_stop=request.check)
 
 
 def test_all_ranks_leave_a_phase_together_a_fault_naming_its_cause():
     assert agreed(lambda: 3) == 3
-    request = StopRequest(announce=False)
+    request = SignalWatch(announce=False)
     request.signum = signal.SIGTERM
 
-    with pytest.raises(RunStop) as stop:
+    with pytest.raises(AllRanksStop) as stop:
         agreed(request.check)
     assert (stop.value.signum, stop.value.reason) == (signal.SIGTERM, None)
 
     def fault():
         raise RewardFnError("reward_fn m:f on airline task 7 raised ValueError: x.")
 
-    with pytest.raises(RunStop) as stop:
+    with pytest.raises(AllRanksStop) as stop:
         agreed(fault)
     assert stop.value.signum is None and stop.value.reason.startswith("reward_fn m:f")
 

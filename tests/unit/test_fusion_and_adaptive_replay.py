@@ -31,10 +31,10 @@ class Weights:
         self.value = {k: v.clone() for k, v in weights.items()}
 
 
-def _context(weights: Weights, order=("airline", "retail", "telecom"), matrix=None, task_idx=0) -> CLContext:
+def _context(weights: Weights, order=("airline", "retail", "telecom"), matrix=None, domain_idx=0) -> CLContext:
     return CLContext(
         config=None, dist=SimpleNamespace(rank=0, world_size=1), order=list(order), domains={}, params=[],
-        progress=Progress(task_idx=task_idx), rollout=None, episode_gradients=None,
+        progress=Progress(domain_idx=domain_idx), rollout=None, episode_gradients=None,
         snapshot_weights=weights.snapshot, load_weights=weights.load, accuracy_matrix=lambda: matrix,
     )
 
@@ -105,7 +105,7 @@ def test_shares_follow_the_forgetting_with_a_floor():
 
 def test_adaptive_replay_draws_domains_by_the_matrixs_shares():
     strategy = AdaptiveReplay(GRPOConfig(cl_algorithm="adaptive_replay", adaptive_replay_floor=0.05))
-    ctx = _context(Weights([0.0]), matrix=MATRIX, task_idx=2)  # training telecom: rows 0..2 filled
+    ctx = _context(Weights([0.0]), matrix=MATRIX, domain_idx=2)  # training telecom: rows 0..2 filled
     earlier = ctx.earlier_domains
     assert strategy._domain_weights(ctx, earlier) == pytest.approx([0.875, 0.125])
     rng = random.Random(0)

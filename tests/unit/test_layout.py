@@ -1,4 +1,5 @@
-"""The package's shape: no import circles (deferred and type-only imports included), one registry."""
+"""The package's shape: layered packages (each imports only the floors below it), no import circle
+(deferred and type-only imports included), one strategy registry."""
 
 from __future__ import annotations
 
@@ -54,6 +55,64 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if start not in state and (found := visit(start)):
             return found
     return None
+
+
+# The floors, lowest first. A unit is a subpackage or a module directly under tau2cl ("tau2cl" is the
+# package's own __init__); a unit imports only units on lower floors, or itself.
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("errors", "constants"),
+    ("distributed",),
+    ("runs",),
+    ("env",),
+    ("agent",),
+    ("rl",),
+    ("cl",),
+    ("config",),
+    ("evaluation",),
+    ("reporting",),
+    ("recipe",),
+    ("trainer",),
+    ("train", "flag_reference"),
+    ("cli",),
+    ("__main__", "tau2cl"),
+)
+
+
+def unit_of(module: str) -> str:
+    """tau2cl.agent.engine → agent; tau2cl.errors → errors; tau2cl → tau2cl."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def upward_imports(graph: dict[str, set[str]], floors=FLOORS) -> list[str]:
+    """Every import of a unit on the same or a higher floor than the importer's (its own unit aside)."""
+    floor = {unit: level for level, units in enumerate(floors) for unit in units}
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            a, b = unit_of(module), unit_of(target)
+            if a != b and floor[b] >= floor[a]:
+                found.append(f"{module} ({a}) imports {target} ({b})")
+    return found
+
+
+def test_upward_imports_are_found_and_same_floor_ones_too():
+    graph = {"tau2cl.env.x": {"tau2cl.agent.y", "tau2cl.errors"}, "tau2cl.agent.y": {"tau2cl.env.x"},
+             "tau2cl.errors": {"tau2cl.constants"}}
+    assert upward_imports(graph) == [
+        "tau2cl.env.x (env) imports tau2cl.agent.y (agent)",
+        "tau2cl.errors (errors) imports tau2cl.constants (constants)",
+    ]
+    assert upward_imports({"tau2cl.agent.y": {"tau2cl.env.x", "tau2cl.agent.z"}}) == []
+
+
+def test_every_unit_of_the_package_has_a_floor():
+    units = {unit_of(m) for m in import_graph()}
+    assert units == {u for floor in FLOORS for u in floor}
+
+
+def test_no_package_imports_one_above_it():
+    assert upward_imports(import_graph()) == []
 
 
 def test_find_cycle_sees_a_circle_and_its_absence():

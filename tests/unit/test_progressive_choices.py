@@ -50,7 +50,7 @@ def _run_two_domains(init: str) -> tuple[Progressive, Live, CLContext, list]:
     strategy.setup(ctx)
     starts = []
     for i, end in enumerate([1.0, 5.0]):
-        progress.set(task_idx=i)
+        progress.set(domain_idx=i)
         strategy.before_domain(ctx, i, ORDER[i])
         starts.append(float(live.value["lora_B"]))
         live.value = {"lora_B": torch.tensor([end])}  # what the domain's training reached
@@ -79,7 +79,7 @@ def test_the_state_holds_every_adapter_and_the_initialisation():
     restored = Progressive(GRPOConfig(cl_algorithm="progressive", lora_r=4))
     restored.load_state_dict(strategy.state_dict())
     live = Live([7.0])  # a resumed run's live adapter, from the checkpoint's adapter files
-    restored.setup(_context(live, Progress(task_idx=1)))  # setup keeps the saved initialisation
+    restored.setup(_context(live, Progress(domain_idx=1)))  # setup keeps the saved initialisation
     assert float(restored.initial["lora_B"]) == 0.0
     assert {d: float(w["lora_B"]) for d, w in restored.adapters.items()} == {"airline": 1.0, "retail": 5.0}
 

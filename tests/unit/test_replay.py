@@ -36,11 +36,11 @@ def test_reservoir_keeps_capacity_and_samples_uniformly():
     assert all(500 < c < 700 for c in counts)
 
 
-def _context(task_idx: int, domains: dict, config: GRPOConfig) -> CLContext:
-    """The strategy's whole view of a run at `task_idx`, global step 7, on rank 0."""
+def _context(domain_idx: int, domains: dict, config: GRPOConfig) -> CLContext:
+    """The strategy's whole view of a run at `domain_idx`, global step 7, on rank 0."""
     return CLContext(
         config=config, dist=SimpleNamespace(rank=0), order=list(domains), domains=domains, params=[],
-        progress=Progress(task_idx=task_idx, global_step=7), rollout=None, episode_gradients=None,
+        progress=Progress(domain_idx=domain_idx, global_step=7), rollout=None, episode_gradients=None,
         snapshot_weights=None, load_weights=None, accuracy_matrix=None,
     )
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from tau2cl.agent.chat import ChatRenderer
+from tau2cl.agent.compute import autocast_for, common_prefix_length
 from tau2cl.agent.decode import (
     Generation,
     Row,
@@ -28,8 +29,6 @@ from tau2cl.agent.kv_cache import KVSlot, Prefix, layers_of
 from tau2cl.agent.model_source import check_model_source
 from tau2cl.agent.tiny_model import resolve_model_path
 from tau2cl.errors import UserError
-from tau2cl.rl.shared_prefix import common_prefix_length
-from tau2cl.rl.update import autocast_for
 
 __all__ = ["DTYPES", "Generation", "Policy", "load_model", "load_tokenizer", "stop_token_ids"]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -17,18 +18,40 @@ from tau2cl.distributed import DistInfo
 from tau2cl.env.domains import Domain
 
 
+SAVED_DOMAIN_INDEX = "task_idx"  # the domain index's name in checkpoints, as in metrics.jsonl
+
+
+class Pending(str, Enum):
+    """Work a stop interrupted at the run's position, redone first on resume."""
+
+    NOTHING = ""
+    MID_DOMAIN_EVAL = "eval"  # the mid-domain evaluation after `step`
+    STAGE_EVAL = "stage"  # the evaluation stage after the domain (its after_domain hook is done)
+
+
 @dataclass
 class Progress:
     """Where the run stands; saved in every checkpoint and updated in place by the trainer."""
 
-    task_idx: int = 0  # domain being trained (index into task_order)
+    domain_idx: int = 0  # domain being trained (index into task_order)
     step: int = 0  # steps completed on that domain
     sft_step: int = 0  # supervised warm-start steps completed on that domain (they come first)
     global_step: int = 0
     stages_done: int = 0  # rows of the accuracy matrix filled (row 0 = before training)
-    # work a stop interrupted at this position, redone on resume: "eval" = the mid-domain evaluation
-    # after `step`; "stage" = the evaluation stage after the domain (its after_domain hook is done)
-    pending: str = ""
+    pending: Pending = Pending.NOTHING
+
+    def to_dict(self) -> dict[str, int | str]:
+        """Plain values as a checkpoint stores them (the domain index under the run files' name,
+        `task_idx`)."""
+        values = {**vars(self), "pending": self.pending.value}
+        values[SAVED_DOMAIN_INDEX] = values.pop("domain_idx")
+        return values
+
+    def load(self, saved: dict[str, int | str]) -> None:
+        """Take the values of `to_dict`, as read from a checkpoint."""
+        fields = {("domain_idx" if k == SAVED_DOMAIN_INDEX else k): v for k, v in saved.items()}
+        fields["pending"] = Pending(fields.get("pending", ""))
+        self.set(**fields)
 
     def set(self, **fields: int | str) -> None:
         for name, value in fields.items():
@@ -76,8 +99,8 @@ class CLContext:
 
     @property
     def current_domain(self) -> str:
-        return self.order[self.progress.task_idx]
+        return self.order[self.progress.domain_idx]
 
     @property
     def earlier_domains(self) -> list[str]:
-        return self.order[: self.progress.task_idx]
+        return self.order[: self.progress.domain_idx]

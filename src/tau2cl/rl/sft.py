@@ -12,7 +12,6 @@ domain's supervised steps are under way so a run resumes mid-SFT).
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,8 +20,9 @@ import torch
 
 from tau2cl.agent.demonstrations import DemoSettings, demonstrations
 from tau2cl.agent.episode import Trajectory
-from tau2cl.distributed import all_gather_objects, all_reduce_sum_, as_local_tensor, gradient_sync
+from tau2cl.distributed import all_gather_objects, all_reduce_sum_
 from tau2cl.env.domains import Domain
+from tau2cl.rl.optimization import ClippedStep, accumulate, draw_shard, token_normalizer
 from tau2cl.rl.update import TokenBatch, as_trained_forward, collate, micro_batches_by_length
 
 SFT_SEED_TAG = "sft"  # keeps the demonstration draw apart from the GRPO task draw
@@ -42,13 +42,9 @@ def sft_loss(
     return nll / num_tokens_normalizer, stats
 
 
-def draw_demos(seed: int, task_idx: int, step: int, pool: list[int], per_rank: int, world: int, rank: int) -> list[int]:
+def draw_demos(seed: int, domain_idx: int, step: int, pool: list[int], per_rank: int, world: int, rank: int) -> list[int]:
     """This rank's shard of step `step`'s demonstrations (indices from `pool`), same draw on every rank."""
-    rng = random.Random(f"{seed}-{task_idx}-{SFT_SEED_TAG}-{step}")
-    picks: list[int] = []
-    while len(picks) < per_rank * world:
-        picks += rng.sample(pool, min(len(pool), per_rank * world - len(picks)))
-    return picks[rank * per_rank : (rank + 1) * per_rank]
+    return draw_shard(f"{seed}-{domain_idx}-{SFT_SEED_TAG}-{step}", pool, per_rank, world, rank)
 
 
 def accumulate_sft_gradients(
@@ -62,29 +58,24 @@ def accumulate_sft_gradients(
     """Backward the cross-entropy over micro-batches, plus `extra_loss` terms (a CL penalty) once,
     on the last one; returns this rank's summed statistics and the terms' values."""
     forward = as_trained_forward(model)
-    totals = {"nll_sum": 0.0, "hits": 0.0, "num_tokens": 0.0}
-    terms: dict[str, float] = {}
-    for i, rows in enumerate(micro_batches):
+
+    def loss_of(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         mb = batch.rows(rows)
-        last = i == len(micro_batches) - 1
-        with gradient_sync(forward, enabled=last):
-            logprobs, hits = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, 1.0, compute_dtype, with_hits=True)
-            loss, stats = sft_loss(logprobs, hits, mb.loss_mask, num_tokens_normalizer)
-            if extra_loss is not None and last:
-                for name, term in extra_loss().items():
-                    loss = loss + term
-                    terms[name] = float(term.detach())
-            loss.backward()
-        for key in totals:
-            totals[key] += stats[key]
+        logprobs, hits = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, 1.0, compute_dtype, with_hits=True)
+        return sft_loss(logprobs, hits, mb.loss_mask, num_tokens_normalizer)
+
+    per_micro_batch, terms, _ = accumulate(forward, micro_batches, loss_of, extra_loss)
+    totals = {key: sum(stats[key] for stats in per_micro_batch) for key in ("nll_sum", "hits", "num_tokens")}
     return totals, terms
 
 
 class SupervisedWarmStart:
     """The supervised steps at the start of each domain (see the module's doc)."""
 
-    def __init__(self, config: Any, dist: Any, policy: Any, training: Any, user: Any, compute_dtype=None):
+    def __init__(self, config: Any, dist: Any, policy: Any, training: Any, user: Any, clipped_step: ClippedStep,
+                 compute_dtype=None):
         self.config = config
+        self.clipped_step = clipped_step  # the run's: skipped updates are counted with the GRPO steps'
         self.dist = dist
         self.policy = policy
         self.training = training
@@ -99,7 +90,7 @@ class SupervisedWarmStart:
         return cfg.learning_rate if cfg.sft_learning_rate is None else cfg.sft_learning_rate
 
     def run(
-        self, task_idx: int, domain: Domain, progress: Any, tracker: Any, after_step: Callable[[int], None],
+        self, domain_idx: int, domain: Domain, progress: Any, tracker: Any, after_step: Callable[[int], None],
         extra_loss: Callable[[], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         """The domain's remaining supervised steps (from progress.sft_step + 1); `extra_loss` gives
@@ -110,11 +101,11 @@ class SupervisedWarmStart:
         t0 = time.perf_counter()
         demos = self.usable_demonstrations(domain)
         tracker.log_message(
-            f"[SFT] Task {task_idx} ({domain.name}): {len(demos)} of {len(domain.train_tasks)} golden "
+            f"[SFT] Task {domain_idx} ({domain.name}): {len(demos)} of {len(domain.train_tasks)} golden "
             f"demonstrations score 1.0 ({time.perf_counter() - t0:.1f}s); {total} supervised steps"
         )
         if not demos:
-            tracker.log_message(f"[SFT] Task {task_idx} ({domain.name}): no usable demonstration; skipped")
+            tracker.log_message(f"[SFT] Task {domain_idx} ({domain.name}): no usable demonstration; skipped")
             progress.sft_step = total
             return
         self.optimizer = torch.optim.AdamW(
@@ -124,9 +115,9 @@ class SupervisedWarmStart:
             self.training.load_optimizer_state(self.optimizer, self._saved_optimizer)
         self._saved_optimizer = None
         for step in range(progress.sft_step + 1, total + 1):
-            stats = self.step(task_idx, step, demos, extra_loss)
+            stats = self.step(domain_idx, step, demos, extra_loss)
             progress.sft_step = step
-            tracker.log_sft(task_idx, domain.name, step, total, progress.global_step, stats)
+            tracker.log_sft(domain_idx, domain.name, step, total, progress.global_step, stats)
             after_step(step)
         self.optimizer = None  # the domain's GRPO steps use the run's own optimizer
 
@@ -140,28 +131,24 @@ class SupervisedWarmStart:
         return [d for d in demos if d.task_id in good]
 
     def step(
-        self, task_idx: int, step: int, demos: list[Trajectory],
+        self, domain_idx: int, step: int, demos: list[Trajectory],
         extra_loss: Callable[[], dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, float]:
         cfg, dist = self.config, self.dist
         t0 = time.perf_counter()
-        mine = [demos[i] for i in draw_demos(cfg.seed, task_idx, step, list(range(len(demos))),
+        mine = [demos[i] for i in draw_demos(cfg.seed, domain_idx, step, list(range(len(demos))),
                                              cfg.batch_size_per_gpu, dist.world_size, dist.rank)]
         batch = collate(
             [d.token_ids for d in mine], [d.loss_mask for d in mine], [[0.0] * len(d.token_ids) for d in mine],
             [0.0] * len(mine), self.policy.tokenizer.pad_token_id, dist.device,
         )
         micro = micro_batches_by_length([len(d.token_ids) for d in mine], cfg.gradient_accumulation_steps)
-        global_tokens = float(all_reduce_sum_(torch.tensor([batch.num_tokens], dtype=torch.float64)).item())
+        normalizer = token_normalizer(batch.num_tokens, dist.world_size)
         self.training.module.train()
         local, terms = accumulate_sft_gradients(
-            self.training.module, batch, micro, max(global_tokens, 1.0) / dist.world_size, self.compute_dtype,
-            extra_loss,
+            self.training.module, batch, micro, normalizer, self.compute_dtype, extra_loss,
         )
-        grad_norm = as_local_tensor(torch.nn.utils.clip_grad_norm_(self.training.params, cfg.max_grad_norm))
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.clipped_step(self.optimizer)
         self.training.refresh_rollout_model()
         sums = all_reduce_sum_(torch.tensor([local["nll_sum"], local["hits"], local["num_tokens"]], dtype=torch.float64))
         tokens = max(float(sums[2]), 1.0)
@@ -169,7 +156,7 @@ class SupervisedWarmStart:
             "loss": float(sums[0]) / tokens,
             "token_accuracy": float(sums[1]) / tokens,
             "num_tokens": float(sums[2]),
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "lr": self.learning_rate,
             "time_step": time.perf_counter() - t0,
             **terms,  # the same on every rank: penalties are computed from the whole trained weights

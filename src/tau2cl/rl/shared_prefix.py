@@ -83,16 +83,6 @@ def pick_hidden(head: torch.Tensor, tail: torch.Tensor, prefix: int, rows: torch
     return torch.where(in_prefix, from_head, from_tail)
 
 
-def common_prefix_length(sequences: list[list[int]]) -> int:
-    """Tokens every sequence starts with, leaving each at least one of its own."""
-    limit = min(len(s) for s in sequences) - 1
-    first = sequences[0]
-    n = 0
-    while n < limit and all(s[n] == first[n] for s in sequences):
-        n += 1
-    return n
-
-
 def usable(model: Any) -> bool:
     """Whether the body keeps a cache in this mode (gradient checkpointing turns caches off)."""
     return not (model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))

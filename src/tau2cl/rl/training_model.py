@@ -26,6 +26,7 @@ from tau2cl.distributed import (
     wrap_data_parallel,
 )
 from tau2cl.rl.update import TrainedLogprobs
+from tau2cl.rl.weights import copy_weights, trainable_weights
 
 _LM = "lm."  # TrainedLogprobs keeps the causal LM under this name
 
@@ -64,19 +65,19 @@ class TrainingModel:
         if weights is None:
             yield
             return
-        params = {n: p for n, p in self.rollout_model.named_parameters() if p.requires_grad}
-        if set(weights) != set(params):
-            raise ValueError("rollout_weights needs exactly the trainable parameters, by name")
-        with torch.no_grad():
-            saved = {n: p.detach().clone() for n, p in params.items()}
-            for name, value in weights.items():
-                params[name].copy_(value)
+        params = trainable_weights(self.rollout_model)
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        copy_weights(params, weights, "rollout_weights")
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
+            copy_weights(params, saved, "rollout_weights")
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Make `weights` (the trainable parameters by name) the policy's: the rollout model's, then
+        the trained copy's."""
+        copy_weights(trainable_weights(self.rollout_model), weights, "load_weights")
+        self.load_from_rollout_model()
 
     def load_from_rollout_model(self) -> None:
         """Take the rollout model's weights (e.g. just read from a checkpoint) into training."""

@@ -6,17 +6,16 @@ the trajectories' own token ids (token-in, token-out).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tau2cl.distributed import gradient_sync
+from tau2cl.agent.compute import autocast_for, common_prefix_length
 from tau2cl.rl.grpo import grpo_loss, token_logprobs
+from tau2cl.rl.optimization import accumulate
 from tau2cl.rl.shared_prefix import (
     MIN_SHARED_PREFIX,
-    common_prefix_length,
     hidden_at,
     pick_hidden,
     run_after,
@@ -126,13 +125,6 @@ def backward_each(
             total = sequence_logprobs(model, ids, torch.ones_like(ids), mask, 1.0, compute_dtype).sum()
         total.backward(retain_graph=bool(prefix) and i < len(sequences) - 1)
         yield i
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype | None):
-    """bf16/fp16 compute over fp32 master weights; a no-op context for fp32."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def sequence_logprobs(
@@ -292,40 +284,34 @@ def accumulate_gradients(
     once, on the last micro-batch. Returns token-weighted statistics.
     """
     forward = as_trained_forward(model)
-    totals: dict[str, float] = {}
-    weight = 0
-    loss_sum = 0.0
-    extra_stats: dict[str, float] = {}
-    for i, rows in enumerate(micro_batches):
+
+    def loss_of(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         mb = batch.rows(rows)
-        last = i == len(micro_batches) - 1
-        with gradient_sync(forward, enabled=last):
-            logprobs = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature,
-                               settings.compute_dtype, shared_prefix=settings.shared_prefix)
-            loss, stats = grpo_loss(
-                logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
-                ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,
-                clip_low=settings.clip_low, clip_high=settings.clip_high,
-                num_tokens_normalizer=num_tokens_normalizer, dual_clip=settings.dual_clip,
-                sampling_logprobs=mb.sampling_logprobs if settings.tis_cap else None,
-                tis_cap=settings.tis_cap,
-                teacher_logprobs=mb.teacher_logprobs, distill_coef=settings.distill_coef,
-            )
-            if extra_loss is not None and last:
-                for name, term in extra_loss().items():
-                    loss = loss + term
-                    extra_stats[name] = float(term.detach())
-            loss.backward()
-        loss_sum += float(loss.detach())
-        n = stats["num_tokens"]
-        weight += n
-        for key, value in stats.items():
-            if key != "num_tokens":
-                totals[key] = totals.get(key, 0.0) + value * n
-    result = {k: v / weight if weight else 0.0 for k, v in totals.items()}
-    result["num_tokens"] = float(weight)
+        logprobs = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature,
+                           settings.compute_dtype, shared_prefix=settings.shared_prefix)
+        return grpo_loss(
+            logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
+            ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,
+            clip_low=settings.clip_low, clip_high=settings.clip_high,
+            num_tokens_normalizer=num_tokens_normalizer, dual_clip=settings.dual_clip,
+            sampling_logprobs=mb.sampling_logprobs if settings.tis_cap else None,
+            tis_cap=settings.tis_cap,
+            teacher_logprobs=mb.teacher_logprobs, distill_coef=settings.distill_coef,
+        )
+
+    per_micro_batch, terms, loss_sum = accumulate(forward, micro_batches, loss_of, extra_loss)
+    result = token_weighted_means(per_micro_batch)
     result["loss"] = loss_sum
-    result.update(extra_stats)
+    result.update(terms)
+    return result
+
+
+def token_weighted_means(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Each statistic's mean over `parts` weighted by their `num_tokens`, and the tokens' total."""
+    weight = sum(p["num_tokens"] for p in parts)
+    keys = [k for k in parts[0] if k != "num_tokens"] if parts else []
+    result = {k: sum(p[k] * p["num_tokens"] for p in parts) / weight if weight else 0.0 for k in keys}
+    result["num_tokens"] = float(weight)
     return result
 
 

@@ -39,17 +39,17 @@ class CheckpointSaveError(Exception):
         self.path = path
 
 
-def domain_checkpoint_name(task_idx: int) -> str:
-    return f"checkpoint_task_{task_idx}"
+def domain_checkpoint_name(domain_idx: int) -> str:
+    return f"checkpoint_task_{domain_idx}"
 
 
 def step_checkpoint_name(global_step: int) -> str:
     return f"checkpoint_step_{global_step}"
 
 
-def sft_checkpoint_name(task_idx: int, sft_step: int) -> str:
+def sft_checkpoint_name(domain_idx: int, sft_step: int) -> str:
     """A checkpoint taken during a domain's supervised warm-start steps (they do not count as global steps)."""
-    return f"checkpoint_task_{task_idx}_sft_{sft_step}"
+    return f"checkpoint_task_{domain_idx}_sft_{sft_step}"
 
 
 def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path:

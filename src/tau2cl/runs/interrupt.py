@@ -2,9 +2,9 @@
 
 The first signal sets a flag and prints one line (rank 0) saying what will happen. Work that
 touches no other process (rollouts, reward calls, the episodes of an evaluation, a Fisher's
-rollouts) checks the flag between turns and gives up at once (`StopNow`); it runs inside
+rollouts) checks the flag between turns and gives up at once (`LocalStop`); it runs inside
 `agreed`, which then gathers every rank's outcome, so all ranks leave the phase together
-(`RunStop`) and save the checkpoint of the last boundary. Between steps the trainer also checks the
+(`AllRanksStop`) and save the checkpoint of the last boundary. Between steps the trainer also checks the
 flag with one all-reduce. A second signal exits at once, without saving.
 
 A UserError raised inside such work (a custom reward function that fails, a task that needs a
@@ -26,12 +26,12 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 T = TypeVar("T")
 
 
-class StopNow(Exception):
-    """Raised on one rank at a safe point of rank-local work once a stop signal has arrived."""
+class LocalStop(Exception):
+    """One rank's rank-local work gives up at a safe point: a stop signal has arrived."""
 
 
-class RunStop(Exception):
-    """Every rank leaves the current phase: a stop signal (`signum`) or a fault (`reason`)."""
+class AllRanksStop(Exception):
+    """Every rank leaves the current phase together: a stop signal (`signum`) or a fault (`reason`)."""
 
     def __init__(self, signum: int | None, reason: str | None):
         super().__init__(reason or f"signal {signum}")
@@ -43,27 +43,27 @@ def agreed(work: Callable[[], T]) -> T:
     """Run rank-local `work` (no collectives inside); then all ranks agree whether to go on.
 
     One all-gather of a small object per call: if any rank was stopped by a signal or failed with a
-    UserError, every rank raises the same RunStop (a fault's message wins over a signal).
+    UserError, every rank raises the same AllRanksStop (a fault's message wins over a signal).
     """
     outcome: tuple[str, object] | None = None
     result = None
     try:
         result = work()
-    except StopNow as stop:
+    except LocalStop as stop:
         outcome = ("signal", stop.args[0])
     except UserError as error:
         outcome = ("fault", str(error))
     outcomes = [o for o in all_gather_objects(outcome) if o is not None]
     faults = [detail for kind, detail in outcomes if kind == "fault"]
     if faults:
-        raise RunStop(None, str(faults[0]))
+        raise AllRanksStop(None, str(faults[0]))
     if outcomes:
-        raise RunStop(int(outcomes[0][1]), None)
+        raise AllRanksStop(int(outcomes[0][1]), None)
     return result  # type: ignore[return-value]
 
 
-class TrainingInterrupted(Exception):
-    """Raised after the checkpoint of an interrupted run is saved."""
+class StoppedWithCheckpoint(Exception):
+    """The run ends after a stop signal, its checkpoint saved: the exit status and the resume line."""
 
     def __init__(self, signum: int, checkpoint: str, where: str):
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
@@ -76,8 +76,8 @@ class TrainingInterrupted(Exception):
         return 128 + self.signum
 
 
-class StopRequest:
-    """Holds the first stop signal received; a second one ends the process immediately."""
+class SignalWatch:
+    """Watches for SIGINT/SIGTERM: holds the first one received; a second ends the process at once."""
 
     def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
@@ -85,9 +85,9 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def check(self) -> None:
-        """Raise StopNow once a stop signal has arrived (called at safe points of rank-local work)."""
+        """Raise LocalStop once a stop signal has arrived (called at safe points of rank-local work)."""
         if self.signum is not None:
-            raise StopNow(self.signum)
+            raise LocalStop(self.signum)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -48,7 +48,7 @@ class AdaptiveReplay(Replay):
 
     def _domain_weights(self, ctx: CLContext, earlier: list[str]) -> list[float]:
         """Shares of the earlier domains in the last completed stage (the current domain's start)."""
-        stage = ctx.progress.task_idx  # rows 0..task_idx are filled while domain task_idx trains
+        stage = ctx.progress.domain_idx  # rows 0..domain_idx are filled while domain domain_idx trains
         shares = replay_shares(ctx.accuracy_matrix(), stage, self.config.adaptive_replay_floor)
         by_name = dict(zip(ctx.order[:stage], shares, strict=True))
         return [by_name.get(name, 0.0) for name in earlier]

@@ -44,7 +44,7 @@ class CLStrategy:
     def setup(self, ctx: CLContext) -> None:
         """Once, after the model and domains are ready, before any evaluation."""
 
-    def before_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+    def before_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         """Before the first step on a domain."""
 
     def augment_batch(self, ctx: CLContext, requests: list[RolloutRequest]) -> list[RolloutRequest]:
@@ -74,7 +74,7 @@ class CLStrategy:
         """Figures the strategy adds to the step's train record (the same on every rank)."""
         return {}
 
-    def after_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+    def after_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         """After the last step on a domain, before its transfer evaluation."""
 
     def evaluation_weights(self, ctx: CLContext, domain: str) -> dict[str, torch.Tensor] | None:

@@ -33,8 +33,8 @@ class Distill(CLStrategy):
         super().__init__(config)
         self.teacher: Weights | None = None  # the policy's trainable weights at this domain's start
 
-    def before_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
-        self.teacher = ctx.snapshot_weights() if task_idx > 0 else None
+    def before_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
+        self.teacher = ctx.snapshot_weights() if domain_idx > 0 else None
 
     def teacher_weights(self, ctx: CLContext) -> Weights | None:
         if self.teacher is None or self.config.distill_coef == 0:
@@ -44,7 +44,7 @@ class Distill(CLStrategy):
             self.teacher = {name: w.to(device) for name, w in self.teacher.items()}
         return self.teacher
 
-    def after_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+    def after_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         """The domain is done with its teacher: the evaluation and the domain's checkpoint go without."""
         self.teacher = None
 

@@ -68,7 +68,7 @@ class EWC(CLStrategy):
         self.fishers: list[Tensors] = []
         self.anchors: list[Tensors] = []
 
-    def after_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+    def after_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         fisher = normalize_fisher(estimate_fisher(ctx, domain), self.config.ewc_fisher_normalization)
         anchor = [p.detach().float().clone() for p in ctx.params]
         self.consolidate(fisher, anchor)

@@ -76,7 +76,7 @@ class EWCPlusPlus(CLStrategy):
         self.change = None if previous is None else relative_change(previous, self.running)
         self.updates += 1
 
-    def after_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+    def after_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         if self.running is not None:
             self.fisher = [f.clone() for f in self.running]
             self.anchor = [p.detach().float().clone() for p in ctx.params]

@@ -45,11 +45,11 @@ class Fusion(CLStrategy):
         self.endpoint_sum: Weights | None = None  # endpoints: sum of the domain-end weights so far
         self.endpoints = 0
 
-    def before_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+    def before_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         if self.config.fusion_mode == "wise":
             self.start = ctx.snapshot_weights()
 
-    def after_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+    def after_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         end = ctx.snapshot_weights()
         if self.config.fusion_mode == "wise":
             assert self.start is not None, "before_domain saved the start"

@@ -46,15 +46,15 @@ class Progressive(CLStrategy):
         if self.initial is None:  # a resumed run keeps the one it saved
             self.initial = on_cpu(ctx.snapshot_weights())
 
-    def before_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
-        if task_idx == 0:
+    def before_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
+        if domain_idx == 0:
             return  # the first adapter is the one the model was built with
         ctx.restart_optimizer()  # new parameters: AdamW's moments of the previous adapter do not apply
         if self.config.progressive_init == "fresh":
             ctx.load_weights(self.initial)
         # previous: the live adapter already holds the previous domain's final weights
 
-    def after_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+    def after_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         self.adapters[domain] = on_cpu(ctx.snapshot_weights())
 
     def evaluation_weights(self, ctx: CLContext, domain: str) -> Weights | None:

@@ -15,15 +15,28 @@ import math
 import numbers
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from tau2cl.agent.episode import Trajectory
 from tau2cl.env.domains import Domain
 from tau2cl.env.tau2_reward import compute_reward
 from tau2cl.errors import UserError
 
 RewardFn = Callable[[str, Any, list], float]
 _WAIT_SLICE = 0.2  # seconds between stop checks while a reward call runs
+
+
+class ScoredEpisode(Protocol):
+    """What scoring reads from a finished episode (the rollout engine's Trajectory) and fills in."""
+
+    domain: str
+    task: Any
+    messages: list
+    termination_reason: Any
+    episode_state: Any
+    reward: float
+    tool_accuracy: float | None
+    reward_info: Any
+    train_reward: float
 
 
 class RewardFnError(UserError):
@@ -85,7 +98,7 @@ def load_reward_fn(spec: str) -> RewardFn | None:
 
 
 def score_trajectories(
-    trajectories: list[Trajectory],
+    trajectories: list[ScoredEpisode],
     domains: dict[str, Domain],
     reward_fn: RewardFn | None = None,
     judge_model: str | None = None,
