@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tau2cl.errors import UserError
 from tau2cl.env.rewards import RewardFnError, checked_reward
+from tau2cl.errors import UserError
 from tau2cl.rl.schedule import learning_rate
 from tau2cl.runs.interrupt import AllRanksStop, LocalStop, SignalWatch, agreed
 

@@ -28,8 +28,8 @@ from tau2cl.agent.policy import Generation, Policy
 from tau2cl.agent.users.base import UserSimulator
 from tau2cl.env.domains import STOP_TOOL_NAME, Domain
 from tau2cl.env.golden import CLOSING_WITHOUT_INFO
-from tau2cl.env.tau2_compat import as_list
 from tau2cl.env.rewards import score_trajectories
+from tau2cl.env.tau2_compat import as_list
 
 CLOSING_QUESTION = "Is there anything else I can help you with?"  # the scripted user stops on it
 OFF_SCRIPT_TEXT = "I am sorry, I cannot help further."  # asked past the script: the demo has failed

@@ -18,8 +18,8 @@ from tau2cl.agent.episode import RolloutRequest, Trajectory
 from tau2cl.agent.policy import Policy
 from tau2cl.agent.users.scripted import ScriptedUser
 from tau2cl.env.domains import STOP_TOOL_NAME, Domain
-from tau2cl.evaluation.runner import evaluated_tasks
 from tau2cl.env.rewards import score_trajectories
+from tau2cl.evaluation.runner import evaluated_tasks
 
 DO_NOTHING_TEXT = "I see."  # no tool call, no information, nothing the scripted user takes as a closing
 FLOOR_MAX_CONTEXT = 1 << 20  # the floor's conversations are never cut for length

@@ -17,8 +17,8 @@ from tau2cl.agent.engine import RolloutEngine
 from tau2cl.agent.episode import RolloutRequest, Trajectory
 from tau2cl.distributed import all_gather_objects
 from tau2cl.env.domains import Domain
-from tau2cl.evaluation.stats import EvalSummary, summarize
 from tau2cl.env.rewards import RewardFn, score_trajectories
+from tau2cl.evaluation.stats import EvalSummary, summarize
 from tau2cl.runs.files import EVAL_RESULTS_DIR
 
 
