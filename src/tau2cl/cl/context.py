@@ -17,7 +17,6 @@ from tau2cl.agent.episode import RolloutRequest, Trajectory
 from tau2cl.distributed import DistInfo
 from tau2cl.env.domains import Domain
 
-
 SAVED_DOMAIN_INDEX = "task_idx"  # the domain index's name in checkpoints, as in metrics.jsonl
 
 
