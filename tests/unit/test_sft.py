@@ -8,7 +8,7 @@ import math
 import torch
 
 from tau2cl.rl.sft import draw_demos, sft_loss
-from tau2cl.rl.update import sequence_logprobs
+from tau2cl.rl.update import TrainedLogprobs, sequence_logprobs
 from tau2cl.runs.checkpoint import (
     MANIFEST_FILE,
     PROGRESS_FILE,
@@ -57,7 +57,7 @@ def test_hits_mark_the_tokens_the_model_ranks_first():
     table = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
     ids = torch.tensor([[0, 1, 0, 2]])  # predictions from 0 -> 1 (argmax 1: hit), 1 -> 0 (hit), 0 -> 2 (miss)
     mask = torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)
-    logprobs, hits = sequence_logprobs(_Toy(table), ids, torch.ones_like(ids), mask, with_hits=True)
+    logprobs, hits = TrainedLogprobs(_Toy(table))(ids, torch.ones_like(ids), mask, with_hits=True)
     assert hits.tolist() == [[0.0, 1.0, 1.0, 0.0]]
     expected = torch.log_softmax(table[0], -1)[2]
     assert math.isclose(float(logprobs[0, 3]), float(expected), rel_tol=1e-6)
@@ -74,3 +74,12 @@ def test_a_mid_sft_checkpoint_is_later_than_the_previous_domain_end(tmp_path):
         (tmp_path / name / PROGRESS_FILE).write_text(json.dumps(progress))
         (tmp_path / name / MANIFEST_FILE).write_text(json.dumps(build_manifest(tmp_path / name)))
     assert find_checkpoint(tmp_path).name == "checkpoint_task_1_sft_3"
+
+
+def test_without_hits_the_trained_forward_returns_the_same_logprobs_and_no_hits():
+    table = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    ids = torch.tensor([[0, 1, 0, 2]])
+    mask = torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)
+    logprobs, hits = TrainedLogprobs(_Toy(table))(ids, torch.ones_like(ids), mask)
+    assert hits is None
+    assert torch.equal(logprobs, sequence_logprobs(_Toy(table), ids, torch.ones_like(ids), mask))

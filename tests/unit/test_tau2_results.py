@@ -8,7 +8,7 @@ import pytest
 
 from tau2cl.env.domains import load_domain
 from tau2cl.env.golden import golden_conversation
-from tau2cl.env.results_files import AGENT_IMPLEMENTATION, load_results, write_results
+from tau2cl.env.results_files import AGENT_IMPLEMENTATION, write_results
 from tau2cl.env.tau2_reward import compute_reward, make_simulation
 
 # isort: split
@@ -42,7 +42,7 @@ def test_tau2_loads_the_file_and_rescores_to_the_recorded_reward(tmp_path, name)
     write_results(path, domain, tasks, simulations, agent_model="tiny", user_name="scripted", seed=7, max_turns=12)
 
     results = Results.load(path)  # tau2's own reader
-    assert load_results(path).model_dump() == results.model_dump()
+    assert Results.load(path).model_dump() == results.model_dump()
     assert [s.id for s in results.simulations] == [s.id for s in simulations]
     rewards = [s.reward_info.reward for s in results.simulations]
     assert rewards[:-1] == [1.0] * len(tasks) and rewards[-1] < 1.0
@@ -63,7 +63,7 @@ def test_run_information_describes_this_run(tmp_path):
     domain, tasks, simulations = scored_simulations("telecom", count=2)
     path = tmp_path / "telecom.json"
     write_results(path, domain, tasks, simulations, agent_model="Qwen/x", user_name="scripted", seed=None, max_turns=30)
-    info = load_results(path).info
+    info = Results.load(path).info
     assert info.git_commit.startswith("tau2cl")
     assert (info.max_steps, info.seed, info.num_trials) == (30, None, 2)  # one task ran twice
     assert info.agent_info.implementation == AGENT_IMPLEMENTATION and info.agent_info.llm == "Qwen/x"

@@ -219,10 +219,3 @@ def _solo_agent_tools(name: str, env: Environment) -> list[Tool]:
     task = next(t for t in tasks if LLMSoloAgent.check_valid_task(t))  # the agent insists on one
     tools = as_list(env.get_tools()) + as_list(env.get_user_tools())
     return LLMSoloAgent(tools=tools, domain_policy=env.get_policy(), task=task).tools
-
-
-def clear_caches() -> None:
-    """Forget loaded domains and databases (tests use it to count file reads)."""
-    _load_domain.cache_clear()
-    official_split.cache_clear()
-    database_source.cache_clear()

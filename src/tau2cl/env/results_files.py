@@ -65,11 +65,6 @@ def write_results(
     _save_atomically(results, Path(path))
 
 
-def load_results(path: str | Path) -> Results:
-    """Read a Results file exactly as tau2 does."""
-    return Results.load(Path(path))
-
-
 def _save_atomically(results: Results, path: Path) -> None:
     """A reader never sees a half-written file: write beside it, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)

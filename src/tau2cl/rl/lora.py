@@ -27,7 +27,6 @@ from tau2cl.errors import UserError
 from tau2cl.runs.checkpoint import non_finite_count
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names in a saved adapter folder
-ADAPTER_CONFIG = "adapter_config.json"
 MERGED_DIR = "merged"  # the merged model's folder inside a checkpoint
 
 

@@ -134,24 +134,36 @@ def sequence_logprobs(
     loss_mask: torch.Tensor,
     temperature: float = 1.0,
     compute_dtype: torch.dtype | None = None,
-    with_hits: bool = False,
     shared_prefix: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """(B, T) log p(token_t | tokens_<t) at `temperature` where loss_mask is set, 0 elsewhere.
 
     Only the trained positions go through the LM head: a tool-use context is mostly prompt
     (system, policy, tool schemas), so (B, T, V) logits would cost far more than they are worth.
-    With `with_hits`, also (B, T) 1.0 where the token is the model's most likely one (token
-    accuracy, for supervised steps), 0 elsewhere. `shared_prefix`: the rows' common prefix runs
-    once (shared_prefix.py); same values.
+    `shared_prefix`: the rows' common prefix runs once (shared_prefix.py); same values.
     """
+    return _trained_positions(model, input_ids, attention_mask, loss_mask, temperature, compute_dtype,
+                              False, shared_prefix)[0]
+
+
+def _trained_positions(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    temperature: float,
+    compute_dtype: torch.dtype | None,
+    with_hits: bool,
+    shared_prefix: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs at the trained positions and, `with_hits`, the greedy hits there (else None)."""
     body, head = _split_lm(model)
     with autocast_for(input_ids.device, compute_dtype):
         if body is None:  # an architecture we cannot split: full logits
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             logprobs = token_logprobs(logits, input_ids, temperature) * loss_mask
             if not with_hits:
-                return logprobs
+                return logprobs, None
             hits = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
             hits[:, 1:] = (logits[:, :-1].argmax(-1) == input_ids[:, 1:]).float()
             return logprobs, hits * loss_mask
@@ -168,7 +180,7 @@ def sequence_logprobs(
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out = out.index_put((rows, cols), picked)
     if not with_hits:
-        return out
+        return out, None
     hit = (logits.argmax(-1) == targets).float().detach()  # (N,)
     return out, torch.zeros_like(out).index_put((rows, cols), hit)
 
@@ -194,11 +206,10 @@ class TrainedLogprobs(torch.nn.Module):
         compute_dtype: torch.dtype | None = None,
         with_hits: bool = False,
         shared_prefix: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return sequence_logprobs(
-            self.lm, input_ids, attention_mask, loss_mask, temperature, compute_dtype,
-            with_hits=with_hits, shared_prefix=shared_prefix,
-        )
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probs, greedy hits or None): one forward either way, so a wrapper hooks every one."""
+        return _trained_positions(self.lm, input_ids, attention_mask, loss_mask, temperature, compute_dtype,
+                                  with_hits, shared_prefix)
 
 
 def as_trained_forward(model: torch.nn.Module) -> torch.nn.Module:
@@ -287,8 +298,8 @@ def accumulate_gradients(
 
     def loss_of(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         mb = batch.rows(rows)
-        logprobs = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature,
-                           settings.compute_dtype, shared_prefix=settings.shared_prefix)
+        logprobs, _ = forward(mb.input_ids, mb.attention_mask, mb.loss_mask, settings.temperature,
+                              settings.compute_dtype, shared_prefix=settings.shared_prefix)
         return grpo_loss(
             logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask,
             ref_logprobs=mb.ref_logprobs, kl_coef=settings.kl_coef,

@@ -72,32 +72,32 @@ class AdaptiveFusion(CLStrategy):
         self.held[domain.name] = holdout_split(domain, self.config.fusion_holdout_tasks)
         return self.held[domain.name]
 
-    def before_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+    def before_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         self.start = ctx.snapshot_weights()
 
-    def after_domain(self, ctx: CLContext, task_idx: int, domain: str) -> None:
+    def after_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         assert self.start is not None, "before_domain saved the start"
         if self.end is None:  # not a resumed search: the weights are the domain's end
             self.end = ctx.snapshot_weights()
-        seen = ctx.order[: task_idx + 1]
+        seen = ctx.order[: domain_idx + 1]
         for alpha in self.config.fusion_alpha_grid:
             if alpha not in self.scores:
                 ctx.load_weights(interpolate(self.start, self.end, alpha))
-                self.scores[alpha] = self._held_out_reward(ctx, task_idx, alpha, seen)
+                self.scores[alpha] = self._held_out_reward(ctx, domain_idx, alpha, seen)
         alpha = all_gather_objects(best_alpha(self.scores))[0]  # rank 0's choice, on every rank
         ctx.load_weights(interpolate(self.start, self.end, alpha))
-        self.chosen.append({"task_idx": task_idx, "alpha": alpha, "scores": dict(self.scores)})
+        self.chosen.append({"domain_idx": domain_idx, "alpha": alpha, "scores": dict(self.scores)})
         figures = {
             "fusion_alpha": alpha,
             **{f"fusion_reward/alpha_{a:g}": r for a, r in self.scores.items()},
             "held_out_tasks": {name: [t.id for t in self.held[name]] for name in seen},
         }
-        ctx.log(figures, format_alpha_search(task_idx, self.scores, alpha, seen))
+        ctx.log(figures, format_alpha_search(domain_idx, self.scores, alpha, seen))
         self.start, self.end, self.scores = None, None, {}
 
-    def _held_out_reward(self, ctx: CLContext, task_idx: int, alpha: float, seen: list[str]) -> float:
+    def _held_out_reward(self, ctx: CLContext, domain_idx: int, alpha: float, seen: list[str]) -> float:
         """Mean over the seen domains of the mean reward on their held-out tasks."""
-        label = f"α search after task {task_idx}, α={alpha:g}"
+        label = f"α search after task {domain_idx}, α={alpha:g}"
         return sum(ctx.evaluate(name, self.held[name], label) for name in seen) / len(seen)
 
     def state_dict(self) -> dict:
