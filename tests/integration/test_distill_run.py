@@ -17,14 +17,9 @@ from tau2cl.rl.lora import ADAPTER_WEIGHTS
 from tau2cl.rl.teacher import weights_in_place
 from tau2cl.rl.update import LossSettings, accumulate_gradients, collate, reference_logprobs
 from tau2cl.trainer import GRPOTrainer
+from tiny_run import tiny_config
 
-RUN = dict(
-    model_name_or_path="tiny", model_dtype="float32", task_order=["airline", "retail"],
-    max_tasks_per_domain=2, batch_size_per_gpu=1, num_samples_per_prompt=2, max_new_tokens=12,
-    max_turns=1, eval_max_tasks=1, eval_interval=0, reward_fn="reward_fns:first_reply_length",
-    learning_rate=1e-2, kl_coef=0.0, cl_algorithm="distill", compact_domains=True, seed=3,
-    use_progress_bar=False,
-)  # fmt: skip
+RUN = dict(max_new_tokens=12, learning_rate=1e-2, cl_algorithm="distill", seed=3)  # over tiny_run.TINY_RUN
 
 
 def _batch(pad_id: int):
@@ -104,7 +99,7 @@ def _adapters(folder: Path) -> dict[str, torch.Tensor]:
 def test_distill_kl_starts_at_zero_grows_is_in_the_loss_and_resumes_with_its_teacher(tmp_path, monkeypatch):
     """With LoRA: the teacher is the adapters at the domain's start (the base is shared)."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    config = GRPOConfig(
+    config = tiny_config(
         **RUN, num_steps_per_task=3, distill_coef=0.5, lora_r=4, shared_prefix_update=True, save_interval=2,
         log_dir=str(tmp_path),
     )  # fmt: skip

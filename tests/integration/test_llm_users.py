@@ -14,6 +14,7 @@ import torch
 from openai_server import FAIL, HANG, ChatServer
 
 from tau2cl.env import tau2_compat  # noqa: F401  (quiet tau2 import)
+from tiny_run import tiny_config
 
 # isort: split
 from tau2.data_model.message import AssistantMessage, ToolMessage, UserMessage
@@ -299,10 +300,9 @@ def test_training_with_a_litellm_user_never_writes_its_key(tmp_path, capsys, sin
         return OPENING if _turns_of(request) == 0 else STOP
 
     with ChatServer(reply) as server:
-        config = GRPOConfig(
-            model_name_or_path="tiny", model_dtype="float32", task_order=["airline"], max_tasks_per_domain=2,
-            num_steps_per_task=1, batch_size_per_gpu=2, num_samples_per_prompt=2, max_new_tokens=4, max_turns=2,
-            eval_interval=0, eval_max_tasks=1, kl_coef=0.0, use_progress_bar=False, log_dir=str(tmp_path),
+        config = tiny_config(
+            task_order=["airline"], compact_domains=False, num_steps_per_task=1, batch_size_per_gpu=2,
+            max_new_tokens=4, max_turns=2, reward_fn="tau2", log_dir=str(tmp_path),
             user_model=f"litellm:{MODEL}", user_api_base=server.api_base, user_api_key=key,
             user_max_retries=0, user_timeout=10.0,
         )

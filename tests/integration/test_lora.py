@@ -24,16 +24,13 @@ from tau2cl.rl.lora import ADAPTER_WEIGHTS, MERGED_DIR, add_lora
 from tau2cl.rl.update import sequence_logprobs
 from tau2cl.runs.resume_check import config_differences
 from tau2cl.trainer import GRPOTrainer
+from tiny_run import tiny_config
 
 R, ALPHA = 4, 32.0
 RUN = dict(
-    model_name_or_path="tiny", model_dtype="bfloat16", task_order=["airline", "retail"],
-    max_tasks_per_domain=2, num_steps_per_task=2, batch_size_per_gpu=1, num_samples_per_prompt=2,
-    max_new_tokens=8, max_turns=1, eval_max_tasks=1, eval_interval=0,
-    reward_fn="reward_fns:first_reply_length", learning_rate=1e-2, kl_coef=0.04, cl_algorithm="ewc",
-    ewc_fisher_samples=2, lora_r=R, lora_alpha=ALPHA, merge_lora_on_save=True, seed=5,
-    use_progress_bar=False, compact_domains=True,
-)  # fmt: skip
+    model_dtype="bfloat16", learning_rate=1e-2, kl_coef=0.04, cl_algorithm="ewc", ewc_fisher_samples=2,
+    lora_r=R, lora_alpha=ALPHA, merge_lora_on_save=True, seed=5,
+)  # over tiny_run.TINY_RUN
 
 
 def _lora_layers(model):
@@ -55,7 +52,7 @@ def _train(log_dir: Path, **extra) -> tuple[GRPOTrainer, list[dict]]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer_module, "reference_logprobs", recording)
-        trainer = GRPOTrainer(GRPOConfig(**RUN, log_dir=str(log_dir), **extra))
+        trainer = GRPOTrainer(tiny_config(**RUN, log_dir=str(log_dir), **extra))
         trainer.train()
     return trainer, calls
 

@@ -17,21 +17,17 @@ import torch
 from safetensors.torch import load_file
 
 import tau2cl.trainer as trainer_module
-from tau2cl.config import GRPOConfig
 from tau2cl.rl.lora import ADAPTER_WEIGHTS
 from tau2cl.rl.update import sequence_logprobs
 from tau2cl.trainer import GRPOTrainer
+from tiny_run import tiny_config
 
 pytestmark = pytest.mark.slow
 
 RUN = dict(
-    model_name_or_path="tiny", model_dtype="float32", task_order=["airline", "retail"],
-    max_tasks_per_domain=2, num_steps_per_task=2, batch_size_per_gpu=1, num_samples_per_prompt=2,
-    max_new_tokens=8, max_turns=1, eval_max_tasks=1, eval_interval=0, eval_temperature=0.0,
-    reward_fn="reward_fns:first_reply_length", learning_rate=3e-2, kl_coef=0.0, lora_r=4, lora_alpha=32.0,
-    cl_algorithm="progressive", progressive_init="previous", save_interval=1, seed=5, use_progress_bar=False,
-    compact_domains=True,
-)  # fmt: skip
+    eval_temperature=0.0, learning_rate=3e-2, lora_r=4, lora_alpha=32.0, cl_algorithm="progressive",
+    progressive_init="previous", save_interval=1, seed=5,
+)  # over tiny_run.TINY_RUN
 
 
 def _adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -74,7 +70,7 @@ def _train(log_dir: Path, **extra) -> tuple[GRPOTrainer, list[dict], dict]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer_module, "evaluate_domain", recording)
         patch.setattr(GRPOTrainer, "_write_report", lambda self: None)  # plots: not what this file checks
-        trainer = GRPOTrainer(GRPOConfig(**RUN, log_dir=str(log_dir), **extra))
+        trainer = GRPOTrainer(tiny_config(**RUN, log_dir=str(log_dir), **extra))
         before_domain = trainer.strategy.before_domain
 
         def recording_start(ctx, task_idx, domain):
@@ -133,7 +129,7 @@ def test_the_new_adapter_starts_from_the_previous_one_with_fresh_moments(run):
 
 def _resumed(straight: Path, checkpoint: str, log_dir: Path) -> GRPOTrainer:
     """A trainer built from one of the straight run's checkpoints (not trained further)."""
-    trainer = GRPOTrainer(GRPOConfig(**RUN, log_dir=str(log_dir), resume_from=str(straight / checkpoint)))
+    trainer = GRPOTrainer(tiny_config(**RUN, log_dir=str(log_dir), resume_from=str(straight / checkpoint)))
     trainer.tracker.close()
     trainer.lock.release()
     return trainer

@@ -19,8 +19,8 @@ import json
 import pytest
 import torch
 
-from tau2cl.config import GRPOConfig
 from tau2cl.trainer import GRPOTrainer
+from tiny_run import tiny_config
 
 pytestmark = pytest.mark.slow  # ~1-2 min on 2 busy cores
 
@@ -30,13 +30,11 @@ TASK_ID = "27"  # get_user_details, then send_certificate (a write)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("sft_learning")
-    config = GRPOConfig(
-        model_name_or_path="tiny", model_dtype="float32", task_order=["airline"],
-        sft_steps_per_task=60, sft_learning_rate=3e-3, num_steps_per_task=1, learning_rate=1e-4,
-        warmup_steps=0, batch_size_per_gpu=1, num_samples_per_prompt=8, temperature=1.0, kl_coef=0.0,
-        max_new_tokens=64, max_turns=4, max_context_tokens=8192, eval_split="train", eval_interval=0,
-        compact_domains=True, task_ids=[f"airline:{TASK_ID}"], max_tasks_per_domain=1,
-        log_dir=str(log_dir), use_progress_bar=False, log_interval=20, seed=1,
+    config = tiny_config(
+        task_order=["airline"], sft_steps_per_task=60, sft_learning_rate=3e-3, num_steps_per_task=1,
+        learning_rate=1e-4, warmup_steps=0, num_samples_per_prompt=8, temperature=1.0, max_new_tokens=64,
+        max_turns=4, max_context_tokens=8192, eval_split="train", eval_max_tasks=None, reward_fn="tau2",
+        task_ids=[f"airline:{TASK_ID}"], max_tasks_per_domain=1, log_dir=str(log_dir), log_interval=20, seed=1,
     )
     trainer = GRPOTrainer(config)
     seen: dict = {}

@@ -8,9 +8,9 @@ import signal
 import pytest
 import torch
 
-from tau2cl.config import GRPOConfig
 from tau2cl.runs.interrupt import TrainingInterrupted
 from tau2cl.trainer import GRPOTrainer
+from tiny_run import tiny_config
 
 pytestmark = pytest.mark.slow  # ~30 s: three short pure-SFT runs of the tiny model
 
@@ -18,12 +18,10 @@ SFT_STEPS, STOP_AFTER = 4, 2
 
 
 def make_trainer(log_dir, resume: bool = False) -> GRPOTrainer:
-    config = GRPOConfig(
-        model_name_or_path="tiny", model_dtype="float32", task_order=["airline"], max_tasks_per_domain=2,
-        sft_steps_per_task=SFT_STEPS, sft_learning_rate=1e-3, num_steps_per_task=0, batch_size_per_gpu=1,
-        num_samples_per_prompt=2, kl_coef=0.0, max_new_tokens=4, max_turns=1, eval_split="train",
-        eval_max_tasks=1, eval_interval=0, use_progress_bar=False, log_dir=str(log_dir),
-        resume_from=str(log_dir) if resume else None, seed=3, compact_domains=True,  # short steps
+    config = tiny_config(
+        task_order=["airline"], sft_steps_per_task=SFT_STEPS, sft_learning_rate=1e-3, num_steps_per_task=0,
+        max_new_tokens=4, eval_split="train", reward_fn="tau2", seed=3, log_dir=str(log_dir),
+        resume_from=str(log_dir) if resume else None,
     )
     return GRPOTrainer(config)
 

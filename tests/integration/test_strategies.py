@@ -15,19 +15,13 @@ from tau2cl.cl.context import CLContext
 from tau2cl.cl.strategies.base import CLStrategy
 from tau2cl.config import GRPOConfig
 from tau2cl.trainer import GRPOTrainer
+from tiny_run import tiny_config
 
 pytestmark = pytest.mark.slow
 
 
 def _config(tmp_path: Path, **overrides) -> GRPOConfig:
-    values = dict(
-        model_name_or_path="tiny", model_dtype="float32", task_order=["airline", "retail"],
-        max_tasks_per_domain=2, num_steps_per_task=2, batch_size_per_gpu=1, num_samples_per_prompt=2,
-        max_new_tokens=8, max_turns=1, eval_interval=0, eval_max_tasks=1, kl_coef=0.0,
-        use_progress_bar=False, log_dir=str(tmp_path), seed=3, compact_domains=True,
-    )
-    values.update(overrides)
-    return GRPOConfig(**values)
+    return tiny_config(**{"log_dir": str(tmp_path), "seed": 3, **overrides})
 
 
 class Recorder(CLStrategy):
@@ -81,8 +75,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def _run(tmp_path: Path, **overrides) -> tuple[dict, dict]:
     """Train airline then retail; the weights after each domain."""
     config = _config(
-        tmp_path, reward_fn="reward_fns:first_reply_length", learning_rate=3e-3, num_steps_per_task=4,
-        max_new_tokens=12, **overrides,
+        tmp_path, learning_rate=3e-3, num_steps_per_task=4, max_new_tokens=12, **overrides,
     )
     GRPOTrainer(config).train()
     return _weights(tmp_path / "checkpoint_task_0"), _weights(tmp_path / "checkpoint_task_1")
@@ -125,10 +118,7 @@ def test_hooks_run_in_order_and_ewc_holds_the_weights_that_matter(tmp_path, monk
 def test_wise_fusion_sets_exactly_the_interpolation_of_the_domains_start_and_end(tmp_path, monkeypatch):
     """Same seed, same episodes: the sequential run's domain end is the end fusion merged from."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    one_domain = dict(
-        task_order=["airline"], reward_fn="reward_fns:first_reply_length", learning_rate=3e-3,
-        max_new_tokens=12, eval_max_tasks=1,
-    )
+    one_domain = dict(task_order=["airline"], learning_rate=3e-3, max_new_tokens=12, eval_max_tasks=1)
     GRPOTrainer(_config(tmp_path / "seq", cl_algorithm="sequential", **one_domain)).train()
     GRPOTrainer(_config(tmp_path / "wise", cl_algorithm="fusion", fusion_mode="wise", fusion_alpha=0.25, **one_domain)).train()
     start = dict(load_model("tiny", "float32", "cpu").named_parameters())
@@ -143,8 +133,7 @@ def test_ewc_pp_updates_its_fisher_at_every_step_and_penalises_only_on_the_secon
     """From the training episodes themselves: updates during each domain, no extra rollouts."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     config = _config(
-        tmp_path, cl_algorithm="ewc_pp", ewc_pp_interval=1, ewc_pp_alpha=0.5, ewc_lambda=100.0,
-        reward_fn="reward_fns:first_reply_length", learning_rate=3e-3,
+        tmp_path, cl_algorithm="ewc_pp", ewc_pp_interval=1, ewc_pp_alpha=0.5, ewc_lambda=100.0, learning_rate=3e-3,
     )
     GRPOTrainer(config).train()
     trains = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -163,7 +152,7 @@ def test_ewc_penalty_also_holds_the_warm_start_of_later_domains(tmp_path, monkey
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     config = _config(
         tmp_path, cl_algorithm="ewc", ewc_lambda=100.0, ewc_fisher_samples=2, sft_steps_per_task=2,
-        sft_learning_rate=3e-3, num_steps_per_task=1, reward_fn="reward_fns:first_reply_length",
+        sft_learning_rate=3e-3, num_steps_per_task=1,
     )
     GRPOTrainer(config).train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
