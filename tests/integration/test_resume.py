@@ -17,15 +17,10 @@ import tau2cl.rl.update as update_module
 from tau2cl.config import GRPOConfig
 from tau2cl.runs.checkpoint import build_manifest, load_state, save_checkpoint
 from tau2cl.trainer import GRPOTrainer
+from tiny_run import tiny_config, tiny_flags
 
 HERE = Path(__file__).parent
-RUN = [
-    "--model_name_or_path", "tiny", "--model_dtype", "float32", "--task_order", "airline", "retail",
-    "--max_tasks_per_domain", "2", "--num_steps_per_task", "3", "--batch_size_per_gpu", "1",
-    "--num_samples_per_prompt", "2", "--max_new_tokens", "8", "--max_turns", "1", "--eval_max_tasks", "1",
-    "--eval_interval", "0", "--reward_fn", "reward_fns:first_reply_length", "--learning_rate", "1e-3",
-    "--cl_algorithm", "replay", "--kl_coef", "0.04", "--seed", "5", "--no-use_progress_bar", "--compact_domains",
-]
+RUN = tiny_flags(num_steps_per_task=3, learning_rate=1e-3, cl_algorithm="replay", kl_coef=0.04, seed=5)
 
 
 def _env() -> dict:
@@ -112,11 +107,13 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *phrases: str) -
 TINY = ["--model_name_or_path", "tiny", "--model_dtype", "float32", "--max_tasks_per_domain", "2", "--batch_size_per_gpu", "1"]
 
 
+@pytest.mark.slow  # ~10 s, like the five below: a `python -m tau2cl.train` process that stops at once
 def test_a_model_that_cannot_be_loaded_offline_is_one_clear_error(tmp_path):
     result = _run_cli("--model_name_or_path", str(tmp_path / "no-such-model"), "--log_dir", str(tmp_path / "r"))
     _assert_one_line_error(result, "model path", "does not exist")
 
 
+@pytest.mark.slow
 def test_a_model_without_a_chat_template_is_one_clear_error(tmp_path, tiny_tokenizer, tiny_model):
     folder = tmp_path / "no-template"
     tiny_model.save_pretrained(folder)
@@ -130,6 +127,7 @@ def test_a_model_without_a_chat_template_is_one_clear_error(tmp_path, tiny_token
     _assert_one_line_error(result, "no chat template")
 
 
+@pytest.mark.slow
 def test_an_unwritable_log_dir_is_one_clear_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -137,11 +135,13 @@ def test_an_unwritable_log_dir_is_one_clear_error(tmp_path):
     _assert_one_line_error(result, "cannot write to log_dir")
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_a_split_is_one_clear_error(tmp_path):
     result = _run_cli(*TINY[:-2], "--batch_size_per_gpu", "3", "--log_dir", str(tmp_path / "r"))
     _assert_one_line_error(result, "batch_size_per_gpu 3 is larger than the airline train split")
 
 
+@pytest.mark.slow
 def test_resuming_from_an_incompatible_run_is_one_clear_error(tmp_path):
     checkpoint = tmp_path / "old" / "checkpoint_task_0"
     checkpoint.mkdir(parents=True)
@@ -152,11 +152,13 @@ def test_resuming_from_an_incompatible_run_is_one_clear_error(tmp_path):
     _assert_one_line_error(result, "cannot resume", "task_order")
 
 
+@pytest.mark.slow
 def test_a_resume_dir_without_checkpoints_is_one_clear_error(tmp_path):
     result = _run_cli(*TINY, "--log_dir", str(tmp_path / "r"), "--resume_from", str(tmp_path))
     _assert_one_line_error(result, "no checkpoint found")
 
 
+@pytest.mark.slow  # ~10 s: three training steps
 def test_a_non_finite_loss_skips_the_update_and_training_goes_on(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
     real = update_module.grpo_loss
@@ -168,11 +170,9 @@ def test_a_non_finite_loss_skips_the_update_and_training_goes_on(tmp_path, monke
         return (loss * float("nan") if calls["n"] == 1 else loss), stats
 
     monkeypatch.setattr(update_module, "grpo_loss", first_call_nan)
-    config = GRPOConfig(
-        model_name_or_path="tiny", model_dtype="float32", task_order=["airline"], max_tasks_per_domain=2,
-        num_steps_per_task=3, batch_size_per_gpu=1, num_samples_per_prompt=2, max_new_tokens=8, max_turns=1,
-        eval_max_tasks=1, eval_interval=0, kl_coef=0.0, reward_fn="reward_fns:first_reply_length",
-        learning_rate=1e-3, use_progress_bar=False, log_dir=str(tmp_path), save_interval=1, save_total_limit=1,
+    config = tiny_config(
+        task_order=["airline"], compact_domains=False, num_steps_per_task=3, learning_rate=1e-3,
+        log_dir=str(tmp_path), save_interval=1, save_total_limit=1,
     )
     trainer = GRPOTrainer(config)
     start = [p.detach().clone() for p in trainer.params]

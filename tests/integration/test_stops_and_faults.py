@@ -8,19 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tau2cl.config import GRPOConfig
 from tau2cl.errors import UserError
 from tau2cl.runs.checkpoint import checkpoint_problem, load_state
 from tau2cl.runs.interrupt import TrainingInterrupted
 from tau2cl.trainer import GRPOTrainer
+from tiny_run import tiny_config
 
 HERE = Path(__file__).parent
-BASE = dict(
-    model_name_or_path="tiny", model_dtype="float32", max_tasks_per_domain=2, batch_size_per_gpu=1,
-    num_samples_per_prompt=2, max_new_tokens=8, max_turns=1, eval_max_tasks=1, eval_interval=0,
-    kl_coef=0.0, learning_rate=1e-3, seed=3, use_progress_bar=False, reward_fn="reward_fns:first_reply_length",
-    compact_domains=True,
-)
+BASE = dict(learning_rate=1e-3, seed=3)  # over tiny_run.TINY_RUN
 
 
 def _records(log_dir: Path) -> list[tuple]:
@@ -32,10 +27,10 @@ def _records(log_dir: Path) -> list[tuple]:
 def test_a_stop_inside_the_final_evaluation_resumes_without_redoing_the_fisher(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
     cfg = dict(BASE, task_order=["airline"], num_steps_per_task=1, cl_algorithm="ewc", ewc_fisher_samples=2)
-    full = GRPOTrainer(GRPOConfig(**cfg, log_dir=str(tmp_path / "full"))).train()
+    full = GRPOTrainer(tiny_config(**cfg, log_dir=str(tmp_path / "full"))).train()
 
     cut = tmp_path / "cut"
-    trainer = GRPOTrainer(GRPOConfig(**cfg, log_dir=str(cut)))
+    trainer = GRPOTrainer(tiny_config(**cfg, log_dir=str(cut)))
     real = trainer.tracker.eval_progress
 
     def signal_during_the_final_evaluation(label, domain, done, total):
@@ -52,7 +47,7 @@ def test_a_stop_inside_the_final_evaluation_resumes_without_redoing_the_fisher(t
     assert state["progress"] == {"task_idx": 0, "step": 1, "global_step": 1, "stages_done": 1, "pending": "stage", "sft_step": 0}
     assert len(state["strategy"]["fishers"]) == 1  # the Fisher was done and is kept
 
-    resumed = GRPOTrainer(GRPOConfig(**cfg, log_dir=str(cut), resume_from=str(cut)))
+    resumed = GRPOTrainer(tiny_config(**cfg, log_dir=str(cut), resume_from=str(cut)))
     assert len(resumed.strategy.fishers) == 1
     summary = resumed.train()
     assert len(resumed.strategy.fishers) == 1  # the domain's Fisher was not estimated twice
@@ -66,8 +61,8 @@ def test_a_reward_function_that_raises_stops_with_one_line_after_a_boundary_chec
     import reward_fns
 
     reward_fns.CALLS["n"] = 0
-    config = GRPOConfig(**dict(BASE, reward_fn="reward_fns:fails_on_fourth_call"), task_order=["airline"],
-                        num_steps_per_task=3, log_dir=str(tmp_path))
+    config = tiny_config(**dict(BASE, reward_fn="reward_fns:fails_on_fourth_call"), task_order=["airline"],
+                         num_steps_per_task=3, log_dir=str(tmp_path))
     trainer = GRPOTrainer(config)
     with pytest.raises(UserError) as error:
         trainer.train()  # calls: 1 = evaluation before training, 2-3 = step 1, 4 = step 2 raises
@@ -86,8 +81,8 @@ def test_a_reward_function_that_raises_stops_with_one_line_after_a_boundary_chec
 
 def test_a_context_too_small_for_the_prompt_is_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
-    config = GRPOConfig(**dict(BASE, max_context_tokens=100, compact_domains=False), task_order=["airline"],
-                        num_steps_per_task=1, log_dir=str(tmp_path))
+    config = tiny_config(**dict(BASE, max_context_tokens=100, compact_domains=False), task_order=["airline"],
+                         num_steps_per_task=1, log_dir=str(tmp_path))
     with pytest.raises(UserError, match=r"^--max_context_tokens 100 leaves no room for the airline prompt \((\d+) tokens\) "
                        r"plus --max_new_tokens 8; raise it to at least \d+\.$") as error:
         GRPOTrainer(config)
@@ -113,7 +108,7 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_folder_and_the_last_com
     import tau2cl.runs.checkpoint as checkpoint_module
 
     monkeypatch.syspath_prepend(str(HERE))
-    trainer = GRPOTrainer(GRPOConfig(**BASE, task_order=["airline"], num_steps_per_task=1, log_dir=str(tmp_path)))
+    trainer = GRPOTrainer(tiny_config(**BASE, task_order=["airline"], num_steps_per_task=1, log_dir=str(tmp_path)))
     good = trainer._save("checkpoint_step_0")
     real_save = checkpoint_module.torch.save
 
