@@ -72,6 +72,7 @@ def _write(path: str, data: dict) -> None:
 
 
 def probe_train(out: str, argv: list[str]) -> int:
+    import tau2cl.recipe.rollouts as rollouts_module
     import tau2cl.trainer as trainer_module
     from tau2cl import distributed
     from tau2cl.train import main
@@ -79,7 +80,7 @@ def probe_train(out: str, argv: list[str]) -> int:
     record: dict = {"steps": []}  # steps: one entry per training step of this rank
     trainers: list = []
     original_train = trainer_module.GRPOTrainer.train
-    original_score = trainer_module.score_trajectories
+    original_score = rollouts_module.score_trajectories
 
     def recording_train(self):
         trainers.append(self)
@@ -87,7 +88,7 @@ def probe_train(out: str, argv: list[str]) -> int:
         return original_train(self)
 
     def recording_score(trajectories, *args, **kwargs):
-        # The trainer's own name for the scorer: training steps only (evaluation imports its own).
+        # The training rollouts' own name for the scorer: training steps only (evaluation imports its own).
         original_score(trajectories, *args, **kwargs)
         record["steps"].append(
             {
@@ -97,7 +98,7 @@ def probe_train(out: str, argv: list[str]) -> int:
         )
 
     trainer_module.GRPOTrainer.train = recording_train
-    trainer_module.score_trajectories = recording_score
+    rollouts_module.score_trajectories = recording_score
     trainer_module.compute_cleanup = lambda: None  # keep the group for the gather below
     code = main(argv, prog="dist_probe.py train")
     if code != 0 or not trainers:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tau2cl.trainer as trainer_module
+import tau2cl.recipe.grpo_step as grpo_step_module
 from tau2cl.agent.policy import Policy, load_model
 from tau2cl.config import RESUME_MAY_CHANGE, GRPOConfig
 from tau2cl.errors import UserError
@@ -42,7 +42,7 @@ def _lora_layers(model):
 def _train(log_dir: Path, **extra) -> tuple[GRPOTrainer, list[dict]]:
     """Train in this process, recording every reference forward the trainer makes."""
     calls: list[dict] = []
-    original = trainer_module.reference_logprobs
+    original = grpo_step_module.reference_logprobs
 
     def recording(model, batch, *args):
         out = original(model, batch, *args)
@@ -51,7 +51,7 @@ def _train(log_dir: Path, **extra) -> tuple[GRPOTrainer, list[dict]]:
         return out
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_module, "reference_logprobs", recording)
+        patch.setattr(grpo_step_module, "reference_logprobs", recording)
         trainer = GRPOTrainer(tiny_config(**RUN, log_dir=str(log_dir), **extra))
         trainer.train()
     return trainer, calls
@@ -74,9 +74,9 @@ def _records(log_dir: Path) -> list[dict]:
 def test_lora_trains_two_domains_with_fp32_adapters_on_a_frozen_bf16_base(lora_run):
     trainer, _, log_dir = lora_run
     names = {id(p): n for n, p in trainer.policy.model.named_parameters()}
-    trained = [names[id(p)] for p in trainer.params]
+    trained = [names[id(p)] for p in trainer.models.training.params]
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
-    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert all(p.dtype == torch.float32 for p in trainer.models.training.params)
     frozen = [p for p in trainer.policy.model.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     base = dict(load_model("tiny", "bfloat16", "cpu").named_parameters())
@@ -85,7 +85,7 @@ def test_lora_trains_two_domains_with_fp32_adapters_on_a_frozen_bf16_base(lora_r
             assert torch.equal(param, base[name.replace(".base_layer.", ".")]), name
     # trainable share: tiny = 4 layers, hidden 128, kv 64 (2 of 4 heads of 32), MLP 384; r=4 adds
     # r * (in + out) per module: q, o 4*256; k, v 4*192; gate, up, down 4*512 = 9,728 per layer, x4
-    assert sum(p.numel() for p in trainer.params) == 38_912
+    assert sum(p.numel() for p in trainer.models.training.params) == 38_912
     assert "LoRA r=4 alpha=32: 38,912 trainable parameters of" in (log_dir / "train.log").read_text()
     train = _records(log_dir)
     assert [(r["task_idx"], r["step"]) for r in train] == [(0, 1), (0, 2), (1, 1), (1, 2)]
@@ -96,11 +96,11 @@ def test_lora_trains_two_domains_with_fp32_adapters_on_a_frozen_bf16_base(lora_r
 @pytest.mark.slow
 def test_the_reference_is_the_same_model_with_the_adapters_off(lora_run, tiny_tokenizer):
     trainer, calls, _ = lora_run
-    assert trainer.reference is trainer.policy.model  # one model in memory
+    assert trainer.models.reference is trainer.policy.model  # one model in memory
     assert len(calls) == 4 and all(c["model"] is trainer.policy.model for c in calls)
     assert all(c["disabled"] and all(c["disabled"]) for c in calls)
     assert not any(layer.disable_adapters for layer in _lora_layers(trainer.policy.model))  # back on
-    assert all(p.requires_grad for p in trainer.params)
+    assert all(p.requires_grad for p in trainer.models.training.params)
     base = load_model("tiny", "bfloat16", "cpu")
     last = calls[-1]
     b = last["batch"]
@@ -114,7 +114,7 @@ def test_the_reference_is_the_same_model_with_the_adapters_off(lora_run, tiny_to
     assert not torch.allclose(policy, expected, atol=1e-3)  # the adapters matter for the policy
     # the user played by the reference samples from the base too
     prompt = trainer.policy.renderer.prompt_ids("You are a helpful assistant.", [], [{"role": "user", "content": "Hi"}])
-    as_user = trainer._reference_policy().generate([prompt], 12, temperature=0.0)[0]
+    as_user = trainer.models.reference_policy().generate([prompt], 12, temperature=0.0)[0]
     from_base = Policy(base, tiny_tokenizer, compute_dtype=torch.bfloat16).generate([prompt], 12, temperature=0.0)[0]
     assert as_user.token_ids == from_base.token_ids and as_user.logprobs == from_base.logprobs
     assert not any(layer.disable_adapters for layer in _lora_layers(trainer.policy.model))
@@ -151,13 +151,13 @@ def test_ewc_fisher_and_anchors_cover_the_adapters(lora_run):
     trainer, _, log_dir = lora_run
     strategy = trainer.strategy
     assert len(strategy.fishers) == 2  # one per finished domain
-    shapes = [p.shape for p in trainer.params]
+    shapes = [p.shape for p in trainer.models.training.params]
     for fisher, anchor in zip(strategy.fishers, strategy.anchors, strict=True):
         assert [f.shape for f in fisher] == [a.shape for a in anchor] == shapes
     # the first anchor is the adapters at the end of airline, as its checkpoint saved them
     saved = load_file(str(log_dir / "checkpoint_task_0" / ADAPTER_WEIGHTS))
     names = {id(p): n for n, p in trainer.policy.model.named_parameters()}
-    for param, anchor in zip(trainer.params, strategy.anchors[0], strict=True):
+    for param, anchor in zip(trainer.models.training.params, strategy.anchors[0], strict=True):
         key = "base_model.model." + names[id(param)].replace(".default", "")
         assert torch.equal(anchor, saved[key]), key
     assert _records(log_dir)[-1]["ewc_penalty"] > 0

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tau2cl.trainer as trainer_module
+import tau2cl.recipe.accuracy_matrix as accuracy_matrix_module
 from tau2cl.rl.lora import ADAPTER_WEIGHTS
 from tau2cl.rl.update import sequence_logprobs
 from tau2cl.trainer import GRPOTrainer
@@ -47,7 +47,7 @@ def _train(log_dir: Path, **extra) -> tuple[GRPOTrainer, list[dict], dict]:
     """Train in this process; every evaluation's adapter and episodes, and retail's start."""
     evals: list[dict] = []
     starts: dict = {}
-    original = trainer_module.evaluate_domain
+    original = accuracy_matrix_module.evaluate_domain
 
     def recording(engine, domain, *args, **kwargs):
         run = engine.run
@@ -68,14 +68,14 @@ def _train(log_dir: Path, **extra) -> tuple[GRPOTrainer, list[dict], dict]:
             del engine.run
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_module, "evaluate_domain", recording)
+        patch.setattr(accuracy_matrix_module, "evaluate_domain", recording)
         patch.setattr(GRPOTrainer, "_write_report", lambda self: None)  # plots: not what this file checks
         trainer = GRPOTrainer(tiny_config(**RUN, log_dir=str(log_dir), **extra))
         before_domain = trainer.strategy.before_domain
 
         def recording_start(ctx, task_idx, domain):
             before_domain(ctx, task_idx, domain)
-            starts[domain] = {"adapter": _adapter(trainer.policy.model), "moments": len(trainer.optimizer.state)}
+            starts[domain] = {"adapter": _adapter(trainer.policy.model), "moments": len(trainer.grpo.optimizer.state)}
 
         trainer.strategy.before_domain = recording_start
         trainer.train()
@@ -101,7 +101,7 @@ def test_each_domain_is_evaluated_with_its_own_adapter_and_the_first_is_not_forg
     # for token, with bit-identical log-probs, and the same reward in the matrix
     assert _equal(evals[4]["adapter"], airline)
     assert evals[4]["ids"] == evals[2]["ids"] and evals[4]["logprobs"] == evals[2]["logprobs"]
-    assert trainer.reward_matrix[2][0] == trainer.reward_matrix[1][0]
+    assert trainer.evaluation.matrix.reward[2][0] == trainer.evaluation.matrix.reward[1][0]
     # the swap is for the evaluation only: the live adapter (saved after it) is retail's
     saved = load_file(str(log_dir / "checkpoint_task_1" / ADAPTER_WEIGHTS))
     live = _adapter(trainer.policy.model)
@@ -122,7 +122,7 @@ def test_the_new_adapter_starts_from_the_previous_one_with_fresh_moments(run):
     # before retail trained, it is evaluated with the adapter it will start from (previous: airline's)
     assert _equal(evals[3]["adapter"], trainer.strategy.adapters["airline"])
     # the trainable set is the live adapter alone: what the optimizer holds
-    held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    held = {id(p) for group in trainer.grpo.optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in trainer.policy.model.parameters() if p.requires_grad}
     assert all(".lora_" in n for n in trainer.strategy.adapters["airline"])
 
@@ -140,7 +140,7 @@ def test_resume_restores_every_adapter_bit_for_bit(run, tmp_path, checkpoint, po
     """At the domain boundary and mid-retail: the frozen adapters, the initialisation, the live one."""
     trainer, _, _, straight = run
     built = _resumed(straight, checkpoint, tmp_path)
-    assert (built.progress.task_idx, built.progress.step) == position
+    assert (built.progress.domain_idx, built.progress.step) == position
     assert list(built.strategy.adapters) == ["airline"]
     assert _equal(built.strategy.adapters["airline"], trainer.strategy.adapters["airline"])
     assert _equal(built.strategy.initial, trainer.strategy.initial)

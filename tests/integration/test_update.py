@@ -83,8 +83,8 @@ def test_the_trained_forward_module_is_sequence_logprobs_and_wraps_once(tiny_mod
     assert as_trained_forward(forward) is forward
     with torch.no_grad():
         direct = sequence_logprobs(tiny_model, batch.input_ids, batch.attention_mask, batch.loss_mask, 0.7)
-        wrapped = forward(batch.input_ids, batch.attention_mask, batch.loss_mask, 0.7)
-    assert torch.equal(direct, wrapped)
+        wrapped, hits = forward(batch.input_ids, batch.attention_mask, batch.loss_mask, 0.7)
+    assert torch.equal(direct, wrapped) and hits is None
 
 
 

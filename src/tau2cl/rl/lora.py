@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,26 +130,29 @@ def adapters_disabled(lora: LoraPolicy | None) -> contextlib.AbstractContextMana
 
 
 @torch.no_grad()
-def merged_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every adapter folded in: W + (alpha / r) B A, on CPU.
+def merged_adapted_weights(peft_model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each adapted layer's weight with its adapter folded in, W + (alpha / r) B A, under the name
+    the plain model uses, one layer at a time (summed in fp32, stored in the base weight's dtype).
 
-    Built beside the live weights (which stay untouched, so training continues exactly): each
-    adapted layer's `base_layer.weight` plus PEFT's own delta, summed in fp32 and stored in the
-    base weight's dtype, under the name the plain model uses; adapter tensors are left out.
+    Built beside the live weights, which stay untouched, so training continues exactly.
     """
     from peft.tuners.lora import LoraLayer
 
     lm = peft_model.get_base_model()
     adapter = peft_model.active_adapter
-    merged = {
-        f"{name}.weight": (module.base_layer.weight.float() + module.get_delta_weight(adapter).float())
-        .to(module.base_layer.weight.dtype)
-        .cpu()
-        for name, module in lm.named_modules()
-        if isinstance(module, LoraLayer)
-    }
+    for name, module in lm.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.base_layer.weight
+            yield f"{name}.weight", (weight.float() + module.get_delta_weight(adapter).float()).to(weight.dtype)
+
+
+@torch.no_grad()
+def merged_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapter folded in (`merged_adapted_weights`), on CPU;
+    adapter tensors are left out."""
+    merged = {name: tensor.cpu() for name, tensor in merged_adapted_weights(peft_model)}
     state: dict[str, torch.Tensor] = {}
-    for key, tensor in lm.state_dict().items():
+    for key, tensor in peft_model.get_base_model().state_dict().items():
         if ".lora_" in key:
             continue
         plain = key.replace(".base_layer.", ".")

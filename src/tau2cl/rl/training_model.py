@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,20 +40,32 @@ class TrainingModel:
         lm = copy.deepcopy(rollout_model) if self.sharded else rollout_model
         self.module = wrap_data_parallel(TrainedLogprobs(lm), info, parallelism)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.followers: list[Callable[[], None]] = []  # told whenever the rollout model's weights change
+
+    def follow(self, on_change: Callable[[], None]) -> None:
+        """Call `on_change` after every change of the rollout model's weights: each optimizer step,
+        each load (a resume, a strategy's edit) and each swap in or out of evaluation weights (a
+        sampler that keeps its own copy of the weights, such as a vLLM engine, reloads them)."""
+        self.followers.append(on_change)
+
+    def _changed(self) -> None:
+        for on_change in self.followers:
+            on_change()
 
     @torch.no_grad()
     def refresh_rollout_model(self) -> None:
-        """Copy the trained weights into the rollout model (all ranks; a no-op unless sharded).
+        """Copy the trained weights into the rollout model (all ranks; only sharded training keeps a
+        separate copy), then tell the followers.
 
         One parameter at a time, so the gather never holds more than one full tensor beyond the
         rollout copy itself.
         """
-        if not self.sharded:
-            return
-        targets = dict(self.rollout_model.named_parameters())
-        for name, param in self.module.named_parameters():
-            if param.requires_grad:  # frozen weights (a LoRA base) never change
-                targets[name.removeprefix(_LM)].copy_(as_local_tensor(param))
+        if self.sharded:
+            targets = dict(self.rollout_model.named_parameters())
+            for name, param in self.module.named_parameters():
+                if param.requires_grad:  # frozen weights (a LoRA base) never change
+                    targets[name.removeprefix(_LM)].copy_(as_local_tensor(param))
+        self._changed()
 
     @contextlib.contextmanager
     def rollout_weights(self, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
@@ -68,10 +80,12 @@ class TrainingModel:
         params = trainable_weights(self.rollout_model)
         saved = {n: p.detach().clone() for n, p in params.items()}
         copy_weights(params, weights, "rollout_weights")
+        self._changed()
         try:
             yield
         finally:
             copy_weights(params, saved, "rollout_weights")
+            self._changed()
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Make `weights` (the trainable parameters by name) the policy's: the rollout model's, then
@@ -84,6 +98,7 @@ class TrainingModel:
         if self.sharded:
             state = {_LM + k: v for k, v in self.rollout_model.state_dict().items()}
             load_full_state_dict(self.module, state)
+        self._changed()
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer state to checkpoint, whole (sharded: a collective; rank 0 gets it)."""
