@@ -1,7 +1,8 @@
 """Training entry point: `tau2cl train ...`, `python -m tau2cl.train ...` or `torchrun -m tau2cl.train ...`.
 
-Parsing comes first and the trainer (torch, transformers, tau2) is imported only afterwards, so that
-`--help` and a bad flag answer at once.
+Parsing comes first, then the checks that the flags, the files and a network probe decide (the
+log_dir, a resume's checkpoint, the model's source), and only then is the trainer (torch,
+transformers, tau2) imported, so that `--help`, a bad flag and every such refusal answer at once.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
-from tau2cl.config import parse_config
+from tau2cl.agent.model_source import check_model_source
+from tau2cl.agent.tiny_model import TINY_MODEL_NAME
+from tau2cl.config import RESUME_MAY_CHANGE, GRPOConfig, parse_config
 from tau2cl.errors import run_guarded
+from tau2cl.runs.preflight import check_log_dir, check_resume, nothing_left, saved_run
 
 
 def main(argv: list[str] | None = None, prog: str = "tau2cl train") -> int:
@@ -18,13 +22,18 @@ def main(argv: list[str] | None = None, prog: str = "tau2cl train") -> int:
 
     def train() -> int:
         config = parse_config(argv, prog=prog)
+        done = preflight(config)
+        if done is not None:
+            if _is_rank_zero():
+                print(f"tau2cl: {done}", file=sys.stderr)
+            return 0
         from tau2cl.runs.interrupt import StoppedWithCheckpoint
         from tau2cl.trainer import GRPOTrainer
 
         try:
             GRPOTrainer(config).train()
         except StoppedWithCheckpoint as stop:
-            if os.environ.get("RANK", "0") == "0":
+            if _is_rank_zero():
                 print(
                     f"tau2cl: {stop}; checkpoint saved to {stop.checkpoint}. Resume with the same flags "
                     f"plus --resume_from {stop.checkpoint}",
@@ -34,6 +43,33 @@ def main(argv: list[str] | None = None, prog: str = "tau2cl train") -> int:
         return 0
 
     return run_guarded(train)
+
+
+def preflight(config: GRPOConfig) -> str | None:
+    """Refuse (a UserError) what needs no heavy import to decide: a log_dir held by a live run or
+    holding another run's files, a resume under flags its checkpoint refuses, a model that cannot
+    be had. Returns the line to print instead of training when a resume has nothing left to do.
+
+    The log_dir is rank 0's to check, and only when every process is on this machine: torchrun
+    then ends the other ranks as soon as rank 0 exits; across machines they would wait for it, so
+    the trainer's check, agreed by all ranks, decides there.
+    """
+    if _is_rank_zero() and os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1"):
+        check_log_dir(config.log_dir, config.resume_from, config.overwrite_log_dir)
+    if config.resume_from:
+        saved = saved_run(config.resume_from)
+        if saved is not None:
+            check_resume(saved, config.to_dict(), RESUME_MAY_CHANGE, GRPOConfig().to_dict())
+            done = nothing_left(saved)
+            if done is not None:
+                return done
+    if config.model_name_or_path != TINY_MODEL_NAME:  # the tiny model is built when first loaded
+        check_model_source(config.model_name_or_path)
+    return None
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 if __name__ == "__main__":

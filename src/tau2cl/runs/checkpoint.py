@@ -9,7 +9,6 @@ from a log_dir takes the latest checkpoint that verifies and names each one it s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,11 +21,15 @@ from typing import Any
 import torch
 
 from tau2cl.errors import UserError
-
-STATE_FILE = "trainer_state.pt"
-PROGRESS_FILE = "progress.json"
-MANIFEST_FILE = "manifest.json"
-_CHUNK = 1 << 22  # bytes read at a time when hashing
+from tau2cl.runs.checkpoint_files import (
+    MANIFEST_FILE,
+    PROGRESS_FILE,
+    RUN_CONFIG_FILE,
+    STATE_FILE,
+    checkpoint_candidates,
+    is_checkpoint,
+    sha256_of,
+)
 
 
 class CheckpointSaveError(Exception):
@@ -65,6 +68,8 @@ def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path
         torch.save(state, tmp / STATE_FILE)
         # the position alone, so finding the latest checkpoint never loads optimizer states
         (tmp / PROGRESS_FILE).write_text(json.dumps(state.get("progress", {})))
+        if "config" in state:  # the flags alone, so a resume's check needs no torch
+            (tmp / RUN_CONFIG_FILE).write_text(json.dumps(state["config"], indent=1))
         (tmp / MANIFEST_FILE).write_text(json.dumps(build_manifest(tmp), indent=1))  # last: marks it complete
     except (OSError, RuntimeError) as exc:  # disk full, folder gone or unwritable (torch wraps OSErrors)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -79,20 +84,12 @@ def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path
 
 
 # ---- the manifest ----------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_manifest(folder: Path) -> dict:
     """{"files": {relative path: {"size", "sha256"}}} of every file under `folder` but the manifest."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     return {
         "files": {
-            p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files
+            p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in files
         }
     }
 
@@ -112,7 +109,7 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != entry["size"]:
             return f"{name} has {file.stat().st_size} bytes, not the {entry['size']} saved"
-        if _sha256(file) != entry["sha256"]:
+        if sha256_of(file) != entry["sha256"]:
             return f"{name} does not match its checksum (changed or corrupted after the save)"
     return None
 
@@ -124,36 +121,17 @@ def find_checkpoint(path: str | Path, skipped: Callable[[str], None] = lambda li
     `skipped` (one line) and the previous one is tried.
     """
     path = Path(path)
-    if (path / STATE_FILE).exists() or (path / MANIFEST_FILE).exists():
+    if is_checkpoint(path):
         problem = checkpoint_problem(path)
         if problem:
             raise UserError(f"checkpoint '{path}' cannot be resumed: {problem}; give an earlier checkpoint or its log_dir.")
         return path
-    candidates = [
-        p for p in (path.glob("checkpoint_*") if path.is_dir() else [])
-        if p.is_dir() and p.suffix not in (".tmp", ".old")
-    ]
-    if not candidates:
-        raise UserError(f"no checkpoint found at '{path}' (expected a checkpoint folder or a log_dir holding one).")
-    for checkpoint in sorted(candidates, key=_position, reverse=True):
+    for checkpoint in checkpoint_candidates(path):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
             return checkpoint
         skipped(f"skipping checkpoint '{checkpoint}': {problem}.")
     raise UserError(f"no complete checkpoint in '{path}': every one failed verification (see the lines above).")
-
-
-def _position(checkpoint: Path) -> tuple[int, int, int]:
-    """How far a checkpoint got: global step, then matrix rows filled (a domain end comes last),
-    then supervised steps into the next domain.
-
-    An unreadable progress.json sorts first, so it is tried last (and its verification says why).
-    """
-    try:
-        progress = json.loads((checkpoint / PROGRESS_FILE).read_text())
-        return int(progress.get("global_step", 0)), int(progress.get("stages_done", 0)), int(progress.get("sft_step", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return -1, -1, -1
 
 
 def load_state(path: Path) -> dict:

@@ -67,25 +67,29 @@ def inside(path: str | Path, folder: str | Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def guard_log_dir(log_dir: str, resume_from: str | None, overwrite: bool) -> None:
-    """Refuse a log_dir holding another run's files; clear them first with `overwrite`."""
+def log_dir_refusal(log_dir: str, resume_from: str | None, overwrite: bool) -> str | None:
+    """Why log_dir cannot take this run (it holds another run's files), or None; changes nothing."""
     existing = run_files(log_dir)
     resuming_here = resume_from is not None and inside(resume_from, log_dir)
     if overwrite and resuming_here:
-        raise UserError(
-            "--overwrite_log_dir would delete the checkpoint that --resume_from names; drop one of the two."
-        )
-    if not existing or resuming_here:
-        return
-    if overwrite:
-        for path in existing:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return
+        return "--overwrite_log_dir would delete the checkpoint that --resume_from names; drop one of the two."
+    if not existing or resuming_here or overwrite:
+        return None
     names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
-    raise UserError(
+    return (
         f"log_dir '{log_dir}' already holds a run ({names}); continue it with --resume_from {log_dir}, "
         "clear it with --overwrite_log_dir, or choose another --log_dir."
     )
+
+
+def guard_log_dir(log_dir: str, resume_from: str | None, overwrite: bool) -> None:
+    """Refuse a log_dir holding another run's files; clear them first with `overwrite`."""
+    problem = log_dir_refusal(log_dir, resume_from, overwrite)
+    if problem:
+        raise UserError(problem)
+    if overwrite:
+        for path in run_files(log_dir):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def tidy_checkpoint_temporaries(log_dir: str | Path) -> list[str]:
