@@ -28,6 +28,7 @@ from tau2cl.env.rewards import load_reward_fn
 from tau2cl.errors import UserError
 from tau2cl.recipe.accuracy_matrix import EvaluationStages
 from tau2cl.recipe.checkpointer import Checkpointer, TrainingState, open_resume_point
+from tau2cl.recipe.engine_sync import start_sampler
 from tau2cl.recipe.grpo_step import GRPOStep
 from tau2cl.recipe.models import load_models
 from tau2cl.recipe.rollouts import Rollouts
@@ -58,6 +59,10 @@ class GRPOTrainer:
         self.models = load_models(config, self.dist)
         self.policy = self.models.policy
         self._check_context_fits()
+        self.sampler, self.engine_sync = (
+            start_sampler(config, self.models, self.dist.device.type == "cuda")
+            if config.rollout_backend == "vllm" else (None, None)
+        )
         self.user = build_user(config, reference=self.models.reference_policy, device=self.dist.device)
         self.generator = torch.Generator(device=self.dist.device)
         self.generator.manual_seed(config.seed * 1000 + self.dist.rank)
@@ -73,7 +78,7 @@ class GRPOTrainer:
         self.tracker = MetricsTracker.from_config(config, is_main=self.dist.is_main,
                                                   wandb_run_id=resume and resume.wandb_run_id)
         self.grpo = GRPOStep(config, self.dist, self.models, self.rollouts, self.strategy, self.clipped_step,
-                             self.tracker.log_message)
+                             self.tracker.log_message, self.engine_sync)
         self.evaluation = EvaluationStages(config, self.dist, self.order, self.domains, eval_engine,
                                            self.models.training, self.strategy, self.rollouts.reward_fn,
                                            self.generator, self.tracker)
@@ -146,7 +151,8 @@ class GRPOTrainer:
         common = dict(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                       max_context_tokens=cfg.max_context_tokens, top_p=cfg.top_p, kv_reuse=cfg.kv_reuse)
         return tuple(
-            RolloutEngine(self.policy, self.user, RolloutSettings(temperature=t, **common), self.signals.check)
+            RolloutEngine(self.policy, self.user, RolloutSettings(temperature=t, **common), self.signals.check,
+                          self.sampler)
             for t in (cfg.temperature, cfg.eval_temperature)
         )
 

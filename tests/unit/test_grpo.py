@@ -11,6 +11,7 @@ from tau2cl.rl.grpo import (
     LOG_RATIO_BOUND,
     group_advantages,
     grpo_loss,
+    logprob_gap,
     masked_mean,
     token_logprobs,
     zero_std_group_fraction,
@@ -391,3 +392,13 @@ def test_masked_mean():
     # (1 + 3 + 7) / 3 = 11/3
     assert masked_mean(x, mask).item() == pytest.approx(11 / 3)
     assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_logprob_gap_is_the_masked_absolute_difference():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -2.0, -9.0], [-0.4, -2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # the third column (gap 8.5) is not sampled
+    total, count, largest = logprob_gap(trainer, sampler, mask)
+    # |Δ| on the masked tokens: 0.5, 0.0, 0.3, 1.0 → sum 1.8 over 4 tokens, largest 1.0
+    assert count == 4 and abs(total - 1.8) < 1e-6 and abs(largest - 1.0) < 1e-6
+    assert logprob_gap(trainer, sampler, torch.zeros_like(mask)) == (0.0, 0, 0.0)

@@ -112,7 +112,7 @@ class EvaluationStages:
         engine = self.engine
         if engine.settings.temperature != 0:
             engine = RolloutEngine(engine.policy, engine.user, replace(engine.settings, temperature=0.0),
-                                   engine.check_stop)
+                                   engine.check_stop, engine.sampler)
         generator = torch.Generator(device=self.dist.device)
         generator.manual_seed(zlib.crc32(f"{cfg.seed}-{label}-{self.dist.rank}".encode()))
         summary, _ = evaluate_domain(

@@ -19,10 +19,11 @@ from tau2cl.cl.context import CLContext, Progress
 from tau2cl.cl.strategies.base import CLStrategy
 from tau2cl.distributed import DistInfo, all_gather_objects
 from tau2cl.env.domains import Domain
+from tau2cl.recipe.engine_sync import EngineSync
 from tau2cl.recipe.models import Models
 from tau2cl.recipe.rollouts import Rollouts, out_of_memory_names_the_knobs
 from tau2cl.rl.dynamic_sampling import resample_zero_variance
-from tau2cl.rl.grpo import group_advantages, zero_std_group_fraction
+from tau2cl.rl.grpo import group_advantages, logprob_gap, zero_std_group_fraction
 from tau2cl.rl.lora import adapters_disabled
 from tau2cl.rl.optimization import ClippedStep, draw_shard, token_normalizer
 from tau2cl.rl.schedule import learning_rate
@@ -43,7 +44,7 @@ class GRPOStep:
 
     def __init__(
         self, config: Any, dist: DistInfo, models: Models, rollouts: Rollouts, strategy: CLStrategy,
-        clipped_step: ClippedStep, log_message: Callable[[str], None],
+        clipped_step: ClippedStep, log_message: Callable[[str], None], engine_sync: EngineSync | None = None,
     ):
         self.config = config
         self.dist = dist
@@ -52,6 +53,7 @@ class GRPOStep:
         self.strategy = strategy
         self.clipped_step = clipped_step
         self.log_message = log_message
+        self.engine_sync = engine_sync  # a sampler with its own weights (vLLM): its pushes are logged
         self.optimizer = torch.optim.AdamW(
             models.training.params, lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -75,6 +77,8 @@ class GRPOStep:
                                 teacher=self.strategy.teacher_weights(context))
         self.strategy.after_update(context, step)
         t3 = time.perf_counter()
+        if self.engine_sync is not None:  # the pushes since the last step's record, this update's included
+            stats.update(self.engine_sync.take())
         stats.update(self.episode_stats(trajectories, rewards))
         stats.update(resampled)
         stats.update(self.strategy.step_metrics(context, trajectories))
@@ -133,8 +137,10 @@ class GRPOStep:
         )
         micro = micro_batches_by_length([len(t.token_ids) for t in trajectories], cfg.gradient_accumulation_steps,
                                         groups=[t.domain for t in trajectories])
-        if cfg.tis_cap is not None:
+        gap: dict = {}
+        if cfg.importance_cap is not None or cfg.rollout_backend == "vllm":
             recompute_old_logprobs(policy_model, batch, micro, cfg.temperature, models.compute_dtype)
+            gap = logprob_gap_across_ranks(batch.old_logprobs, batch.sampling_logprobs, batch.loss_mask)
         t0 = time.perf_counter()
         if models.reference is not None and cfg.kl_coef > 0:
             with adapters_disabled(models.lora):
@@ -149,7 +155,7 @@ class GRPOStep:
         time_ref = time.perf_counter() - t0
         normalizer = token_normalizer(batch.num_tokens, self.dist.world_size)
         settings = LossSettings(cfg.temperature, cfg.clip_range, cfg.upper_clip_range, cfg.kl_coef,
-                                models.compute_dtype, cfg.dual_clip, cfg.tis_cap, cfg.shared_prefix_update,
+                                models.compute_dtype, cfg.dual_clip, cfg.importance_cap, cfg.shared_prefix_update,
                                 cfg.distill_coef)
         models.training.module.train()
         lr = self.learning_rate(progress)
@@ -165,6 +171,7 @@ class GRPOStep:
         stats["lr"] = lr  # the learning rate this step used
         stats["time_ref"] = time_ref
         stats["skipped_updates"] = self.clipped_step.skipped
+        stats.update(gap)
         return stats
 
     def learning_rate(self, progress: Progress) -> float:
@@ -206,3 +213,14 @@ def token_weighted_across_ranks(stats: dict) -> dict:
     out["grad_norm"] = stats.get("grad_norm", 0.0)
     out["num_tokens"] = total
     return out
+
+
+def logprob_gap_across_ranks(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """|trainer log-prob − sampler log-prob| over every rank's sampled tokens: its mean and max."""
+    total, count, largest = logprob_gap(trainer, sampler, mask)
+    parts = all_gather_objects((total, count, largest))
+    tokens = sum(c for _, c, _ in parts)
+    return {
+        "logprob_gap_mean": sum(t for t, _, _ in parts) / max(tokens, 1),
+        "logprob_gap_max": max(m for _, _, m in parts),
+    }

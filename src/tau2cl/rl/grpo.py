@@ -275,3 +275,12 @@ def grpo_loss(
             "num_tokens": float(num_tokens.item()),
         })
     return loss, stats
+
+
+def logprob_gap(trainer: Tensor, sampler: Tensor, mask: Tensor) -> tuple[float, int, float]:
+    """How far the sampler's log-probs are from the trainer's on the masked tokens: (sum of
+    |trainer − sampler|, number of tokens, largest |trainer − sampler|); all (B, T)."""
+    gap = (trainer - sampler).abs()[mask.bool()]
+    if gap.numel() == 0:
+        return 0.0, 0, 0.0
+    return float(gap.sum()), int(gap.numel()), float(gap.max())

@@ -130,34 +130,43 @@ def adapters_disabled(lora: LoraPolicy | None) -> contextlib.AbstractContextMana
 
 
 @torch.no_grad()
-def merged_adapted_weights(peft_model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each adapted layer's weight with its adapter folded in, W + (alpha / r) B A, under the name
-    the plain model uses, one layer at a time (summed in fp32, stored in the base weight's dtype).
-
-    Built beside the live weights, which stay untouched, so training continues exactly.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    lm = peft_model.get_base_model()
-    adapter = peft_model.active_adapter
-    for name, module in lm.named_modules():
-        if isinstance(module, LoraLayer):
-            weight = module.base_layer.weight
-            yield f"{name}.weight", (weight.float() + module.get_delta_weight(adapter).float()).to(weight.dtype)
+def merged_weights(peft_model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter of the plain model with the adapters folded in, W + (alpha / r) B A, under
+    the plain model's names, one at a time (an adapted weight is summed in fp32 and stored in its
+    own dtype; the others are the live tensors). The live weights stay untouched."""
+    lm, layers = peft_model.get_base_model(), _adapted_layers(peft_model)
+    for key, param in lm.named_parameters():
+        if ".lora_" in key:
+            continue
+        plain = key.replace(".base_layer.", ".")
+        layer = layers.get(plain.removesuffix(".weight"))
+        yield plain, param if layer is None else _merged(layer, peft_model.active_adapter)
 
 
 @torch.no_grad()
 def merged_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every adapter folded in (`merged_adapted_weights`), on CPU;
-    adapter tensors are left out."""
-    merged = {name: tensor.cpu() for name, tensor in merged_adapted_weights(peft_model)}
+    """The base model's state dict (buffers too) with every adapter folded in, on CPU; adapter
+    tensors are left out."""
+    lm, layers = peft_model.get_base_model(), _adapted_layers(peft_model)
     state: dict[str, torch.Tensor] = {}
-    for key, tensor in peft_model.get_base_model().state_dict().items():
+    for key, tensor in lm.state_dict().items():
         if ".lora_" in key:
             continue
         plain = key.replace(".base_layer.", ".")
-        state[plain] = merged.get(plain, tensor.detach().cpu())
+        layer = layers.get(plain.removesuffix(".weight")) if plain.endswith(".weight") else None
+        state[plain] = (tensor if layer is None else _merged(layer, peft_model.active_adapter)).detach().cpu()
     return state
+
+
+def _adapted_layers(peft_model: Any) -> dict[str, Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+
+
+def _merged(layer: Any, adapter: str) -> torch.Tensor:
+    weight = layer.base_layer.weight
+    return (weight.float() + layer.get_delta_weight(adapter).float()).to(weight.dtype)
 
 
 def _base_dtype_name(peft_model: Any) -> str:
