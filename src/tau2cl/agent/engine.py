@@ -12,6 +12,9 @@ Outside solo mode an episode starts with tau2's greeting and waits on the user; 
 is rendered once the user's opening arrives. A user's tool calls (telecom's phone) run in the
 episode's environment with requestor "user" and their results go back to the user, as in tau2's
 orchestrator; the agent sees only the user's text. User tokens never carry loss mask.
+
+The turns themselves come from a sampler (sampler.py): the policy's own engine unless another
+backend is given; the policy still renders contexts and decodes sampled turns into text.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from tau2cl.agent.chat import assistant_chat_message, chat_dict
 from tau2cl.agent.episode import AWAITING_POLICY, AWAITING_USER, Episode, RolloutRequest, Trajectory
 from tau2cl.agent.kv_cache import KVSlot
 from tau2cl.agent.policy import Generation, Policy
+from tau2cl.agent.sampler import PolicySampler, Sampler
 from tau2cl.agent.tool_calls import (
     CALL_CLOSE,
     CALL_OPEN,
@@ -63,18 +67,27 @@ class RolloutSettings:
 
 
 class RolloutEngine:
-    """Runs batches of episodes with one policy and one user simulator."""
+    """Runs batches of episodes with one policy, one sampler and one user simulator.
+
+    `sampler`: the backend that samples the policy's turns (None: the policy's own engine).
+    """
 
     def __init__(
-        self, policy: Policy, user: UserSimulator, settings: RolloutSettings, check_stop: Callable[[], None] | None = None
+        self, policy: Policy, user: UserSimulator, settings: RolloutSettings, check_stop: Callable[[], None] | None = None,
+        sampler: Sampler | None = None,
     ):
         self.policy = policy
         self.user = user
         self.settings = settings
         self.check_stop = check_stop  # called between turns; raises to abandon the batch when the run stops
+        self.sampler = sampler if sampler is not None else PolicySampler(policy)
+
+    @property
+    def _episode_caches(self) -> bool:
+        return self.settings.kv_reuse and self.sampler.keeps_episode_caches
 
     def run(self, requests: list[RolloutRequest], generator: torch.Generator | None = None) -> list[Trajectory]:
-        self.policy.reset_prefix_cache()  # the weights may have changed since the last run
+        self.sampler.reset_prefix_cache()  # the weights may have changed since the last run
         episodes = [self._start(r) for r in requests]
         while True:
             if self.check_stop is not None:
@@ -83,9 +96,9 @@ class RolloutEngine:
             waiting = [e for e in waiting if self._fits_context(e)]
             if waiting:  # one batch; a domain's episodes share its prompt prefix
                 s = self.settings
-                generations = self.policy.generate(
+                generations = self.sampler.sample(
                     [e.token_ids for e in waiting], s.max_new_tokens, s.temperature, s.top_p, generator,
-                    caches=[e.kv for e in waiting] if s.kv_reuse else None,
+                    caches=[e.kv for e in waiting] if self._episode_caches else None,
                     groups=[e.domain.name for e in waiting],
                 )
                 for episode, generation in zip(waiting, generations, strict=True):
@@ -104,7 +117,7 @@ class RolloutEngine:
         domain, task = request.domain, request.task
         history = _initial_history(task)
         episode = Episode(request=request, env=domain.new_environment(task), messages=history)
-        if self.settings.kv_reuse:
+        if self._episode_caches:
             episode.kv = KVSlot()
         if domain.solo_mode:
             self._render_prompt(episode)

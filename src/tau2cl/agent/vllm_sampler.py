@@ -1,0 +1,201 @@
+"""Rollout sampling on vLLM: an in-process engine colocated with the trainer, behind the sampler seam.
+
+Contexts go to vLLM as token ids every turn (nothing is re-rendered) and vLLM's prefix caching
+reuses the shared system prompt and each episode's earlier turns. A turn stops on the policy's own
+stop tokens only (vLLM's own end-of-sequence handling is switched off), so `finished` and the final
+token are what the project's engine produces. vLLM reports log-probs of the raw logits unless told
+otherwise; the engine here is started with `logprobs_mode="processed_logprobs"`, so the log-prob of
+each sampled token is taken after temperature scaling: log softmax(logits / T), the quantity
+`grpo.token_logprobs` recomputes (T = 1 when greedy). With top_p < 1 vLLM's processed log-probs
+are renormalised over the nucleus, which the trainer's are not, so top_p must be 1.
+
+The trainer pushes its weights after every update (`push_weights`: named full tensors, streamed,
+then the prefix cache is reset). vllm is imported only when an engine is started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tau2cl.agent.decode import Generation
+from tau2cl.agent.sampler import NamedTensors
+from tau2cl.errors import UserError
+
+INSTALL_HINT = "pip install -e '.[vllm]' on a GPU machine, or bash scripts/install_vllm_cpu.sh VENV_DIR on CPUs"
+
+
+def import_vllm() -> Any:
+    """The vllm module, or a one-line UserError naming the install command."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise UserError(f"the vLLM rollout backend needs the vllm package ({exc}); install it: {INSTALL_HINT}") from None
+    if not hasattr(vllm, "LLM"):  # e.g. a folder named vllm on the path, not the package
+        raise UserError(f"the vLLM rollout backend needs the vllm package ('{vllm.__name__}' found is not it); "
+                        f"install it: {INSTALL_HINT}")
+    return vllm
+
+
+@dataclass
+class VLLMSettings:
+    """How the colocated engine is started."""
+
+    max_model_len: int  # longest context + sampled turn (the rollout's max_context_tokens)
+    dtype: str = "float32"  # the trainer's weights dtype (bfloat16 on GPUs)
+    seed: int = 0  # vLLM seeds its sampling once, per engine (per-request seeds fail on CPU)
+    gpu_memory_utilization: float = 0.3  # GPU share vLLM may take (weights + KV cache); ignored on CPU
+    cpu_kv_cache_gib: int = 1  # KV cache size on CPU
+    enforce_eager: bool = True  # no CUDA graphs (they take memory and time to capture)
+
+
+def start_engine(model_folder: str, settings: VLLMSettings) -> Any:
+    """An in-process vLLM `LLM` on a Hugging Face model folder (config + safetensors).
+
+    In-process (no engine core process) so that weights can be pushed as Python tensors; vLLM is
+    given token ids only, so its tokenizer is never loaded.
+    """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the trainer's threads stay as they are
+    vllm = import_vllm()
+    kwargs: dict[str, Any] = {}
+    if not torch.cuda.is_available():
+        kwargs["kv_cache_memory_bytes"] = settings.cpu_kv_cache_gib << 30
+    try:
+        return vllm.LLM(
+            model=model_folder,
+            dtype=settings.dtype,
+            seed=settings.seed,
+            max_model_len=settings.max_model_len,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=settings.enforce_eager,
+            enable_prefix_caching=True,
+            skip_tokenizer_init=True,
+            generation_config="vllm",  # vLLM's neutral defaults, not the model's sampling settings
+            logprobs_mode="processed_logprobs",
+            **kwargs,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"vLLM cannot start on '{model_folder}': {first}") from None
+
+
+def save_model_folder(model: Any, folder: str | Path) -> str:
+    """Write a model's config and parameters (safetensors, the names `push_weights` takes) where vLLM
+    can load them: e.g. a model read from a GGUF file, which transformers dequantizes but will not
+    save, and vLLM would load quantized. A tied lm_head is written once, as its embedding. Returns
+    the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights written are plain tensors
+    (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return str(folder)
+
+
+def push_weights(llm: Any, named_tensors: NamedTensors) -> float:
+    """Load (name, full tensor) pairs into the engine's model, then reset its prefix cache.
+
+    Names are the Hugging Face model's own (`model.named_parameters()` of the plain model: no
+    DDP/FSDP/PEFT prefixes); vLLM fuses q/k/v and gate/up itself, and a tied lm_head follows its
+    embedding. The pairs are consumed one at a time, so a caller can gather and yield one parameter
+    at a time; every parameter must be given (a layer given only part of its weights is left
+    partly unset). Returns the seconds taken.
+    """
+    start = time.perf_counter()
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors), "is_checkpoint_format": True})
+    llm.collective_rpc(_redo_tied_head)
+    llm.reset_prefix_cache()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def _redo_tied_head(worker: Any) -> None:
+    """A tied lm_head's weight arrives through its embedding, so vLLM's reload skips the head's own
+    post-load step and keeps what that step derived from the old weight (on CPUs, the packed matrix
+    the logits are computed with). Run it again. Called in the engine's worker."""
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    method = getattr(head, "quant_method", None)
+    if method is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        return
+    method.process_weights_after_loading(head)
+
+
+def to_generation(token_ids: list[int], logprobs: list[float], stop_ids: set[int]) -> Generation:
+    """A sampled turn as the project's engine reports it: finished when its last token is a stop token."""
+    return Generation(list(token_ids), list(logprobs), bool(token_ids) and token_ids[-1] in stop_ids)
+
+
+def check_top_p(top_p: float) -> None:
+    """vLLM's log-probs under top_p < 1 are over the nucleus; the trainer's are over the vocabulary."""
+    if top_p < 1.0:
+        raise UserError(f"the vLLM rollout backend samples with top_p 1 only (got {top_p}): "
+                        "its log-probs under top_p < 1 are not the trainer's")
+
+
+class VLLMSampler:
+    """Samples turns with a colocated vLLM engine; `llm` is a started `vllm.LLM`."""
+
+    keeps_episode_caches = False  # vLLM's prefix cache does this job
+
+    def __init__(self, llm: Any, stop_ids: list[int]):
+        self.llm = llm
+        self.stop_ids = sorted(stop_ids)
+        self.last_sync_seconds: float | None = None
+
+    @classmethod
+    def start(cls, model_folder: str, stop_ids: list[int], settings: VLLMSettings) -> VLLMSampler:
+        return cls(start_engine(model_folder, settings), stop_ids)
+
+    def sample(
+        self,
+        contexts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        generator: torch.Generator | None = None,  # unused: vLLM's sampling is seeded per engine
+        *,
+        caches: Any = None,  # unused: vLLM keeps its own (prefix) cache
+        groups: Any = None,
+    ) -> list[Generation]:
+        check_top_p(top_p)
+        vllm = import_vllm()
+        params = vllm.SamplingParams(
+            n=1,
+            max_tokens=max_new_tokens,
+            temperature=max(temperature, 0.0),
+            top_p=1.0,
+            logprobs=0,  # the sampled token's log-prob only
+            stop_token_ids=self.stop_ids,
+            ignore_eos=True,  # stop on the policy's stop tokens, nothing else
+            detokenize=False,
+            skip_special_tokens=False,
+        )
+        outputs = self.llm.generate([{"prompt_token_ids": list(c)} for c in contexts], params, use_tqdm=False)
+        stops = set(self.stop_ids)
+        generations = []
+        for output in outputs:
+            turn = output.outputs[0]
+            ids = list(turn.token_ids)
+            logprobs = [step[token].logprob for token, step in zip(ids, turn.logprobs, strict=True)]
+            generations.append(to_generation(ids, logprobs, stops))
+        return generations
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    def load_weights(self, named_tensors: NamedTensors) -> float:
+        self.last_sync_seconds = push_weights(self.llm, named_tensors)
+        return self.last_sync_seconds
