@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train with a 4x larger batch on NUM_GPUS GPUs of this machine (torchrun, one process per GPU):
 #     bash run_large_batch.sh NUM_GPUS ALG [extra 'tau2cl train' flags...]
-# The settings of run_multi_gpu.sh (Qwen2.5-3B-Instruct, bfloat16, 100 steps per domain, progress
-# bar, a line every 10 steps) with 8 tasks per GPU and step, 8 samples per task, the update split
+# The settings of run_multi_gpu.sh (Qwen2.5-3B-Instruct, bfloat16, 100 steps per domain, a progress
+# bar on a terminal, a line every 10 steps) with 8 tasks per GPU and step, 8 samples per task, the update split
 # into 4 accumulated micro-batches and gradient checkpointing; files in
 # runs/<ALG>-large_batch-<date>-<time>. Extra flags are passed through and override these.
 #

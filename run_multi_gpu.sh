@@ -2,8 +2,8 @@
 # Train on NUM_GPUS GPUs of this machine, one process per GPU, launched by torchrun:
 #     bash run_multi_gpu.sh NUM_GPUS ALG [extra 'tau2cl train' flags...]
 # The main command: Qwen2.5-3B-Instruct in bfloat16, 4 tasks per GPU and step (a step trains
-# on NUM_GPUS x 4 tasks, each sampled num_samples_per_prompt times), 100 steps per domain, progress
-# bar, a compact line every 10 steps, files in runs/<ALG>-<date>-<time>. Extra flags are passed
+# on NUM_GPUS x 4 tasks, each sampled num_samples_per_prompt times), 100 steps per domain, a progress
+# bar on a terminal, a compact line every 10 steps, files in runs/<ALG>-<date>-<time>. Extra flags are passed
 # through and, coming last, override these. Ranks, world size and devices come from torchrun; on a
 # machine without CUDA the NUM_GPUS processes run on CPU (gloo). Several machines: see README.md,
 # "Several machines".

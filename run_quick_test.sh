@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick smoke test: the tiny offline model on CPU through airline -> retail -> telecom, with every
-# part of a real run's output (banner, progress bar, [EVAL] lines, transfer blocks, final summary)
-# in a few minutes on 2 CPU cores. No network, no GPU.
+# part of a real run's output (banner, progress bar on a terminal or [SFT]/[TRAIN] lines in a
+# redirected log, [EVAL] lines, transfer blocks, final summary) in a few minutes on 2 CPU cores.
+# No network, no GPU.
 #     bash run_quick_test.sh [ALG] [extra 'tau2cl train' flags...]
 # ALG defaults to sequential; extra flags override configs/quick_test.yaml (e.g. --log_dir DIR,
 # --verbose --no-use_progress_bar). Environment: PYTHON (default python3), DRY_RUN=1 (print the

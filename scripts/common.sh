@@ -74,7 +74,8 @@ run_stamp() {
 
 # main_flags ALG LOG_DIR BATCH_SIZE_PER_GPU: TRAIN_FLAGS = the settings of the main 4-GPU command
 # (README, "Several GPUs") with this strategy, log_dir and batch size. Extra flags given after
-# them override them.
+# them override them. No progress-bar flag: the bar is drawn when stdout is a terminal and left out
+# of a redirected log (a scheduler's), unless an extra --use_progress_bar asks for it.
 main_flags() {
     alg_flags "$1"
     TRAIN_FLAGS=(
@@ -83,7 +84,6 @@ main_flags() {
         --batch_size_per_gpu "$3"
         --num_steps_per_task 100
         "${ALG_FLAGS[@]}"
-        --use_progress_bar
         --log_interval 10
         --log_dir "$2"
     )

@@ -181,4 +181,5 @@ def test_flags_markdown_has_a_row_per_field_with_its_default(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| `--")]
     assert [r.split("`")[1] for r in rows] == [f"--{f.name}" for f in fields(GRPOConfig)]
-    assert "| `--learning_rate` | `1e-06` |" in out and "| `--use_progress_bar` | `--use_progress_bar` |" in out
+    assert "| `--learning_rate` | `1e-06` |" in out and "| `--kv_reuse` | `--kv_reuse` |" in out
+    assert "| `--use_progress_bar` | none |" in out  # none: a bar on a terminal only

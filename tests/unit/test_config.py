@@ -66,7 +66,7 @@ def test_logging_defaults():
     config = parse_config([])
     assert config.log_interval == 10
     assert config.verbose is False
-    assert config.use_progress_bar is True
+    assert config.use_progress_bar is None  # a bar when stdout is a terminal
     assert config == GRPOConfig()
 
 

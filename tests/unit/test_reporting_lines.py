@@ -389,6 +389,7 @@ def test_from_config_reads_the_logging_fields(tmp_path):
     config = types.SimpleNamespace(
         log_dir=str(tmp_path / "run"),
         use_progress_bar=False,
+        sft_steps_per_task=7,
         log_interval=5,
         verbose=True,
         wandb_project=None,
@@ -397,6 +398,7 @@ def test_from_config_reads_the_logging_fields(tmp_path):
     )
     tracker = MetricsTracker.from_config(config, is_main=True, stream=io.StringIO())
     assert (tracker.use_progress_bar, tracker.log_interval, tracker.verbose) == (False, 5, True)
+    assert tracker.sft_steps == 7
     tracker.close()
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 

@@ -108,23 +108,50 @@ def test_the_console_without_a_bar_prints_each_line_once():
 def test_the_step_bar_fills_reports_when_full_and_a_line_prints_clear_of_it():
     stream = io.StringIO()
     console = ConsoleWriter(stream)
-    console.open_bar("Task 0 (airline)", total=2, initial=0)
-    assert console.advance_bar("loss: 1.0000, reward: 0.500, kl: 0.0100") is False
+    console.open_bar("GRPO Task 0 (airline)", total=2, initial=0)
+    assert console.move_bar("GRPO Task 0 (airline)", 1, 2, "loss: 1.0000, reward: 0.500, kl: 0.0100") is False
     console.write_line("checkpoint saved")
-    assert console.advance_bar("loss: 0.5000, reward: 1.000, kl: 0.0200") is True
+    assert console.move_bar("GRPO Task 0 (airline)", 2, 2, "loss: 0.5000, reward: 1.000, kl: 0.0200") is True
     assert console.close_bar() is True and console.close_bar() is False and console.bar is None
     segments = re.split(r"[\r\n]", stream.getvalue())
     assert "checkpoint saved" in segments
-    full = r"Task 0 \(airline\): 100%\|.*\| 2/2 \[\d\d:\d\d<00:00, loss: 0\.5000, reward: 1\.000, kl: 0\.0200\]"
+    full = r"GRPO Task 0 \(airline\): 100%\|.*\| 2/2 \[\d\d:\d\d<00:00, loss: 0\.5000, reward: 1\.000, kl: 0\.0200\]"
     assert re.search(full, stream.getvalue())
 
 
 def test_a_resumed_bar_starts_from_the_steps_already_done():
     console = ConsoleWriter(io.StringIO())
-    console.open_bar("Task 1 (retail)", total=3, initial=2)
-    assert console.advance_bar("loss: 1.0000, reward: 0.500, kl: 0.0100") is True
+    console.open_bar("GRPO Task 1 (retail)", total=3, initial=2)
+    assert console.move_bar("GRPO Task 1 (retail)", 3, 3, "loss: 1.0000, reward: 0.500, kl: 0.0100") is True
     console.close()
     assert console.bar is None
+
+
+def test_the_next_step_advances_the_bar_and_anything_else_redraws_it_from_there():
+    console = ConsoleWriter(io.StringIO())
+    console.open_bar("SFT Task 0 (airline)", total=10, initial=0, timed=False)
+    first = console.bar
+    console.move_bar("SFT Task 0 (airline)", 1, 10, "loss: 8.0000, token acc: 0.0%", timed=False)
+    assert console.bar is first and (first.n, first.initial) == (1, 0)
+    console.move_bar("SFT Task 0 (airline)", 4, 10, "loss: 4.0000, token acc: 50.0%", timed=False)  # a jump
+    jumped = console.bar
+    assert jumped is not first and (jumped.n, jumped.initial, jumped.postfix) == (4, 4, "loss: 4.0000, token acc: 50.0%")
+    console.move_bar("GRPO Task 0 (airline)", 5, 10, "loss: 0.1000, reward: 1.000, kl: 0.0000")  # a new phase
+    assert console.bar is not jumped and (console.bar.desc, console.bar.n, console.bar.initial) == ("GRPO Task 0 (airline)", 5, 5)
+    assert not first.leave and not jumped.leave  # a replaced bar is cleared, not kept on a line of its own
+    console.close()
+
+
+def test_a_relabelled_bar_takes_the_old_bars_line():
+    stream = io.StringIO()
+    console = ConsoleWriter(stream)
+    console.open_bar("SFT Task 0 (airline)", total=4, initial=0, timed=False)
+    console.move_bar("SFT Task 0 (airline)", 1, 4, "loss: 8.0000, token acc: 0.0%", timed=False)
+    console.relabel_bar("GRPO Task 0 (airline)", 1, 4)
+    console.close()
+    out = stream.getvalue()
+    assert "\n" not in out.rstrip("\n") and out.endswith("\n")  # one line, redrawn with \r, ended once
+    assert re.search(r"\rGRPO Task 0 \(airline\):  25%\|.*\| 1/4 \[\d\d:\d\d<\?\]\n$", out)
 
 
 def test_the_eval_bar_counts_episodes_restarts_at_zero_and_closes_when_done():

@@ -547,8 +547,13 @@ class GRPOConfig:
     verbose: bool = _option(
         False, "logging", "Print detailed logs (per-step details and tau2's own warnings)."
     )
-    use_progress_bar: bool = _option(
-        True, "logging", "Show a tqdm progress bar with live loss, reward and kl on rank 0."
+    use_progress_bar: bool | None = _option(
+        None,
+        "logging",
+        "Show a tqdm progress bar on rank 0: each domain's supervised and GRPO steps with the last "
+        "step's figures, in place of the [TRAIN] lines. None: a bar when stdout is a terminal, plain "
+        "lines when it is a file or a pipe (a scheduler's log); --use_progress_bar or "
+        "--no-use_progress_bar (true or false in a --config file) decides it whatever stdout is.",
     )
     wandb_project: str | None = _option(
         None, "logging", "Weights & Biases project to log to; none turns wandb off."

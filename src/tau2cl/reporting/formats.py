@@ -1,8 +1,8 @@
 """The console's line formats, each a pure function of numbers and names (tests compare strings).
 
-Banners, compact train lines, `[EVAL]` rows, aligned domain rows, the transfer block, the accuracy
-matrix and the final summary, and the blank lines between them; the tracker (tracker.py) decides
-when they are written and hands them to its writers.
+Banners, the step bar's label and figures, compact train lines, `[EVAL]` rows, aligned domain rows,
+the transfer block, the accuracy matrix and the final summary, and the blank lines between them; the
+tracker (tracker.py) decides when they are written and hands them to its writers.
 """
 
 from __future__ import annotations
@@ -51,6 +51,16 @@ def format_banner(domain_idx: int, domain: str, num_train_tasks: int) -> str:
             f"Training on {num_train_tasks} tasks from {domain} domain",
         ]
     )
+
+
+def format_bar_label(phase: str, domain_idx: int, domain: str) -> str:
+    """The step bar's label: "SFT Task 0 (airline)" in the warm start, "GRPO Task 0 (airline)" after."""
+    return f"{phase} Task {domain_idx} ({domain})"
+
+
+def format_sft_postfix(stats: Mapping[str, Any]) -> str:
+    """The bar's live figures during the warm start: "loss: 2.3100, token acc: 45.2%"."""
+    return f"loss: {_num(stats.get('loss'), '.4f')}, token acc: {_pct(stats.get('token_accuracy'))}"
 
 
 def format_postfix(stats: Mapping[str, Any]) -> str:

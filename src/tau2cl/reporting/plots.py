@@ -1,4 +1,5 @@
-"""The report's pictures: the accuracy-matrix heatmap and the per-domain learning curves.
+"""The report's pictures: the accuracy-matrix heatmap and the learning curves (the warm start's
+loss and token accuracy, each domain's reward), drawn from curve_data's series.
 
 matplotlib's object API (Figure + Agg canvas), imported lazily, so neither the CLI's start-up nor a
 trainer's pyplot state is touched.
@@ -10,6 +11,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from tau2cl.reporting.curve_data import CurveData, curve_data
 from tau2cl.reporting.formats import FLOOR_LABEL
 from tau2cl.reporting.run_data import MEASURE_LABELS, MEASURE_NAMES, RunData
 
@@ -96,30 +98,28 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _points(records: list[dict], key: str = "reward_mean") -> tuple[list[int], list[float]]:
-    kept = [
-        r
-        for r in records
-        if isinstance(r.get(key), (int, float)) and isinstance(r.get("global_step"), int)
-    ]
-    return [r["global_step"] for r in kept], [float(r[key]) for r in kept]
+def _legend(ax) -> None:
+    """The panel's legend to the right of it, off the data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def _plot_rewards(ax, run: RunData, name: str, color: str) -> list[float]:
-    """The domain's training reward (steps trained on it) and its eval rewards; returns the values."""
-    steps, train = _points([r for r in run.trains if r.get("domain") == name])
+def _plot_rewards(ax, data: CurveData, run: RunData, name: str, color: str) -> list[float]:
+    """The domain's training reward (its GRPO steps) and its eval rewards; returns the values."""
+    steps, train = data.train_reward.get(name, ([], []))
     if steps:
-        ax.plot(steps, train, color="0.6", lw=0.8, alpha=0.7, label="train reward (batch mean)")
+        few = len(steps) < 40  # a short run's few steps as dots, so they show beside the boundaries
+        ax.plot(steps, train, color="0.6", lw=0.8, alpha=0.7, marker="." if few else None,
+                label="train reward (batch mean)")
         if len(steps) >= 40:
             smooth = _moving_average(train, max(2, len(steps) // 20))
             ax.plot(steps, smooth, color="0.3", lw=1.2, label="train reward (moving mean)")
-    evals = [r for r in run.evals if r.get("eval_domain") == name]
-    steps, rewards = _points(evals)
+    steps, rewards = data.eval_reward.get(name, ([], []))
     if steps:
         ax.plot(
             steps, rewards, color=color, lw=1.5, marker="o", ms=3, label=f"eval reward ({run.eval_split} split)"
         )
-        stage_steps, stage_rewards = _points([r for r in evals if r.get("stage") is not None])
+        stage_steps, stage_rewards = data.stage_reward.get(name, ([], []))
         ax.plot(
             stage_steps,
             stage_rewards,
@@ -133,30 +133,33 @@ def _plot_rewards(ax, run: RunData, name: str, color: str) -> list[float]:
     return train + rewards
 
 
-def _plot_boundaries(ax, run: RunData, name: str, color: str) -> None:
-    """Dashed line where each domain's training ended; the panel's own domain's span shaded."""
-    start = 0
-    for step, domain in run.boundaries():
-        if domain == name:
-            ax.axvspan(start, step, color=color, alpha=0.08, lw=0)
-        ax.axvline(step, color="black", ls="--", lw=0.8)
-        label = f"{domain} done "
-        ax.text(
-            step,
-            0.97,
-            label,
-            rotation=90,
-            ha="right",
-            va="top",
-            fontsize=7,
-            transform=ax.get_xaxis_transform(),
-        )
-        start = step
+def _mark_spans(ax, data: CurveData, shade: str | None = None, color: str = "0.5") -> None:
+    """Dashed where a domain's training ended (its stage evaluation), dotted where its warm start
+    handed over to GRPO; the span of domain `shade` shaded."""
+    for span in data.spans:
+        if span.domain == shade:
+            ax.axvspan(span.start, span.end, color=color, alpha=0.08, lw=0)
+        if span.sft_steps and span.grpo_steps:
+            ax.axvline(span.switch, color="0.4", ls=":", lw=0.8)
+        if span.finished:
+            ax.axvline(span.end, color="black", ls="--", lw=0.8)
 
 
-def _plot_domain_panel(ax, run: RunData, name: str, color: str) -> None:
-    values = _plot_rewards(ax, run, name, color)
-    _plot_boundaries(ax, run, name, color)
+def _name_spans(ax, data: CurveData) -> None:
+    """Each trained domain's name above the top panel, centred on its span: off the data."""
+    if not data.spans:
+        return
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(
+        [(span.start + span.end) / 2 for span in data.spans],
+        labels=[f"{span.domain} (task {span.domain_idx})" for span in data.spans],
+    )
+    top.tick_params(length=0, labelsize=8)
+
+
+def _plot_reward_panel(ax, data: CurveData, run: RunData, name: str, color: str) -> None:
+    values = _plot_rewards(ax, data, run, name, color)
+    _mark_spans(ax, data, shade=name, color=color)
     if not values:
         ax.text(
             0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes, color="0.5"
@@ -164,22 +167,49 @@ def _plot_domain_panel(ax, run: RunData, name: str, color: str) -> None:
     ax.set_ylim(min([0.0, *values]) - 0.05, max([1.0, *values]) + 0.05)  # rewards live in [0, 1]
     ax.set_ylabel(f"{name}\nreward")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend(ax)
+
+
+def _plot_warm_start(loss_ax, accuracy_ax, data: CurveData, colors: dict[str, str]) -> None:
+    """The supervised steps' loss (log scale when every value is positive) and token accuracy."""
+    losses = [y for _, ys in data.sft_loss.values() for y in ys]
+    for name, (steps, loss) in data.sft_loss.items():
+        loss_ax.plot(steps, loss, color=colors.get(name, "0.3"), lw=1.2, label=name)
+    for name, (steps, accuracy) in data.sft_token_accuracy.items():
+        accuracy_ax.plot(steps, accuracy, color=colors.get(name, "0.3"), lw=1.2, label=name)
+    if losses and min(losses) > 0:
+        loss_ax.set_yscale("log")
+    accuracy_ax.set_ylim(-0.05, 1.05)
+    loss_ax.set_ylabel("warm start\nloss")
+    accuracy_ax.set_ylabel("warm start\ntoken accuracy")
+    for ax in (loss_ax, accuracy_ax):
+        _mark_spans(ax, data)
+        ax.grid(alpha=0.3)
+    _legend(loss_ax)  # the domains' colours, the same in every panel
 
 
 def plot_learning_curves(run: RunData, path: Path) -> Path:
-    """One panel per eval domain: reward over global_step, dashed lines where each domain ended."""
+    """The warm start's loss and token accuracy (when the run had one), then one reward panel per
+    eval domain, over one step axis: each domain's supervised steps, then its GRPO steps."""
+    data = curve_data(run)
     extra = [r.get("eval_domain") for r in run.evals if r.get("eval_domain")]
     names = list(dict.fromkeys([*run.domains, *extra])) or ["(no domain)"]
-    fig = _figure(9.0, 0.8 + 2.3 * len(names))
-    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
-    for i, (ax, name) in enumerate(zip(axes, names, strict=True)):
-        _plot_domain_panel(ax, run, name, f"C{i}")
-    axes[-1].set_xlabel("global step")
-    fig.suptitle(
-        f"{run.name}: reward during training (shaded: the domain's own training)", fontsize=10
-    )
+    colors = {name: f"C{i}" for i, name in enumerate(names)}
+    heights = [1.6, 1.6] * data.has_warm_start + [2.1] * len(names)
+    fig = _figure(9.5, 1.0 + sum(heights))
+    axes = fig.subplots(len(heights), 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0]
+    if data.has_warm_start:
+        _plot_warm_start(axes[0], axes[1], data, colors)
+    for ax, name in zip(axes[len(axes) - len(names) :], names, strict=True):
+        _plot_reward_panel(ax, data, run, name, colors[name])
+    _name_spans(axes[0], data)
+    key = "dashed: a domain's training ends (its stage evaluation); shaded: the panel's domain's training"
+    if data.has_warm_start:
+        axes[-1].set_xlabel("step: each domain's supervised warm-start steps, then its GRPO steps")
+        key = f"dotted: warm start → GRPO; {key}"
+    else:
+        axes[-1].set_xlabel("global step")
+    fig.suptitle(f"{run.name}: learning curves\n{key}", fontsize=9)
     fig.savefig(path)
     return path
 

@@ -1,4 +1,4 @@
-"""A run's results read back from its log_dir: the accuracy matrices, eval and train records.
+"""A run's results read back from its log_dir: the accuracy matrices, eval, train and sft records.
 
 A run's ground truth is its metrics.jsonl: every stage evaluation is an eval record with `stage` =
 its accuracy-matrix row, so the matrix can be rebuilt even when the run stopped half-way.
@@ -39,6 +39,10 @@ class RunData:
     # every eval record (stage and periodic) and every train record, deduplicated, by global_step
     evals: list[dict] = field(default_factory=list)
     trains: list[dict] = field(default_factory=list)
+    sfts: list[dict] = field(default_factory=list)  # the warm-start steps, deduplicated, by domain and step
+    # steps per domain as configured (None when summary.json does not say): warm start, then GRPO
+    sft_steps_per_task: int | None = None
+    num_steps_per_task: int | None = None
     eval_split: str = "test"  # the split every evaluation ran on
     floor: dict[str, float] | None = None  # do-nothing reward per domain on the evaluated tasks
 
@@ -118,7 +122,7 @@ def _infer_domains(records: list[dict]) -> list[str]:
         r.get("eval_domain") for r in records if r.get("type") == "eval" and r.get("stage") == 0
     ]
     trains = sorted(
-        (r for r in records if r.get("type") == "train"), key=lambda r: r.get("task_idx") or 0
+        (r for r in records if r.get("type") in ("sft", "train")), key=lambda r: r.get("task_idx") or 0
     )
     others = [r.get("eval_domain") or r.get("domain") for r in records]
     for name in [*stage0, *(r.get("domain") for r in trains), *others]:
@@ -178,6 +182,8 @@ def load_run(log_dir: str | os.PathLike) -> RunData:
     trains = _dedupe(
         [r for r in records if r.get("type") == "train"], lambda r: r.get("global_step")
     )
+    sft_latest = {(r.get("task_idx"), r.get("step")): r for r in records if r.get("type") == "sft"}
+    sfts = [sft_latest[key] for key in sorted(sft_latest, key=lambda k: (k[0] or 0, k[1] or 0))]
     rewards = rebuild_matrix(evals, domains, "reward_mean")
     passes = rebuild_matrix(evals, domains, "pass_rate")
     complete = summary.get("stages_completed") == len(domains)
@@ -200,9 +206,17 @@ def load_run(log_dir: str | os.PathLike) -> RunData:
         global_step=max((s for s in steps if isinstance(s, int)), default=None),
         evals=evals,
         trains=trains,
+        sfts=sfts,
+        sft_steps_per_task=_count(config.get("sft_steps_per_task")),
+        num_steps_per_task=_count(config.get("num_steps_per_task")),
         eval_split=summary.get("eval_split") or config.get("eval_split") or "test",
         floor=summary.get("do_nothing_floor") if isinstance(summary.get("do_nothing_floor"), dict) else None,
     )
+
+
+def _count(value: Any) -> int | None:
+    """A step count from summary.json's config, or None when it is missing or not a count."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _shape_ok(matrix: Any, domains: Sequence[str]) -> bool:

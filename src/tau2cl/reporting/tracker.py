@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from tau2cl.evaluation.stats import EvalSummary
 from tau2cl.reporting.formats import (
     format_banner,
+    format_bar_label,
     format_domain_rows,
     format_eval_detail,
     format_eval_line,
@@ -25,6 +26,7 @@ from tau2cl.reporting.formats import (
     format_initial_header,
     format_postfix,
     format_sft_line,
+    format_sft_postfix,
     format_train_detail,
     format_train_line,
     format_transfer_block,
@@ -50,11 +52,25 @@ def _main_only(method):
     return wrapper
 
 
+SFT_PHASE, GRPO_PHASE = "SFT", "GRPO"  # the step bar's phases, named in its label
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """Whether `stream` is a terminal (a bar redraws in place there; in a file it leaves debris)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
 class MetricsTracker:
     """Console, files and wandb of one run. Only the main process reports; elsewhere all no-ops.
 
     `step` is the number of steps done in the current domain (1..num_steps); `global_step` counts
     steps over the whole run and is the monotone wandb step.
+
+    The step bar (`use_progress_bar`; None: only when the console stream is a terminal) counts a
+    domain's `sft_steps` supervised warm-start steps, then its GRPO steps, its label naming the phase.
     """
 
     def __init__(
@@ -63,7 +79,8 @@ class MetricsTracker:
         config_dict: dict,
         *,
         is_main: bool = True,
-        use_progress_bar: bool = True,
+        use_progress_bar: bool | None = True,
+        sft_steps: int = 0,
         log_interval: int = 10,
         verbose: bool = False,
         wandb_project: str | None = None,
@@ -73,13 +90,17 @@ class MetricsTracker:
     ) -> None:
         self.is_main = is_main
         self.log_dir = log_dir
+        self._console = ConsoleWriter(stream if stream is not None else sys.stdout)
+        if use_progress_bar is None:
+            use_progress_bar = is_terminal(self._console.stream)
         self.use_progress_bar = use_progress_bar
         self.log_interval = max(1, log_interval)
         self.verbose = verbose
         self._domain, self._num_steps, self._step = None, None, 0
+        self._domain_idx = 0
+        self.sft_steps = self._domain_sft_steps = max(0, sft_steps)  # the bar's supervised part
         self._initial_announced = False  # the row-0 header is out; its rows follow alone
         self._last_kind: str | None = None  # what was printed last; decides blank separator lines
-        self._console = ConsoleWriter(stream if stream is not None else sys.stdout)
         self._log_file: LogFileWriter | None = None
         self._jsonl: JsonlWriter | None = None
         self._summary_file = SummaryFileWriter(os.path.join(log_dir, SUMMARY_FILE))
@@ -102,6 +123,7 @@ class MetricsTracker:
             config.to_dict(),
             is_main=is_main,
             use_progress_bar=config.use_progress_bar,
+            sft_steps=config.sft_steps_per_task,
             log_interval=config.log_interval,
             verbose=config.verbose,
             wandb_project=config.wandb_project,
@@ -137,17 +159,34 @@ class MetricsTracker:
     def _is_log_step(self, step: int, num_steps: int | None) -> bool:
         return step % self.log_interval == 0 or step == num_steps
 
+    def _bar_total(self) -> int:
+        return self._domain_sft_steps + (self._num_steps or 0)
+
+    def _move_bar(self, phase: str, position: int, postfix: str) -> bool:
+        """The step bar at `position` in `phase`; True when it is full."""
+        label = format_bar_label(phase, self._domain_idx, self._domain)
+        return self._console.move_bar(label, position, self._bar_total(), postfix, timed=phase == GRPO_PHASE)
+
     # ------------------------------------------------------------ the trainer's calls
 
     @_main_only
     def start_domain(
-        self, domain_idx: int, domain: str, num_train_tasks: int, num_steps: int, start_step: int = 0
+        self, domain_idx: int, domain: str, num_train_tasks: int, num_steps: int, start_step: int = 0,
+        sft_step: int = 0,
     ) -> None:
+        """The domain's banner and bar; `start_step` GRPO steps and `sft_step` supervised steps are
+        already done (a resumed run), so the bar starts from them."""
         self._close_bar()
         self._domain, self._num_steps, self._step = domain, num_steps, start_step
+        self._domain_idx, self._domain_sft_steps = domain_idx, self.sft_steps
         self._show(format_banner(domain_idx, domain, num_train_tasks), "block")
-        if self.use_progress_bar:
-            self._console.open_bar(f"Task {domain_idx} ({domain})", num_steps, start_step)
+        if not self.use_progress_bar:
+            return
+        in_warm_start = start_step == 0 and sft_step < self.sft_steps
+        phase = SFT_PHASE if in_warm_start else GRPO_PHASE
+        position = sft_step if in_warm_start else self.sft_steps + start_step
+        label = format_bar_label(phase, domain_idx, domain)
+        self._console.open_bar(label, self._bar_total(), position, timed=phase == GRPO_PHASE)
 
     @_main_only
     def log_train(
@@ -164,7 +203,7 @@ class MetricsTracker:
         self._record(header, stats)
         self._wandb.write_record("train", stats, global_step)
         if self._console.bar is not None:
-            if self._console.advance_bar(format_postfix(stats)):
+            if self._move_bar(GRPO_PHASE, self._domain_sft_steps + step, format_postfix(stats)):
                 self._close_bar()  # so the domain's last [EVAL] prints below a finished bar
             if not self.verbose:  # the bar shows loss, reward and kl; the log file gets the line
                 if self._is_log_step(step, self._num_steps):
@@ -179,12 +218,22 @@ class MetricsTracker:
     def log_sft(
         self, domain_idx: int, domain: str, step: int, num_steps: int, global_step: int, stats: Mapping[str, Any]
     ) -> None:
-        """A supervised warm-start step: its own record type; a line every log_interval steps."""
+        """A supervised warm-start step: its own record type; a line every log_interval steps; on
+        the bar, step `step` of the SFT phase, which hands over to GRPO after the last one."""
         header = {"type": "sft", "task_idx": domain_idx, "domain": domain, "step": step, "global_step": global_step}
         self._record(header, stats)
         self._wandb.write_record("sft", stats, global_step)
         if self._is_log_step(step, num_steps):
             self._show(format_sft_line(domain_idx, step, num_steps, stats), "train")
+        if self._console.bar is None:
+            return
+        self._domain_sft_steps = num_steps
+        full = self._move_bar(SFT_PHASE, step, format_sft_postfix(stats))
+        if full:
+            self._close_bar()  # a domain of supervised steps only
+        elif step == num_steps:  # the GRPO steps take over the bar, with their own clock
+            label = format_bar_label(GRPO_PHASE, domain_idx, self._domain)
+            self._console.relabel_bar(label, step, self._bar_total())
 
     @_main_only
     def log_eval(

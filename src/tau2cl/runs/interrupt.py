@@ -23,6 +23,7 @@ from tau2cl.distributed import all_gather_objects
 from tau2cl.errors import UserError
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CLEAR_LINE = b"\r\x1b[K"  # back to the line's start, then erase it (a terminal's control codes)
 T = TypeVar("T")
 
 
@@ -82,6 +83,7 @@ class SignalWatch:
     def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
         self.announce = announce  # print the one acknowledgement line (rank 0 only)
+        self._line_start = b""  # what the acknowledgement starts with, chosen at install
         self._previous: dict[int, object] = {}
 
     def check(self) -> None:
@@ -92,6 +94,7 @@ class SignalWatch:
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
+        self._line_start = line_start(2)
         for sig in _SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -105,7 +108,17 @@ class SignalWatch:
             os._exit(128 + signum)  # second signal: no checkpoint, no cleanup
         self.signum = signum
         if self.announce:  # os.write: safe inside a signal handler, unlike print
-            os.write(2, acknowledgement(signum).encode() + b"\n")
+            os.write(2, self._line_start + acknowledgement(signum).encode() + b"\n")
+
+
+def line_start(fd: int) -> bytes:
+    """The acknowledgement's start on `fd`. On a terminal the cursor may sit at the end of a progress
+    bar (or of the ^C the terminal echoed): the line is cleared so the message has it alone, and the
+    bar is redrawn below at its next step. In a file or a pipe: nothing."""
+    try:
+        return CLEAR_LINE if os.isatty(fd) else b""
+    except OSError:
+        return b""
 
 
 def acknowledgement(signum: int) -> str:

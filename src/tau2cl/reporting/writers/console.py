@@ -8,6 +8,9 @@ from tqdm import tqdm
 
 # The bar has no rate field: "100/100 [10:23<00:00, loss: 2.1234, reward: 0.456, kl: ...]".
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+# An untimed bar (the warm start's steps, far shorter than the GRPO steps after them on the same bar)
+# shows no remaining time: its rate would not say when the bar ends.
+UNTIMED_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 EVAL_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} episodes [{elapsed}<{remaining}]"
 
 
@@ -26,26 +29,45 @@ class ConsoleWriter:
         tqdm.write(text, file=self.stream)
         self.stream.flush()
 
-    def open_bar(self, desc: str, total: int, initial: int) -> None:
+    def open_bar(self, desc: str, total: int, initial: int, *, timed: bool = True) -> None:
+        """A new step bar at `initial` of `total`; `timed` adds the remaining-time estimate."""
         self.close_bar()
         self.bar = tqdm(
             total=total,
             initial=initial,
             desc=desc,
             file=self.stream,
-            bar_format=BAR_FORMAT,
+            bar_format=BAR_FORMAT if timed else UNTIMED_BAR_FORMAT,
             dynamic_ncols=True,
             mininterval=0.1,  # a step takes seconds: redraw on every one
             miniters=1,
             leave=True,
         )
 
-    def advance_bar(self, postfix: str) -> bool:
-        """One step done, `postfix` its live figures; True when that step filled the bar."""
-        assert self.bar is not None, "open_bar came first"
-        self.bar.set_postfix_str(postfix, refresh=False)
-        self.bar.update(1)
-        return self.bar.total is not None and self.bar.n >= self.bar.total
+    def move_bar(self, desc: str, position: int, total: int, postfix: str, *, timed: bool = True) -> bool:
+        """Show `position` of `total` steps under `desc`, `postfix` the last step's figures; True
+        when the bar is full.
+
+        The next step under the same label advances the bar. Anything else (a new phase, a jump
+        after a resume or a skipped phase) redraws it in place from `position` with fresh timers,
+        so its rate and remaining time count only the steps taken under its label.
+        """
+        bar = self.bar
+        if bar is not None and (bar.desc, bar.total, bar.n + 1) == (desc, total, position):
+            bar.set_postfix_str(postfix, refresh=False)
+            bar.update(1)
+        else:
+            self.relabel_bar(desc, position, total, timed=timed)
+            self.bar.set_postfix_str(postfix)
+        return position >= total
+
+    def relabel_bar(self, desc: str, position: int, total: int, *, timed: bool = True) -> None:
+        """The step bar from `position` under a new label, drawn where the old one was."""
+        if self.bar is not None:
+            self.bar.leave = False  # cleared, not kept: the new bar takes its line
+            self.bar.close()
+            self.bar = None
+        self.open_bar(desc, total, position, timed=timed)
 
     def close_bar(self) -> bool:
         """Close the step bar; True when one was open. The finished bar stays on screen."""
