@@ -24,6 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tiny_run import tiny_flags
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,17 +33,13 @@ PROBE = Path(__file__).with_name("dist_probe.py")
 WORLD = 2
 BATCH, SAMPLES, STEPS = 1, 2, 2
 DOMAINS = ("airline", "retail")
-# The tiny settings shared by every run: 2 tasks per split in the compact setting (a one-line policy,
-# contexts of a few hundred tokens), one short turn per episode, no
-# reference model, and a reward that varies within a group (tau2's is always 0 for the untrained
-# tiny model), so advantages and gradients are not zero and the parameters move.
-TINY = [
-    "--model_name_or_path", "tiny", "--model_dtype", "float32",
-    "--task_order", *DOMAINS, "--max_tasks_per_domain", "2",
-    "--batch_size_per_gpu", str(BATCH), "--num_samples_per_prompt", str(SAMPLES),
-    "--max_new_tokens", "8", "--max_turns", "1", "--eval_max_tasks", "2", "--kl_coef", "0",
-    "--reward_fn", "reward_fns:first_reply_length", "--gradient_accumulation_steps", "2", "--compact_domains",
-]  # fmt: skip
+# The tiny run (tiny_run.TINY_RUN) with 2 micro-batches per step and 2 evaluated tasks; the
+# evaluation interval and the progress bar are GRPOConfig's (most runs below turn the bar off).
+TORCHRUN = dict(
+    task_order=list(DOMAINS), batch_size_per_gpu=BATCH, num_samples_per_prompt=SAMPLES, eval_max_tasks=2,
+    gradient_accumulation_steps=2, eval_interval=50, use_progress_bar=True,
+)
+TINY = tiny_flags(**TORCHRUN)
 
 
 @dataclass
@@ -463,7 +461,7 @@ def test_sigterm_during_the_first_evaluation_stops_both_ranks_together_and_resum
     the resumed run redoes that evaluation once and trains every step once."""
     log_dir = tmp_path / "run"
     args = _torchrun(
-        "-m", "tau2cl.train", *TINY[:5], "airline", *TINY[7:], "--num_steps_per_task", "2",
+        "-m", "tau2cl.train", *tiny_flags(**{**TORCHRUN, "task_order": ["airline"]}), "--num_steps_per_task", "2",
         "--log_dir", str(log_dir), "--no-use_progress_bar",
         "--eval_samples_per_task", "64",  # seconds of evaluation, so the signal lands inside it on a fast CPU
     )  # fmt: skip

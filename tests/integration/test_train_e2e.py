@@ -13,23 +13,20 @@ import pytest
 
 from tau2cl.cl.measures import transfer_metrics
 from tau2cl.env import tau2_compat  # noqa: F401
+from tiny_run import tiny_flags
 
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
-COMMON = [
-    "--model_name_or_path", "tiny", "--model_dtype", "float32",
-    "--max_tasks_per_domain", "2", "--num_steps_per_task", "2",
-    "--batch_size_per_gpu", "1", "--num_samples_per_prompt", "2",
-    "--max_new_tokens", "16", "--max_turns", "2", "--eval_interval", "0",
-]
+# over tiny_run.TINY_RUN: each domain's full prompt, two turns, every task evaluated
+E2E = dict(compact_domains=False, max_new_tokens=16, max_turns=2, eval_max_tasks=None)
 
 
-def _train(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+def _train(tmp: Path, **overrides) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    flags = tiny_flags(**{**E2E, **overrides, "log_dir": str(tmp)})
     return subprocess.run(
-        [sys.executable, "-m", "tau2cl.train", *COMMON, "--log_dir", str(tmp), *args],
-        capture_output=True, text=True, env=env, timeout=900,
+        [sys.executable, "-m", "tau2cl.train", *flags], capture_output=True, text=True, env=env, timeout=900
     )
 
 
@@ -37,9 +34,7 @@ def _train(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
 def full_run(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("run")
     result = _train(
-        ["--task_order", "airline", "retail", "telecom", "--reward_fn", "reward_fns:first_reply_length",
-         "--learning_rate", "1e-3", "--kl_coef", "0.04"],
-        log_dir,
+        log_dir, task_order=["airline", "retail", "telecom"], learning_rate=1e-3, kl_coef=0.04, use_progress_bar=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return log_dir, result.stdout
@@ -143,11 +138,7 @@ def test_console_output_with_the_bar_matches_the_documented_format(full_run):
 
 
 def test_console_output_without_the_bar_prints_compact_lines(tmp_path):
-    result = _train(
-        ["--task_order", "airline", "retail", "--max_tasks_per_domain", "1", "--num_steps_per_task", "2",
-         "--no-use_progress_bar", "--log_interval", "2", "--kl_coef", "0"],
-        tmp_path,
-    )
+    result = _train(tmp_path, max_tasks_per_domain=1, log_interval=2, reward_fn="tau2")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "\r" not in out and "it/s" not in out
