@@ -114,6 +114,8 @@ def test_nothing_is_left_once_every_row_of_the_matrix_is_filled(tmp_path):
         f"nothing left to do: checkpoint '{tmp_path / 'a' / 'checkpoint_task_1'}' is the end of its run (every "
         f"domain trained and evaluated: airline, retail); its results are in '{tmp_path / 'a'}'."
     )
+    (tmp_path / "a" / "checkpoint_task_1" / "trainer_state.pt").write_bytes(b"damaged")
+    assert nothing_left(finished) is None  # the resume falls back to the checkpoint before it
     # two domains: rows 0 (before training), 1 and 2; after the first domain one row is still missing
     halfway = saved_run(str(_checkpoint(tmp_path / "b" / "checkpoint_task_0", {"stages_done": 2}, _config())))
     assert nothing_left(halfway) is None

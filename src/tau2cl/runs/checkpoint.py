@@ -26,9 +26,10 @@ from tau2cl.runs.checkpoint_files import (
     PROGRESS_FILE,
     RUN_CONFIG_FILE,
     STATE_FILE,
+    build_manifest,
     checkpoint_candidates,
+    checkpoint_problem,
     is_checkpoint,
-    sha256_of,
 )
 
 
@@ -81,37 +82,6 @@ def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path
     if old.exists():
         shutil.rmtree(old)
     return path
-
-
-# ---- the manifest ----------------------------------------------------------------------
-def build_manifest(folder: Path) -> dict:
-    """{"files": {relative path: {"size", "sha256"}}} of every file under `folder` but the manifest."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
-    return {
-        "files": {
-            p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in files
-        }
-    }
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be trusted (incomplete, changed, unreadable), or None."""
-    manifest_path = folder / MANIFEST_FILE
-    if not manifest_path.exists():
-        return "it has no manifest.json, so its save never finished"
-    try:
-        listed = json.loads(manifest_path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "its manifest.json is unreadable"
-    for name, entry in listed.items():
-        file = folder / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != entry["size"]:
-            return f"{name} has {file.stat().st_size} bytes, not the {entry['size']} saved"
-        if sha256_of(file) != entry["sha256"]:
-            return f"{name} does not match its checksum (changed or corrupted after the save)"
-    return None
 
 
 def find_checkpoint(path: str | Path, skipped: Callable[[str], None] = lambda line: None) -> Path:

@@ -1,5 +1,6 @@
-"""A checkpoint folder as files, read without torch: the files' names, their checksums, which
-folders are checkpoints and how far each got, and the small JSON files a manifest vouches for.
+"""A checkpoint folder as files, without torch: the files' names, the manifest (every file's size
+and checksum: built by a save, checked before a resume), which folders are checkpoints and how far
+each got, and the small JSON files a manifest vouches for.
 
 The start of a run reads these before any heavy import, so a resume it must refuse is refused in
 well under a second; loading the weights and the trainer state (checkpoint.py) comes later.
@@ -27,6 +28,36 @@ def sha256_of(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def build_manifest(folder: Path) -> dict:
+    """{"files": {relative path: {"size", "sha256"}}} of every file under `folder` but the manifest."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    return {
+        "files": {
+            p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in files
+        }
+    }
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (incomplete, changed, unreadable), or None."""
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.exists():
+        return "it has no manifest.json, so its save never finished"
+    try:
+        listed = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its manifest.json is unreadable"
+    for name, entry in listed.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{name} has {file.stat().st_size} bytes, not the {entry['size']} saved"
+        if sha256_of(file) != entry["sha256"]:
+            return f"{name} does not match its checksum (changed or corrupted after the save)"
+    return None
 
 
 def is_checkpoint(path: Path) -> bool:

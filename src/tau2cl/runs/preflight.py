@@ -21,6 +21,7 @@ from tau2cl.runs.checkpoint_files import (
     PROGRESS_FILE,
     RUN_CONFIG_FILE,
     checkpoint_candidates,
+    checkpoint_problem,
     is_checkpoint,
     read_listed_json,
 )
@@ -78,11 +79,17 @@ def check_resume(
 
 def nothing_left(saved: SavedRun) -> str | None:
     """The line for a resume from a checkpoint that ends its run (every domain trained and
-    evaluated, all rows of the accuracy matrix filled), or None when there is work left."""
+    evaluated, all rows of the accuracy matrix filled), or None when there is work left.
+
+    Such a checkpoint must verify against its manifest (every file hashed): a damaged one is left
+    to the resume, which falls back to the checkpoint before it and redoes what followed.
+    """
     if saved.config is None or saved.progress is None:
         return None
     order = list(saved.config.get("task_order") or [])
     if not order or int(saved.progress.get("stages_done", 0)) <= len(order):
+        return None
+    if checkpoint_problem(saved.checkpoint) is not None:
         return None
     return (
         f"nothing left to do: checkpoint '{saved.checkpoint}' is the end of its run (every domain trained "
