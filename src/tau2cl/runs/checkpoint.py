@@ -1,5 +1,9 @@
 """Checkpoints: a from_pretrained-loadable model + tokenizer, and the trainer state to resume.
 
+The model is saved as plain safetensors in every case: a model read from a GGUF file (which
+transformers dequantizes on load but refuses to save) is written as the tensors the trainer holds,
+with a config that names no quantization, so a checkpoint loads without the GGUF reader.
+
 A checkpoint is written into a temporary sibling folder and renamed into place, so a kill during a
 save leaves the previous checkpoint intact. Its last file is `manifest.json`: the size and SHA-256
 of every other file in the folder (whatever wrote them: weights, adapters, tokenizer, state), so a
@@ -64,7 +68,10 @@ def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path
         shutil.rmtree(tmp)
     try:
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        if read_from_gguf(model):
+            write_plain_model(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
         # the position alone, so finding the latest checkpoint never loads optimizer states
@@ -82,6 +89,29 @@ def save_checkpoint(path: Path, model: Any, tokenizer: Any, state: dict) -> Path
     if old.exists():
         shutil.rmtree(old)
     return path
+
+
+def read_from_gguf(model: Any) -> bool:
+    """Whether transformers loaded this model from a GGUF file (its config names the gguf quantization)."""
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(quantization, dict):
+        return quantization.get("quant_method") == "gguf"
+    return getattr(quantization, "quant_method", None) == "gguf"
+
+
+def write_plain_model(model: Any, folder: str | Path) -> None:
+    """The model's config (without a quantization_config: the tensors are plain) and its parameters
+    as held (safetensors, Hugging Face names), as `from_pretrained` loads them. A tied lm_head is
+    written once, as its embedding."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def find_checkpoint(path: str | Path, skipped: Callable[[str], None] = lambda line: None) -> Path:
