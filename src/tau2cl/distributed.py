@@ -43,6 +43,9 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
+_STARTED: list[Any] = []  # the process group compute_init started, if any
+
+
 def compute_init(timeout: timedelta | None = None) -> DistInfo:
     """Start the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     if not launched_by_torchrun():
@@ -66,13 +69,43 @@ def compute_init(timeout: timedelta | None = None) -> DistInfo:
         backend = "gloo"
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timeout or DEFAULT_TIMEOUT)
+        _STARTED.append(dist.group.WORLD)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
 def compute_cleanup() -> None:
-    """Tear down only what was set up."""
-    if dist.is_initialized():
+    """Tear down only what compute_init set up (an in-process vLLM engine may hold a group of its own)."""
+    if _STARTED and dist.is_initialized():
         dist.destroy_process_group()
+    _STARTED.clear()
+
+
+@contextlib.contextmanager
+def own_group_kept() -> Iterator[None]:
+    """Inside, a teardown that destroys the default process group leaves it alone when it is the one
+    compute_init started (the ranks' own, which an in-process vLLM engine joins under torchrun and
+    destroys in its shutdown); every other group is destroyed as usual."""
+    if not _STARTED:
+        yield
+        return
+    destroy = dist.destroy_process_group
+
+    def destroy_others(group: Any = None) -> None:
+        if group is not None and group is not dist.group.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_others
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
+def group_rank_and_size() -> tuple[int, int]:
+    """This process's rank and the number of ranks in the default process group ((0, 1) without one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _active() -> bool:

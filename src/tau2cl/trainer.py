@@ -194,6 +194,8 @@ class GRPOTrainer:
             self.user.close()
             self.tracker.close()
             self.lock.release()
+            if self.sampler is not None:
+                self.sampler.close()
             compute_cleanup()
 
     def _train_domain(self, domain_idx: int) -> None:

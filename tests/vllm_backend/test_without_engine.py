@@ -1,6 +1,6 @@
 """The sampler seam's parts that need no vLLM engine (collected with or without vllm installed):
-the missing-package error, the top_p guard, how a sampled turn becomes a Generation, and the
-project's own engine receiving weights."""
+the missing-package error, the top_p guard, how a sampled turn becomes a Generation, the project's
+own engine receiving weights, the KV cache's size check and how a refusal of vLLM's is worded."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 
 from tau2cl.agent.policy import Policy
 from tau2cl.agent.sampler import PolicySampler
-from tau2cl.agent.vllm_sampler import check_top_p, import_vllm, to_generation
+from tau2cl.agent.vllm_sampler import check_top_p, engine_error_reason, import_vllm, to_generation
 from tau2cl.errors import UserError
+from tau2cl.recipe.engine_sync import check_cpu_kv_cache
 
 
 @pytest.mark.parametrize("found", [None, types.ModuleType("vllm")], ids=["not importable", "not the package"])
@@ -63,3 +64,25 @@ def test_policy_sampler_takes_pushed_weights(tiny_model, tiny_tokenizer, single_
 
     with pytest.raises(KeyError, match="no parameter named"):
         sampler.load_weights([("model.not_a_layer.weight", torch.zeros(1))])
+
+
+def test_the_cpu_kv_cache_must_hold_one_whole_context():
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims (576 / 9 heads); fp32 keys and values take
+    # 2 x 30 x 3 x 64 x 4 = 46,080 bytes a token, so 1 GiB holds 2**30 // 46,080 = 23,301 tokens
+    smollm2 = types.SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, num_attention_heads=9,
+                                    hidden_size=576, head_dim=None)
+    check_cpu_kv_cache(smollm2, 23301, 1)
+    check_cpu_kv_cache(smollm2, 46603, 2)  # 2 GiB: 46,603 tokens
+    with pytest.raises(UserError, match=r"cannot hold one --max_context_tokens 23302 context \(1\.00 GiB"):
+        check_cpu_kv_cache(smollm2, 23302, 1)
+
+
+def test_a_refusal_of_vllms_is_its_reason_in_one_sentence():
+    validation = ValueError(
+        "1 validation error for ModelConfig\n  Value error, Model architectures ['GPTNeoForCausalLM'] are "
+        "not supported for now. Supported architectures: dict_keys(['AfmoeForCausalLM', 'BloomForCausalLM'])"
+        " [type=value_error]\n    For further information visit https://errors.pydantic.dev"
+    )
+    assert engine_error_reason(validation) == "Model architectures ['GPTNeoForCausalLM'] are not supported for now."
+    assert engine_error_reason(RuntimeError("out of memory\nmore")) == "out of memory"
+    assert engine_error_reason(OSError()) == "OSError"
