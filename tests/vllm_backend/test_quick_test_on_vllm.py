@@ -21,6 +21,8 @@ from train_runs import QUICK_TEST, records, run_all, summary, train_command
 
 from tau2cl.env.domains import load_domain
 
+pytestmark = pytest.mark.vllm
+
 LOGPROB_TOLERANCE = 1e-4  # fp32, the design's bound
 LEARNED = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]  # as the own engine's quick test
 

@@ -11,6 +11,8 @@ from train_runs import one_line_error, run_all, smollm2_gguf, train_command
 from tau2cl.runs.files import LOCK_FILE
 from tiny_run import tiny_flags
 
+pytestmark = pytest.mark.vllm
+
 # SmolLM2-135M's keys and values per token in fp32: 2 (k, v) x 30 layers x 3 KV heads x 64 dims x 4
 # bytes = 46,080 bytes, so a 1 GiB cache holds 2**30 / 46,080 = 23,301.7 tokens and one 24,000-token
 # context needs 24,000 x 46,080 / 2**30 = 1.03 GiB

@@ -14,6 +14,8 @@ from train_runs import records, run_all, summary, train_command
 
 from tiny_run import tiny_flags
 
+pytestmark = pytest.mark.vllm
+
 PROBE = Path(__file__).with_name("stop_probe.py")
 STEPS = 3
 RUN = [

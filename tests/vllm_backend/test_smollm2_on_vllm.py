@@ -11,6 +11,8 @@ from train_runs import records, run_all, smollm2_gguf, train_command
 
 from tiny_run import tiny_flags
 
+pytestmark = pytest.mark.vllm
+
 LOGPROB_TOLERANCE = 1e-4  # fp32, the design's bound
 STEPS = 2
 

@@ -16,6 +16,8 @@ from train_runs import ROOT, records, run_all
 
 from tiny_run import tiny_flags
 
+pytestmark = pytest.mark.vllm
+
 PROBE = ROOT / "tests" / "distributed" / "dist_probe.py"
 WORLD = 2
 STEPS = 2

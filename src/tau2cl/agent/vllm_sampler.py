@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ def import_vllm() -> Any:
     """The vllm module, or a one-line UserError naming the install command."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read when vllm is first imported
     try:
-        import vllm
+        with warnings.catch_warnings():  # its own deprecation notices about torch, not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            import vllm
     except ImportError as exc:
         raise UserError(f"the vLLM rollout backend needs the vllm package ({exc}); install it: {INSTALL_HINT}") from None
     if not hasattr(vllm, "LLM"):  # e.g. a folder named vllm on the path, not the package
@@ -63,6 +66,7 @@ class VLLMSettings:
     enforce_eager: bool = True  # no CUDA graphs (they take memory and time to capture)
     sleep_mode: bool = False  # CUDA only: the engine may free its GPU memory between rollouts
     external_launcher: bool = False  # one engine per torchrun rank, inside the ranks' process group
+    load_format: str = "auto"  # "dummy": random weights (a benchmark's shaped model, pushed after)
 
 
 def start_engine(model_folder: str, settings: VLLMSettings) -> Any:
@@ -82,19 +86,23 @@ def start_engine(model_folder: str, settings: VLLMSettings) -> Any:
     if settings.external_launcher:  # vLLM then reuses the process group torchrun's ranks started
         kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
     try:
-        return vllm.LLM(
-            model=model_folder,
-            dtype=settings.dtype,
-            seed=settings.seed,
-            max_model_len=settings.max_model_len,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            enforce_eager=settings.enforce_eager,
-            enable_prefix_caching=True,
-            skip_tokenizer_init=True,
-            generation_config="vllm",  # vLLM's neutral defaults, not the model's sampling settings
-            logprobs_mode="processed_logprobs",
-            **kwargs,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return vllm.LLM(
+                model=model_folder,
+                dtype=settings.dtype,
+                seed=settings.seed,
+                max_model_len=settings.max_model_len,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+                enforce_eager=settings.enforce_eager,
+                enable_prefix_caching=True,
+                skip_tokenizer_init=True,
+                generation_config="vllm",  # vLLM's neutral defaults, not the model's sampling settings
+                logprobs_mode="processed_logprobs",
+                load_format=settings.load_format,
+                use_tqdm_on_load=False,
+                **kwargs,
+            )
     except (ValueError, RuntimeError, OSError) as exc:
         raise UserError(f"vLLM cannot start on '{model_folder}': {engine_error_reason(exc)}") from None
 

@@ -201,10 +201,15 @@ def truncate_lines(path: Path, keep: int) -> None:
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():  # the current GPU's default generator: a vLLM engine samples with it
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(generator: torch.Generator, state: dict) -> None:
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
