@@ -18,6 +18,12 @@ the main 4-GPU run: batch_size_per_gpu 4 x num_samples_per_prompt 4 = 16 sequenc
   peak memory). The decode layout (right-aligned rows, shrinking batch, stop checks every few
   tokens) is the only one the project has, so it is always on.
 
+- vLLM: when the vllm package is installed, the same 16 prompts sampled by tau2cl's vLLM sampler
+  beside the own engine's decode (bf16 engine, `--vllm_gpu_memory_utilization`'s default 0.3, random
+  weights at start, then the trained model's pushed: the GPU memory the engine takes, seconds per
+  weight push, and one sleep + wake as `--vllm_sleep_mode` does around each update). Its FLOPs are
+  not counted (the engine's forwards are not the model's modules).
+
 FLOPs are counted from every forward's shapes by bench.py's FlopCounter (the update as 3 x its
 forward; recomputation under gradient checkpointing is not counted, as model-FLOPs utilisation
 conventionally does not) and compared with a bf16 matmul timed on the same GPU.
@@ -113,6 +119,52 @@ def bench_decode(model, tokenizer, attention: str, prompt_len: int, new_tokens: 
     seconds = time.perf_counter() - t0
     tokens = sum(len(g.token_ids) for g in generations)
     return GpuRow("decode", attention, None, tokens, seconds, counter.flops, peak_gib(device))
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def bench_vllm_decode(model, tokenizer, prompt_len: int, new_tokens: int, device: str, pushes: int = 3) -> GpuRow:
+    """The decode of bench_decode on a colocated vLLM engine: the shaped model's config in a folder,
+    random weights at start (no checkpoint written), the trained model's weights pushed, then the 16
+    prompts sampled at temperature 1. Prints the engine's memory, push and sleep/wake seconds."""
+    import tempfile
+
+    from tau2cl.agent.vllm_sampler import VLLMSampler, VLLMSettings
+
+    gen = torch.Generator().manual_seed(0)  # bench_decode's prompts
+    vocab = len(tokenizer)
+    shared = torch.randint(0, vocab, (prompt_len * 3 // 4,), generator=gen).tolist()
+    prompts = [shared + torch.randint(0, vocab, (prompt_len - len(shared),), generator=gen).tolist()
+               for _ in range(TASKS_PER_GPU * SAMPLES_PER_TASK)]
+    stop_ids = Policy(model, tokenizer).stop_ids
+    free_before = torch.cuda.mem_get_info()[0]
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-vllm-") as folder:
+        model.config.save_pretrained(folder)
+        settings = VLLMSettings(max_model_len=prompt_len + new_tokens + 64, dtype="bfloat16", sleep_mode=True,
+                                load_format="dummy")
+        t0 = time.perf_counter()
+        sampler = VLLMSampler.start(folder, stop_ids, settings)
+        started = time.perf_counter() - t0
+    taken = (free_before - torch.cuda.mem_get_info()[0]) / 2**30
+    push_seconds = sorted(sampler.load_weights(model.named_parameters()) for _ in range(pushes))[pushes // 2]
+    t0 = time.perf_counter()
+    sampler.sleep()
+    slept = time.perf_counter() - t0
+    wake_and_push = sampler.load_weights(model.named_parameters())
+    print(f"[e] vLLM: started in {started:.1f}s, took {taken:.1f} GiB of GPU memory; weight push {push_seconds:.2f}s "
+          f"(median of {pushes}); sleep {slept:.2f}s, wake + push {wake_and_push:.2f}s", flush=True)
+    sampler.sample(prompts[:2], 2, 1.0, 1.0)  # warm-up
+    sampler.reset_prefix_cache()
+    sync(device)
+    t0 = time.perf_counter()
+    generations = sampler.sample(prompts, new_tokens, 1.0, 1.0)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    sampler.close()
+    tokens = sum(len(g.token_ids) for g in generations)
+    return GpuRow("decode", "vLLM (bf16)", None, tokens, seconds, float("nan"), taken)
 
 
 def multiturn_episodes(model, tokenizer, prefix_len: int, new_tokens: int, device: str, kv_reuse: bool,
@@ -231,6 +283,11 @@ def run(tokenizer, device: str, seq_len: int, new_tokens: int, flop_counter: Cal
         model = shaped_model(shape, attention, device)
         counter = flop_counter(model)
         rows.append(bench_decode(model, tokenizer, attention, seq_len, new_tokens, device, counter))
+        if attention == "sdpa" and vllm_available() and device.startswith("cuda"):
+            own = rows[-1]
+            rows.append(bench_vllm_decode(model, tokenizer, seq_len, new_tokens, device))
+            ratio = (rows[-1].tokens / rows[-1].seconds) / (own.tokens / own.seconds)
+            print(f"[e] decode tokens/s, vLLM / own engine: {ratio:.2f}", flush=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
         batch = random_batch(tokenizer, seq_len, device)
         for checkpointing in (True, False):
@@ -260,8 +317,11 @@ def print_rows(rows: list[GpuRow], seq_len: int, new_tokens: int, peak_flops: fl
         if r.error:
             out.append([r.phase, r.attention, ckpt, r.tokens, r.error, "", "", "", f"{r.peak_gib:.1f}"])
             continue
+        counted = r.flops == r.flops  # nan: FLOPs not counted (vLLM's forwards)
+        tflops = f"{r.flops / r.seconds / 1e12:.1f}" if counted else "-"
+        share = f"{r.flops / r.seconds / peak_flops:.3f}" if counted else "-"
         out.append([r.phase, r.attention, ckpt, r.tokens, f"{r.seconds:.2f}", f"{r.tokens / r.seconds:,.0f}",
-                    f"{r.flops / r.seconds / 1e12:.1f}", f"{r.flops / r.seconds / peak_flops:.3f}", f"{r.peak_gib:.1f}"])
+                    tflops, share, f"{r.peak_gib:.1f}"])
     table(f"(e) Qwen2.5-3B-shaped model (random init) on {name}: fp32 weights + bf16 autocast, "
           f"{TASKS_PER_GPU}x{SAMPLES_PER_TASK} sequences; decode {seq_len}-token prompts + {new_tokens} new tokens; "
           f"update {seq_len} tokens each, {MICRO_BATCHES} micro-batches, AdamW; bf16 matmul peak "

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     vllm_sync = timed_syncs(lambda: sampler.load_weights(model.named_parameters()), args.pushes)
     engine = RolloutEngine(policy, multiturn.TurnLimitUser(), settings, sampler=sampler)
     results.append(run_backend("vLLM", engine, reqs, args.seed, vllm_sync))
+    sampler.close()
 
     print(f"\n{'backend':<12} {'episodes':>8} {'turns':>6} {'tokens':>7} {'s':>7} {'episodes/s':>11} "
           f"{'tokens/s':>9} {'sync s/push':>12}")

