@@ -207,7 +207,8 @@ class GRPOTrainer:
             self.strategy.before_domain(self.cl_context, domain_idx, name)
             if domain_idx > 0 and self.config.domain_restart == "optimizer":
                 self.grpo.optimizer.state.clear()  # AdamW's moments start afresh with the domain
-        self.tracker.start_domain(domain_idx, name, len(domain.train_tasks), steps, progress.step)
+        self.tracker.start_domain(domain_idx, name, len(domain.train_tasks), steps, progress.step,
+                                  sft_step=progress.sft_step)
         if progress.step == 0:
             self._warm_start(domain_idx, domain)
         if progress.pending == Pending.MID_DOMAIN_EVAL:  # a stop interrupted it: redo it first

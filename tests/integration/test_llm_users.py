@@ -31,8 +31,8 @@ from tau2cl.agent.users.litellm_user import LiteLLMUser
 from tau2cl.agent.users.local import LocalModelUser
 from tau2cl.config import GRPOConfig
 from tau2cl.env.domains import load_domain
+from tau2cl.env.rewards import score_trajectories
 from tau2cl.rl.grpo import group_advantages
-from tau2cl.rl.rewards import score_trajectories
 
 AGENT_TEXT = "Could you give me your user id, please?"
 OPENING = "Hi, I need to change my booking."
@@ -307,7 +307,7 @@ def test_training_with_a_litellm_user_never_writes_its_key(tmp_path, capsys, sin
             user_max_retries=0, user_timeout=10.0,
         )
         trainer = GRPOTrainer(config)
-        assert trainer.reference is None and not trainer._load_domain("telecom").solo_mode
+        assert trainer.models.reference is None and not trainer.load_domain("telecom").solo_mode
         summary = trainer.train()
     assert summary["global_step"] == 1 and summary["config"]["user_api_key"] is None
     assert sum(map(is_failing, server.requests)) == 2  # the step's two failing episodes, no retries
@@ -330,9 +330,9 @@ def test_a_run_with_the_reference_user_loads_the_reference_once_even_without_kl(
         log_dir=str(tmp_path), user_model="reference",
     )
     trainer = GRPOTrainer(config)
-    assert isinstance(trainer.user, LocalModelUser) and trainer.user.policy.model is trainer.reference
-    assert trainer.reference is not trainer.policy.model and not trainer.reference.training
-    assert not any(p.requires_grad for p in trainer.reference.parameters())
-    assert trainer.train_engine.user is trainer.eval_engine.user is trainer.user
+    assert isinstance(trainer.user, LocalModelUser) and trainer.user.policy.model is trainer.models.reference
+    assert trainer.models.reference is not trainer.policy.model and not trainer.models.reference.training
+    assert not any(p.requires_grad for p in trainer.models.reference.parameters())
+    assert trainer.rollouts.engine.user is trainer.evaluation.engine.user is trainer.user
     assert not trainer.domains["telecom"].solo_mode and trainer.domains["telecom"].user_tool_schemas
     trainer.tracker.close()

@@ -175,11 +175,11 @@ def test_a_non_finite_loss_skips_the_update_and_training_goes_on(tmp_path, monke
         log_dir=str(tmp_path), save_interval=1, save_total_limit=1,
     )
     trainer = GRPOTrainer(config)
-    start = [p.detach().clone() for p in trainer.params]
+    start = [p.detach().clone() for p in trainer.models.training.params]
     summary = trainer.train()
     assert summary["skipped_updates"] == 1
-    assert all(torch.isfinite(p).all() for p in trainer.params)
-    assert any(not torch.equal(a, p.detach()) for a, p in zip(start, trainer.params, strict=True))
+    assert all(torch.isfinite(p).all() for p in trainer.models.training.params)
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(start, trainer.models.training.params, strict=True))
     records = _train_records(tmp_path)
     assert [r["skipped_updates"] for r in records] == [1, 1, 1]
     # step checkpoints after steps 1 and 2, only the newest kept; the domain-end one always

@@ -42,20 +42,20 @@ def run(tmp_path_factory):
 
     def sft_then_evaluate(*args, **kwargs):
         run_sft(*args, **kwargs)
-        seen["after_sft"] = trainer.evaluate_task("airline", label="after_sft")
+        seen["after_sft"] = trainer.evaluation.evaluate_domain("airline", "after_sft")
 
-    update = trainer._update
+    update = trainer.grpo.update
 
-    def recording_update(trajectories, advantages):
+    def recording_update(trajectories, advantages, *args, **kwargs):
         seen["rewards"] = [t.reward for t in trajectories]
         seen["advantages"] = advantages
-        before = [p.detach().clone() for p in trainer.params]
-        stats = update(trajectories, advantages)
-        seen["change"] = max(float((p.detach() - b).abs().max()) for p, b in zip(trainer.params, before, strict=True))
+        before = [p.detach().clone() for p in trainer.models.training.params]
+        stats = update(trajectories, advantages, *args, **kwargs)
+        seen["change"] = max(float((p.detach() - b).abs().max()) for p, b in zip(trainer.models.training.params, before, strict=True))
         seen["loss"] = stats["loss"]
         return stats
 
-    trainer.sft.run, trainer._update = sft_then_evaluate, recording_update
+    trainer.sft.run, trainer.grpo.update = sft_then_evaluate, recording_update
     summary = trainer.train()
     return log_dir, summary, seen
 

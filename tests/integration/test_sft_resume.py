@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from tau2cl.runs.interrupt import TrainingInterrupted
+from tau2cl.runs.interrupt import StoppedWithCheckpoint
 from tau2cl.trainer import GRPOTrainer
 from tiny_run import tiny_config
 
@@ -42,10 +42,10 @@ def test_an_interrupted_warm_start_resumes_to_the_same_weights(tmp_path):
     def stop_after(task_idx, domain, step, total, global_step, stats):
         log_sft(task_idx, domain, step, total, global_step, stats)
         if step == STOP_AFTER:
-            cut.stop_request.signum = signal.SIGTERM  # as if SIGTERM arrived during this step
+            cut.signals.signum = signal.SIGTERM  # as if SIGTERM arrived during this step
 
     cut.tracker.log_sft = stop_after
-    with pytest.raises(TrainingInterrupted) as stopped:
+    with pytest.raises(StoppedWithCheckpoint) as stopped:
         cut.train()
     assert f"supervised step {STOP_AFTER}/{SFT_STEPS}" in str(stopped.value)
     assert (cut_dir / f"checkpoint_task_0_sft_{STOP_AFTER}").is_dir()

@@ -26,7 +26,7 @@ from tau2cl.agent.policy import Policy, load_model, load_tokenizer
 from tau2cl.agent.users.build import build_user
 from tau2cl.agent.users.local import LocalModelUser
 from tau2cl.config import GRPOConfig
-from tau2cl.rl.rewards import score_trajectories
+from tau2cl.env.rewards import score_trajectories
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_NEW_TOKENS = 12

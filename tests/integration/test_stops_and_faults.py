@@ -10,7 +10,7 @@ import pytest
 
 from tau2cl.errors import UserError
 from tau2cl.runs.checkpoint import checkpoint_problem, load_state
-from tau2cl.runs.interrupt import TrainingInterrupted
+from tau2cl.runs.interrupt import StoppedWithCheckpoint
 from tau2cl.trainer import GRPOTrainer
 from tiny_run import tiny_config
 
@@ -36,9 +36,9 @@ def test_a_stop_inside_the_final_evaluation_resumes_without_redoing_the_fisher(t
     def signal_during_the_final_evaluation(label, domain, done, total):
         real(label, domain, done, total)
         if (label, done) == ("after_task0", 0):
-            trainer.stop_request.signum = signal.SIGTERM  # as the handler does
+            trainer.signals.signum = signal.SIGTERM  # as the handler does
     monkeypatch.setattr(trainer.tracker, "eval_progress", signal_during_the_final_evaluation)
-    with pytest.raises(TrainingInterrupted) as stop:
+    with pytest.raises(StoppedWithCheckpoint) as stop:
         trainer.train()
     assert stop.value.where == "during the evaluation after Task 0 (airline)"
     saved = Path(stop.value.checkpoint)
@@ -94,12 +94,12 @@ def test_a_cpu_run_computes_in_float32_and_says_so(capsys):
     import torch
 
     from tau2cl.distributed import DistInfo
-    from tau2cl.trainer import _compute_dtype
+    from tau2cl.recipe.models import compute_dtype_for
 
     cpu, gpu = DistInfo(0, 0, 1, torch.device("cpu")), DistInfo(0, 0, 1, torch.device("cuda", 0))
-    assert _compute_dtype("bfloat16", cpu) is None
+    assert compute_dtype_for("bfloat16", cpu) is None
     assert "computing in float32 instead of --model_dtype bfloat16" in capsys.readouterr().err
-    assert _compute_dtype("bfloat16", gpu) is torch.bfloat16 and _compute_dtype("float32", gpu) is None
+    assert compute_dtype_for("bfloat16", gpu) is torch.bfloat16 and compute_dtype_for("float32", gpu) is None
 
 
 def test_a_full_disk_while_saving_is_one_line_naming_the_folder_and_the_last_complete_checkpoint(tmp_path, monkeypatch):
@@ -109,7 +109,7 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_folder_and_the_last_com
 
     monkeypatch.syspath_prepend(str(HERE))
     trainer = GRPOTrainer(tiny_config(**BASE, task_order=["airline"], num_steps_per_task=1, log_dir=str(tmp_path)))
-    good = trainer._save("checkpoint_step_0")
+    good = trainer.checkpointer.save("checkpoint_step_0")
     real_save = checkpoint_module.torch.save
 
     def no_space(*args, **kwargs):
@@ -117,7 +117,7 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_folder_and_the_last_com
 
     monkeypatch.setattr(checkpoint_module.torch, "save", no_space)
     with pytest.raises(UserError) as error:
-        trainer._save("checkpoint_step_1")
+        trainer.checkpointer.save("checkpoint_step_1")
     assert str(error.value) == (
         f"could not save checkpoint '{tmp_path / 'checkpoint_step_1'}' (No space left on device); the last complete "
         f"checkpoint is '{good}'. Free space or fix the folder's permissions, then resume from it."

@@ -372,3 +372,22 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes(b"seed: 1\nlog_dir: caf\xe9\n")
     with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 20 cannot be read\)"):
         parse_config(["--config", str(path)])
+
+
+def test_the_importance_cap_defaults_to_two_with_vllm_rollouts_and_zero_turns_it_off():
+    assert GRPOConfig().importance_cap is None
+    assert GRPOConfig(tis_cap=3.0).importance_cap == 3.0
+    assert GRPOConfig(rollout_backend="vllm").importance_cap == 2.0
+    assert GRPOConfig(rollout_backend="vllm", tis_cap=0).importance_cap is None
+    assert GRPOConfig(rollout_backend="vllm", tis_cap=1.5).importance_cap == 1.5
+
+
+def test_vllm_settings_that_cannot_work_are_refused_in_one_line():
+    with pytest.raises(UserError, match="--rollout_backend vllm needs --top_p 1"):
+        GRPOConfig(rollout_backend="vllm", top_p=0.9)
+    with pytest.raises(UserError, match="--vllm_sleep_mode needs --rollout_backend vllm"):
+        GRPOConfig(vllm_sleep_mode=True)
+    with pytest.raises(UserError, match="--vllm_gpu_memory_utilization must be between 0 and 1"):
+        GRPOConfig(rollout_backend="vllm", vllm_gpu_memory_utilization=1.5)
+    with pytest.raises(UserError, match="--tis_cap must be at least 1"):
+        GRPOConfig(tis_cap=0.5)

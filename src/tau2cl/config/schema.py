@@ -33,6 +33,8 @@ PARALLELISMS = ("ddp", "fsdp")
 # LoRA's default targets: the attention and MLP projections of Qwen/Llama/Mistral-style decoders
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DOMAIN_RESTARTS = ("none", "warmup", "optimizer")
+ROLLOUT_BACKENDS = ("hf", "vllm")
+VLLM_TIS_CAP = 2.0  # truncated importance sampling's cap with vLLM rollouts unless --tis_cap says otherwise
 
 # Flags a resumed run may change: how it reports, saves, evaluates mid-domain and waits. Every other
 # flag must equal the checkpoint's, or the resume is refused (runs/resume_check.py).
@@ -166,6 +168,38 @@ class GRPOConfig:
         "episode in memory. --no-kv_reuse re-prefills the whole context every turn (for "
         "debugging and ablations; same samples).",
     )
+    rollout_backend: str = _option(
+        "hf",
+        "rollout",
+        "Which engine samples the episodes (training, evaluation, strategies' own rollouts): hf = "
+        "the project's own engine (exact, runs everywhere, each episode's KV cache kept across "
+        "turns); vllm = a vLLM engine in each rank's own process (paged KV cache, prefix caching), "
+        "given the trained weights after every update. Episodes, rewards and the update are the "
+        "same either way; vLLM's log-probs differ slightly from the trainer's, so the update "
+        "recomputes them and --tis_cap defaults to 2. Needs the vllm package "
+        "(pip install -e '.[vllm]'; CPUs: scripts/install_vllm_cpu.sh) and --top_p 1.",
+        choices=ROLLOUT_BACKENDS,
+    )
+    vllm_gpu_memory_utilization: float = _option(
+        0.3,
+        "rollout",
+        "With --rollout_backend vllm on a GPU: the share of the GPU's memory vLLM may take for its "
+        "copy of the weights and its KV cache; the trainer's weights, gradients and optimizer "
+        "need the rest (docs/performance.md has the split for Qwen2.5-3B). Ignored on CPUs.",
+    )
+    vllm_cpu_kv_cache_gib: int = _option(
+        1,
+        "rollout",
+        "With --rollout_backend vllm on CPUs: GiB of memory for vLLM's KV cache (per rank). It "
+        "must hold at least one --max_context_tokens context.",
+    )
+    vllm_sleep_mode: bool = _option(
+        False,
+        "rollout",
+        "With --rollout_backend vllm on CUDA: put the engine to sleep during each update (its KV "
+        "cache freed, its weights moved to CPU memory) and wake it for the next rollouts, so the "
+        "update has the memory; costs the copies each step. CUDA only (refused on CPUs).",
+    )
 
     # --- user simulator ---
     user_model: str | None = _option(
@@ -254,7 +288,8 @@ class GRPOConfig:
         "its own forward before the first step and weights each token's policy loss by "
         "min(exp(recomputed - sampled), tis_cap), correcting for rollouts scored in another "
         "dtype or kernel than the update (typical cap 2). Costs one extra no-grad forward per "
-        "batch. None turns it off (the sampled log-probs are the PPO ratio's old policy).",
+        "batch. Unset: 2 with --rollout_backend vllm, off with hf; 0 turns it off (the sampled "
+        "log-probs are the PPO ratio's old policy).",
     )
     num_updates_per_batch: int = _option(
         1,
@@ -602,6 +637,15 @@ class GRPOConfig:
         for f in fields(self):
             setattr(self, f.name, coerce(f.name, hints[f.name], getattr(self, f.name)))
         validate(self)
+
+    @property
+    def importance_cap(self) -> float | None:
+        """Truncated importance sampling's cap in use: --tis_cap, or VLLM_TIS_CAP with vLLM
+        rollouts when it is unset; --tis_cap 0 turns it off."""
+        cap = self.tis_cap
+        if cap is None:
+            return VLLM_TIS_CAP if self.rollout_backend == "vllm" else None
+        return cap or None
 
     @property
     def upper_clip_range(self) -> float:

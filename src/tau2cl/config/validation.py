@@ -88,7 +88,8 @@ def validate(config: Any) -> None:
     )
     _check(config, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
     _check(config, "dual_clip", lambda v: v > 1, "must be greater than 1 (or none to turn it off)")
-    _check(config, "tis_cap", lambda v: v >= 1, "must be at least 1 (or none to turn it off)")
+    _check(config, "tis_cap", lambda v: v == 0 or v >= 1, "must be at least 1 (or 0 to turn it off)")
+    _validate_vllm(config)
     _validate_lora(config)
     _check(config, "replay_ratio", lambda v: 0 <= v <= 1, "must be between 0 and 1")
     _check(config, "ewc_gamma", lambda v: 0 <= v <= 1, "must be between 0 and 1")
@@ -139,6 +140,21 @@ def _validate_user(config: Any) -> None:
     for name in ("user_api_base", "user_api_key"):
         if getattr(config, name) is not None and not litellm:
             _fail(f"--{name} is only used by a litellm user; set --user_model litellm:<model>.")
+
+
+def _validate_vllm(config: Any) -> None:
+    _check(config, "vllm_gpu_memory_utilization", lambda v: 0 < v < 1, "must be between 0 and 1")
+    _check(config, "vllm_cpu_kv_cache_gib", lambda v: v >= 1, "must be at least 1")
+    if config.rollout_backend != "vllm":
+        if config.vllm_sleep_mode:
+            _fail("--vllm_sleep_mode needs --rollout_backend vllm.")
+        return
+    if config.top_p != 1:
+        _fail(
+            f"--rollout_backend vllm needs --top_p 1, got {config.top_p!r}: vLLM's log-probs under a "
+            "nucleus are renormalised over it and the trainer's are not, so the importance ratio "
+            "would compare different distributions."
+        )
 
 
 def _check(config: Any, name: str, ok: typing.Callable[[Any], bool], rule: str) -> None:
