@@ -1,19 +1,21 @@
 """Training entry point: `tau2cl train ...`, `python -m tau2cl.train ...` or `torchrun -m tau2cl.train ...`.
 
 Parsing comes first, then the checks that the flags, the files and a network probe decide (the
-log_dir, a resume's checkpoint, the model's source), and only then is the trainer (torch,
+log_dir, a resume's checkpoint, the model's source, an installed vllm when asked for), and only then is the trainer (torch,
 transformers, tau2) imported, so that `--help`, a bad flag and every such refusal answer at once.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
 from tau2cl.agent.model_source import check_model_source
 from tau2cl.agent.tiny_model import TINY_MODEL_NAME
 from tau2cl.config import RESUME_MAY_CHANGE, GRPOConfig, parse_config
-from tau2cl.errors import run_guarded
+from tau2cl.constants import VLLM_INSTALL_HINT
+from tau2cl.errors import UserError, run_guarded
 from tau2cl.runs.preflight import check_log_dir, check_resume, nothing_left, saved_run
 
 
@@ -54,6 +56,9 @@ def preflight(config: GRPOConfig) -> str | None:
     then ends the other ranks as soon as rank 0 exits; across machines they would wait for it, so
     the trainer's check, agreed by all ranks, decides there.
     """
+    if config.rollout_backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UserError(f"the vLLM rollout backend needs the vllm package, which is not installed; install it: "
+                        f"{VLLM_INSTALL_HINT}")
     if _is_rank_zero() and os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1"):
         check_log_dir(config.log_dir, config.resume_from, config.overwrite_log_dir)
     if config.resume_from:

@@ -63,6 +63,16 @@ def test_an_uncached_hub_id_when_the_hub_cannot_be_reached(tmp_path):
     _assert_refused_light(outcome, "is not in the local Hugging Face cache and the hub cannot be reached")
 
 
+def test_the_vllm_backend_without_vllm_installed(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed in this environment; tests/vllm_backend covers the backend there")
+    outcome = _main(*tiny_flags(), "--rollout_backend", "vllm", "--log_dir", str(tmp_path / "r"))
+    _assert_refused_light(outcome, "needs the vllm package", "pip install -e '.[vllm]'", "install_vllm_cpu.sh")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_log_dir_that_holds_another_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     outcome = _main("--model_name_or_path", "tiny", "--log_dir", str(tmp_path))
