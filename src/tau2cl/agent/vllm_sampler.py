@@ -32,8 +32,8 @@ import torch
 
 from tau2cl.agent.decode import Generation
 from tau2cl.agent.sampler import NamedTensors
-from tau2cl.distributed import own_group_kept
 from tau2cl.constants import VLLM_INSTALL_HINT
+from tau2cl.distributed import own_group_kept
 from tau2cl.errors import UserError
 from tau2cl.runs.checkpoint import write_plain_model
 
