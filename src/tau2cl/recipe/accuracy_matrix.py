@@ -107,7 +107,7 @@ class EvaluationStages:
 
     def evaluate_tasks(self, name: str, tasks: list, label: str) -> float:
         """CLContext.evaluate: the mean trained reward of greedy runs on `tasks`; its random stream
-        comes from the seed and `label` alone, not the run's."""
+        depends on --seed and `label` alone, not on the run's stream."""
         cfg = self.config
         engine = self.engine
         if engine.settings.temperature != 0:

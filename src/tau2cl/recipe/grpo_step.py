@@ -36,7 +36,6 @@ from tau2cl.rl.update import (
     recompute_old_logprobs,
     reference_logprobs,
 )
-from tau2cl.runs.interrupt import agreed
 
 
 class GRPOStep:
@@ -63,7 +62,9 @@ class GRPOStep:
         cfg = self.config
         t0 = time.perf_counter()
         requests = self.strategy.augment_batch(context, self.requests(domain_idx, domain, step))
-        trajectories, t1 = self._sample_and_score(requests)
+        sampled_at: list[float] = []
+        trajectories = self.rollouts.agreed_scored(requests, sampled_at)
+        t1 = sampled_at[0]
         resampled: dict = {}
         if cfg.dynamic_sampling:
             trajectories, resampled = self._resample(domain_idx, step, trajectories)
@@ -96,18 +97,6 @@ class GRPOStep:
             for g, i in enumerate(mine)
             for _ in range(cfg.num_samples_per_prompt)
         ]
-
-    def _sample_and_score(self, requests: list[RolloutRequest]) -> tuple[list[Trajectory], float]:
-        """The episodes, scored, and the moment sampling ended (scoring is timed apart)."""
-        sampled_at: list[float] = []
-
-        def work() -> list[Trajectory]:  # rank-local: a stop or a reward fault leaves it
-            episodes = self.rollouts.sample(requests)
-            sampled_at.append(time.perf_counter())
-            self.rollouts.score(episodes)
-            return episodes
-
-        return agreed(work), sampled_at[0]
 
     def _resample(self, domain_idx: int, step: int, trajectories: list[Trajectory]) -> tuple[list[Trajectory], dict]:
         """Dynamic sampling: zero-variance groups replaced by fresh tasks' groups (all ranks together)."""

@@ -4,6 +4,7 @@ tau2's reward (and the custom one), and stopped within seconds of a stop signal.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,9 +47,12 @@ class Rollouts:
         """Unscored episodes (a strategy's own rollouts)."""
         return agreed(lambda: self.engine.run(requests, self.generator))
 
-    def agreed_scored(self, requests: list[RolloutRequest]) -> list[Trajectory]:
-        def work() -> list[Trajectory]:
+    def agreed_scored(self, requests: list[RolloutRequest], sampled_at: list[float] | None = None) -> list[Trajectory]:
+        """Scored episodes; `sampled_at` gets the moment sampling ended (scoring is timed apart)."""
+        def work() -> list[Trajectory]:  # rank-local: a stop or a reward fault leaves it
             episodes = self.sample(requests)
+            if sampled_at is not None:
+                sampled_at.append(time.perf_counter())
             self.score(episodes)
             return episodes
 
