@@ -200,22 +200,22 @@ class GRPOTrainer:
 
     def _train_domain(self, domain_idx: int) -> None:
         name = self.order[domain_idx]
-        domain = self.domains[name]
+        pool = [self.domains[n] for n in self.strategy.training_domains(self.order, domain_idx)]
         steps = self.config.num_steps_per_task
         progress = self.progress
         if progress.step == 0 and progress.sft_step == 0:
             self.strategy.before_domain(self.cl_context, domain_idx, name)
             if domain_idx > 0 and self.config.domain_restart == "optimizer":
                 self.grpo.optimizer.state.clear()  # AdamW's moments start afresh with the domain
-        self.tracker.start_domain(domain_idx, name, len(domain.train_tasks), steps, progress.step,
-                                  sft_step=progress.sft_step)
+        self.tracker.start_domain(domain_idx, self.strategy.stage_name(self.order, domain_idx),
+                                  sum(len(d.train_tasks) for d in pool), steps, progress.step, sft_step=progress.sft_step)
         if progress.step == 0:
-            self._warm_start(domain_idx, domain)
+            self._warm_start(domain_idx, pool)
         if progress.pending == Pending.MID_DOMAIN_EVAL:  # a stop interrupted it: redo it first
             self._mid_domain_eval(domain_idx, progress.step)
         for step in range(progress.step + 1, steps + 1):
             self.boundary.mark(f"at Task {domain_idx} ({name}) step {step - 1}/{steps}")
-            stats = self.grpo.run(domain_idx, domain, step, progress, self.cl_context)
+            stats = self.grpo.run(domain_idx, pool, step, progress, self.cl_context)
             progress.step = step
             progress.global_step += 1
             self.tracker.log_train(domain_idx, name, step, progress.global_step, stats)
@@ -236,15 +236,15 @@ class GRPOTrainer:
         progress.set(domain_idx=domain_idx + 1, step=0, sft_step=0, stages_done=domain_idx + 2, pending=Pending.NOTHING)
         self.checkpointer.save(domain_checkpoint_name(domain_idx))
 
-    def _warm_start(self, domain_idx: int, domain: Domain) -> None:
-        """The domain's supervised steps; a stop between two of them saves a mid-warm-start checkpoint."""
+    def _warm_start(self, domain_idx: int, pool: list[Domain]) -> None:
+        """The stage's supervised steps; a stop between two of them saves a mid-warm-start checkpoint."""
         total = self.config.sft_steps_per_task
 
         def after_step(step: int) -> None:
-            where = f"at Task {domain_idx} ({domain.name}) supervised step {step}/{total}"
+            where = f"at Task {domain_idx} ({self.order[domain_idx]}) supervised step {step}/{total}"
             self.boundary.stop_if_signalled(where, sft_checkpoint_name(domain_idx, step))
 
-        self.sft.run(domain_idx, domain, self.progress, self.tracker, after_step=after_step,
+        self.sft.run(domain_idx, pool, self.progress, self.tracker, after_step=after_step,
                      extra_loss=lambda: self.strategy.loss_terms(self.cl_context))
 
     def _mid_domain_eval(self, domain_idx: int, step: int) -> None:

@@ -57,11 +57,12 @@ class GRPOStep:
             models.training.params, lr=config.learning_rate, weight_decay=config.weight_decay
         )
 
-    def run(self, domain_idx: int, domain: Domain, step: int, progress: Progress, context: CLContext) -> dict:
-        """Step `step` of domain `domain_idx`; returns its statistics (the same on every rank)."""
+    def run(self, domain_idx: int, pool: list[Domain], step: int, progress: Progress, context: CLContext) -> dict:
+        """Step `step` of stage `domain_idx`, on the train tasks of the domains in `pool`; returns
+        its statistics (the same on every rank)."""
         cfg = self.config
         t0 = time.perf_counter()
-        requests = self.strategy.augment_batch(context, self.requests(domain_idx, domain, step))
+        requests = self.strategy.augment_batch(context, self.requests(domain_idx, pool, step))
         sampled_at: list[float] = []
         trajectories = self.rollouts.agreed_scored(requests, sampled_at)
         t1 = sampled_at[0]
@@ -87,13 +88,15 @@ class GRPOStep:
         stats.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2 - stats["time_ref"])
         return stats
 
-    def requests(self, domain_idx: int, domain: Domain, step: int) -> list[RolloutRequest]:
-        """This rank's disjoint shard of the step's tasks, each repeated num_samples_per_prompt times."""
+    def requests(self, domain_idx: int, pool: list[Domain], step: int) -> list[RolloutRequest]:
+        """This rank's disjoint shard of the step's tasks, drawn from the train tasks of every domain
+        in `pool` together, each repeated num_samples_per_prompt times."""
         cfg = self.config
-        mine = draw_shard(f"{cfg.seed}-{domain_idx}-{step}", range(len(domain.train_tasks)),
+        tasks = [(domain, task) for domain in pool for task in domain.train_tasks]
+        mine = draw_shard(f"{cfg.seed}-{domain_idx}-{step}", range(len(tasks)),
                           cfg.batch_size_per_gpu, self.dist.world_size, self.dist.rank)
         return [
-            RolloutRequest(domain, domain.train_tasks[i], group=g)
+            RolloutRequest(*tasks[i], group=g)
             for g, i in enumerate(mine)
             for _ in range(cfg.num_samples_per_prompt)
         ]

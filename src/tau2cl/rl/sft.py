@@ -1,8 +1,8 @@
 """Supervised warm start: cross-entropy on the agent's tokens of golden demonstrations.
 
-At the start of a domain, `SupervisedWarmStart.run` builds the domain's demonstrations (each train
-task's golden calls played through the rollout engine with the run's user, see
-agent/demonstrations.py), keeps those tau2 scores 1.0 on every rank, and takes
+At the start of a domain, `SupervisedWarmStart.run` builds the demonstrations of the stage's domains
+(one domain, or all of them for a strategy that trains them mixed; each train task's golden calls played through the rollout engine with the run's user, see
+agent/demonstrations.py)), keeps those tau2 scores 1.0 on every rank, and takes
 `sft_steps_per_task` steps. Each step draws batch_size_per_gpu demonstrations per rank (the same
 draw on every rank, each rank its own shard), accumulates the token-mean cross-entropy over
 gradient_accumulation_steps micro-batches (DDP/FSDP average the gradients on the last one) and
@@ -90,22 +90,25 @@ class SupervisedWarmStart:
         return cfg.learning_rate if cfg.sft_learning_rate is None else cfg.sft_learning_rate
 
     def run(
-        self, domain_idx: int, domain: Domain, progress: Any, tracker: Any, after_step: Callable[[int], None],
+        self, domain_idx: int, pool: list[Domain], progress: Any, tracker: Any, after_step: Callable[[int], None],
         extra_loss: Callable[[], dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        """The domain's remaining supervised steps (from progress.sft_step + 1); `extra_loss` gives
-        the strategy's penalty terms, added to every step's loss as to a GRPO step's."""
+        """The stage's remaining supervised steps (from progress.sft_step + 1) on the demonstrations
+        of the domains in `pool` (the stage's domain first); `extra_loss` gives the strategy's
+        penalty terms, added to every step's loss as to a GRPO step's."""
         total = self.config.sft_steps_per_task
         if progress.sft_step >= total:
             return
         t0 = time.perf_counter()
-        demos = self.usable_demonstrations(domain)
+        demos = [demo for domain in pool for demo in self.usable_demonstrations(domain)]
+        where = f"Task {domain_idx} ({'+'.join(d.name for d in pool)})"
+        tasks = sum(len(d.train_tasks) for d in pool)
         tracker.log_message(
-            f"[SFT] Task {domain_idx} ({domain.name}): {len(demos)} of {len(domain.train_tasks)} golden "
+            f"[SFT] {where}: {len(demos)} of {tasks} golden "
             f"demonstrations score 1.0 ({time.perf_counter() - t0:.1f}s); {total} supervised steps"
         )
         if not demos:
-            tracker.log_message(f"[SFT] Task {domain_idx} ({domain.name}): no usable demonstration; skipped")
+            tracker.log_message(f"[SFT] {where}: no usable demonstration; skipped")
             progress.sft_step = total
             return
         self.optimizer = torch.optim.AdamW(
@@ -117,7 +120,7 @@ class SupervisedWarmStart:
         for step in range(progress.sft_step + 1, total + 1):
             stats = self.step(domain_idx, step, demos, extra_loss)
             progress.sft_step = step
-            tracker.log_sft(domain_idx, domain.name, step, total, progress.global_step, stats)
+            tracker.log_sft(domain_idx, pool[0].name, step, total, progress.global_step, stats)
             after_step(step)
         self.optimizer = None  # the domain's GRPO steps use the run's own optimizer
 

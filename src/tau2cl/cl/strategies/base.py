@@ -3,9 +3,9 @@
 The trainer calls every hook at its moment and holds no strategy-specific code; a strategy acts
 only through these hooks (Avalanche-style plugins). Order within a run:
 
-    held_out_tasks (per domain) → setup → for each domain: before_domain → per step:
-    augment_batch → after_rollout → teacher_weights → loss_terms → after_update → step_metrics →
-    after_domain
+    held_out_tasks (per domain) → setup → for each domain: stage_name, training_domains →
+    before_domain → per step: augment_batch → after_rollout → teacher_weights → loss_terms →
+    after_update → step_metrics → after_domain
 
 and `evaluation_weights` before every evaluation of a domain.
 
@@ -43,6 +43,15 @@ class CLStrategy:
 
     def setup(self, ctx: CLContext) -> None:
         """Once, after the model and domains are ready, before any evaluation."""
+
+    def training_domains(self, order: list[str], domain_idx: int) -> list[str]:
+        """The domains whose train tasks stage `domain_idx`'s warm start and GRPO steps draw from:
+        the stage's own domain; a strategy that trains on several at once (joint) names them."""
+        return [order[domain_idx]]
+
+    def stage_name(self, order: list[str], domain_idx: int) -> str:
+        """What the console calls stage `domain_idx` (its banner and bar); files keep the domain."""
+        return order[domain_idx]
 
     def before_domain(self, ctx: CLContext, domain_idx: int, domain: str) -> None:
         """Before the first step on a domain."""

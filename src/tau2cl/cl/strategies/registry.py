@@ -27,6 +27,9 @@ class StrategyEntry:
     lora_reason: str = ""
     works_with_fsdp: bool = True  # False: --parallelism fsdp is refused
     fsdp_reason: str = ""
+    # True: every stage trains on all domains mixed, so the run has no domain order; its matrix rows
+    # are points along one mixed stream, and only ACC (not BWT, FWT or forgetting) means something
+    mixes_domains: bool = False
 
     def __post_init__(self) -> None:
         if self.needs_lora and not self.lora_reason:
@@ -101,6 +104,13 @@ STRATEGIES: dict[str, StrategyEntry] = {
         works_with_fsdp=False,
         fsdp_reason=_FISHER_REASON,
     ),
+    "joint": StrategyEntry(
+        "tau2cl.cl.strategies.joint",
+        "Joint",
+        "multi-task training, the upper bound the others are read against: every stage's warm start and "
+        "GRPO steps draw from all domains' tasks mixed, with the same step budget (no extra cost)",
+        mixes_domains=True,
+    ),
 }
 CL_ALGORITHMS = tuple(STRATEGIES)  # the choices of --cl_algorithm, in the order they were registered
 NEEDS_LORA = tuple(name for name, entry in STRATEGIES.items() if entry.needs_lora)
@@ -109,7 +119,7 @@ NEEDS_LORA = tuple(name for name, entry in STRATEGIES.items() if entry.needs_lor
 # is described after these.
 HELP_ORDER = (
     "sequential", "replay", "ewc", "online_ewc", "adaptive_replay", "fusion", "adaptive_fusion", "ewc_pp",
-    "distill", "progressive",
+    "distill", "progressive", "joint",
 )
 
 
