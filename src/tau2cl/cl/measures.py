@@ -8,6 +8,10 @@ column c was learned is row c + 1.
 An entry may be None when it was not evaluated (e.g. an interrupted run). A measure that needs a missing
 entry returns None instead of guessing; after the first stage (k == 1) BWT, forgetting and FWT are 0.0
 by convention and need no entries.
+
+A run whose every stage trains on all domains mixed (multi-task training, the upper bound) has no
+domain order: its rows are points along one mixed stream, so of the four only average performance
+means something; `reported_measures` is the one place that says so.
 """
 
 from __future__ import annotations
@@ -90,3 +94,17 @@ def transfer_metrics(R: Matrix, k: int) -> dict[str, float | None]:
         "forgetting": forgetting(R, k),
         "forward_transfer": forward_transfer(R, k),
     }
+
+
+# The measures that compare a domain before and after its own stage: undefined without a domain order.
+ORDER_MEASURES = ("backward_transfer", "forgetting", "forward_transfer")
+
+
+def reported_measures(R: Matrix, k: int, mixes_domains: bool = False) -> dict[str, float | None]:
+    """The measures a run reports after stage k: all four (transfer_metrics) for a run that learns
+    the domains in order; for one whose stages mix all domains (`mixes_domains`), average performance
+    as usual and None for the three that need a domain order."""
+    measures = transfer_metrics(R, k)
+    if mixes_domains:
+        measures.update(dict.fromkeys(ORDER_MEASURES))
+    return measures
