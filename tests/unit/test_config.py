@@ -226,6 +226,8 @@ BAD_VALUES = [
     (["--num_steps_per_task", "0"], "--num_steps_per_task must be at least 1 unless --sft_steps_per_task is set"),
     (["--sft_steps_per_task", "-1"], "--sft_steps_per_task must be 0 or more"),
     (["--eval_split", "dev"], "--eval_split must be one of test, train"),
+    (["--heldout_eval"], "--heldout_eval needs --eval_split train"),
+    (["--heldout_eval", "--eval_split", "test"], "--heldout_eval needs --eval_split train"),
     (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
     (["--max_turns", "0"], "--max_turns must be at least 1"),
     (["--max_context_tokens", "0"], "--max_context_tokens must be at least 1"),

@@ -280,10 +280,10 @@ def test_jsonl_records_have_the_contract_keys(tmp_path):
     tracker.start_domain(1, "retail", 60, num_steps=10)
     tracker.log_train(1, "retail", 1, 11, {**STATS, "extra/figure": 7})
     summary = EvalSummary("airline", 0.423, 0.134, 0.423, None, 40, {1: 0.423})
-    tracker.log_eval(1, 10, 20, summary, "retail")
+    tracker.log_eval(1, 10, 20, summary, "retail", split="train")
     measures = {**EXAMPLE_MEASURES, "forward_transfer": None}
     tracker.log_transfer(
-        1, 20, {"airline": AIRLINE_T1, "retail": RETAIL_T1}, ["airline", "retail"], measures
+        1, 20, {"airline": AIRLINE_T1, "retail": RETAIL_T1}, ["airline", "retail"], measures, split="train"
     )
     tracker.close()
     train, evaluation, transfer = read_jsonl(tmp_path)
@@ -312,6 +312,7 @@ def test_jsonl_records_have_the_contract_keys(tmp_path):
         "step": 10,
         "global_step": 20,
         "stage": None,
+        "split": "train",
         "time": evaluation["time"],
         "reward_mean": 0.423,
         "reward_std": 0.134,
@@ -328,7 +329,7 @@ def test_jsonl_records_have_the_contract_keys(tmp_path):
         "retail",
         10,
     )
-    assert transfer["global_step"] == 20
+    assert transfer["global_step"] == 20 and transfer["split"] == "train"
     assert transfer["backward_transfer"] == -0.033 and transfer["forward_transfer"] is None
     assert transfer["scores"] == {"airline": 0.423, "retail": 0.389}
 

@@ -553,6 +553,15 @@ class GRPOConfig:
         "evaluation",
         "Cap on the tasks per domain used for evaluation (of --eval_split); none uses the whole split.",
     )
+    heldout_eval: bool = _option(
+        False,
+        "evaluation",
+        "With --eval_split train: every stage evaluation (before training and after each domain) also "
+        "runs each domain's test split (capped by --eval_max_tasks, same greedy settings), filling a "
+        "second, held-out accuracy matrix with its own do-nothing floor and measures beside the "
+        "train-split one, to show whether what was learned carries to unseen tasks. Costs one more "
+        "evaluation of every domain per stage.",
+    )
 
     # --- distributed ---
     parallelism: str = _option(

@@ -105,6 +105,8 @@ def validate(config: Any) -> None:
     )
     _validate_task_order(config.task_order)
     _validate_task_ids(config)
+    if config.heldout_eval and config.eval_split == "test":
+        _fail("--heldout_eval needs --eval_split train: with --eval_split test every evaluation already runs on the held-out test split.")
     if config.num_steps_per_task == 0 and config.sft_steps_per_task == 0:
         _fail("--num_steps_per_task must be at least 1 unless --sft_steps_per_task is set (no training otherwise).")
     _validate_strategy_parallelism(config)

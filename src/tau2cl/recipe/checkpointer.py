@@ -42,12 +42,27 @@ class TrainingState:
     """Everything a checkpoint holds besides the weights, as live objects."""
 
     progress: Progress
-    matrix: AccuracyMatrix
+    matrix: AccuracyMatrix  # with its held-out matrix under --heldout_eval
     optimizer: torch.optim.Optimizer  # the GRPO steps'
     sft: SupervisedWarmStart  # its optimizer while a domain's supervised steps are under way
     clipped_step: ClippedStep  # the skipped-update count
     strategy: CLStrategy
     generator: torch.Generator
+
+
+def heldout_matrix_state(matrix: AccuracyMatrix) -> dict:
+    """The checkpoint entries of the held-out matrix: none without one."""
+    if matrix.heldout is None:
+        return {}
+    return {"heldout_reward_matrix": matrix.heldout.reward, "heldout_pass_matrix": matrix.heldout.pass_rate}
+
+
+def load_heldout_matrix(matrix: AccuracyMatrix, saved: dict) -> None:
+    """Put a checkpoint's held-out rows into the run's held-out matrix; a checkpoint without them (one
+    saved without --heldout_eval, which a resume cannot turn on) leaves it as it is."""
+    if matrix.heldout is not None and saved.get("heldout_reward_matrix") is not None:
+        matrix.heldout.reward = saved["heldout_reward_matrix"]
+        matrix.heldout.pass_rate = saved["heldout_pass_matrix"]
 
 
 class Checkpointer:
@@ -103,6 +118,7 @@ class Checkpointer:
             "progress": s.progress.to_dict(),
             "reward_matrix": s.matrix.reward,
             "pass_matrix": s.matrix.pass_rate,
+            **heldout_matrix_state(s.matrix),
             "optimizer": optimizer_state,
             "optimizer_sharded": self.models.training.sharded,
             "sft_optimizer": sft_state,
@@ -125,6 +141,7 @@ class Checkpointer:
         s.sft.load_state_dict(saved.get("sft_optimizer"))
         s.progress.load(saved["progress"])
         s.matrix.reward, s.matrix.pass_rate = saved["reward_matrix"], saved["pass_matrix"]
+        load_heldout_matrix(s.matrix, saved)
         s.clipped_step.skipped = saved["skipped_updates"]
         rng = saved["rng"]
         if self.dist.rank < len(rng):

@@ -3,11 +3,16 @@
 Banners, the step bar's label and figures, compact train lines, `[EVAL]` rows, aligned domain rows,
 the transfer block, the accuracy matrix and the final summary, and the blank lines between them; the
 tracker (tracker.py) decides when they are written and hands them to its writers.
+
+With a held-out evaluation (--heldout_eval) the stage blocks and the final summary carry a second set
+of rows, measures and matrix for the held-out split, each under a "Held-out" heading. A run whose
+stages mix all domains names its rows by part ("after part 1/3 (all domains)"), not by domain.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tau2cl.evaluation.stats import EvalSummary
@@ -17,6 +22,46 @@ NAME_WIDTH = 10  # domain column of the transfer rows: "airline    | Reward: ...
 DETAIL_INDENT = " " * 8
 # The transfer block prints the measures in this order; any other key follows in the order given.
 MEASURE_ORDER = ("backward_transfer", "average_performance", "forgetting", "forward_transfer")
+Matrix = Sequence[Sequence[float | None]]
+
+
+@dataclass(frozen=True)
+class HeldoutStage:
+    """One stage's held-out evaluation: each domain's figures and the measures after the stage
+    (empty for the evaluation before training)."""
+
+    split: str
+    summaries: Mapping[str, EvalSummary]
+    measures: Mapping[str, float | None]
+
+
+@dataclass(frozen=True)
+class HeldoutResults:
+    """The held-out matrix as it stands, for the final summary."""
+
+    split: str
+    matrix: Matrix
+    measures: Mapping[str, float | None]
+    floor: Mapping[str, float] | None
+
+
+def part_name(stage: int, num_domains: int) -> str:
+    """Stage `stage` (1-based) of a run whose every stage trains on all domains mixed."""
+    return f"part {stage}/{num_domains} (all domains)"
+
+
+def stage_row_label(stage: int, domains: Sequence[str], mixes_domains: bool = False) -> str:
+    """An accuracy-matrix row's name: "before", "after airline"; "after part 1/3 (all domains)" for
+    a run whose stages mix all domains (its rows follow one mixed stream, not a domain order)."""
+    if stage == 0:
+        return "before"
+    if mixes_domains:
+        return f"after {part_name(stage, len(domains))}"
+    return f"after {domains[stage - 1]}" if stage <= len(domains) else f"after stage {stage}"
+
+
+def heldout_heading(split: str) -> str:
+    return f"Held-out ({split} split):"
 
 
 # ---------------------------------------------------------------- line formats (pure)
@@ -123,10 +168,14 @@ def format_scores(summary: EvalSummary) -> str:
     )
 
 
-def format_eval_line(domain_idx: int, step: int, summary: EvalSummary, current_domain: str) -> str:
-    """The [EVAL] line; " (<domain>)" is appended only when another domain was evaluated."""
+def format_eval_line(
+    domain_idx: int, step: int, summary: EvalSummary, current_domain: str, heldout_split: str | None = None
+) -> str:
+    """The [EVAL] line; " (<domain>)" is appended only when another domain was evaluated, and
+    " [held-out <split> split]" when it is the held-out evaluation of a stage."""
     line = f"[EVAL] Task {domain_idx} Step {step} | {format_scores(summary)}"
-    return line if summary.domain == current_domain else f"{line} ({summary.domain})"
+    line = line if summary.domain == current_domain else f"{line} ({summary.domain})"
+    return line if heldout_split is None else f"{line} [held-out {heldout_split} split]"
 
 
 def format_eval_detail(summary: EvalSummary) -> str:
@@ -150,19 +199,32 @@ def format_transfer_block(
     summaries: Mapping[str, EvalSummary],
     seen: Sequence[str],
     measures: Mapping[str, float | None],
+    heldout: HeldoutStage | None = None,
+    mixes_domains: bool = False,
 ) -> str:
-    """The "Backward Transfer Evaluation" block: one aligned row per evaluated domain."""
-    return "\n".join(
-        [
-            RULE,
-            f"Backward Transfer Evaluation (after Task {domain_idx})",
-            RULE,
-            *format_domain_rows(summaries, seen),
-            "",
-            f"=== Transfer Metrics after Task {domain_idx} ===",
-            *format_measures(measures),
+    """The "Backward Transfer Evaluation" block: one aligned row per evaluated domain, then the
+    measures; with `heldout`, the held-out rows under their heading and the held-out measures after
+    the others. A run whose stages mix all domains is named by part: "Evaluation after part 1/3
+    (all domains)"."""
+    after = part_name(domain_idx + 1, len(summaries)) if mixes_domains else f"Task {domain_idx}"
+    title = f"Evaluation after {after}" if mixes_domains else f"Backward Transfer Evaluation (after {after})"
+    lines = [RULE, title, RULE, *format_domain_rows(summaries, seen)]
+    if heldout is not None:
+        lines += format_heldout_rows(heldout.summaries, seen, heldout.split)
+    lines += ["", f"=== Transfer Metrics after {after} ===", *format_measures(measures)]
+    if heldout is not None:
+        lines += [
+            f"=== Held-out Transfer Metrics after {after} ({heldout.split} split) ===",
+            *format_measures(heldout.measures),
         ]
-    )
+    return "\n".join(lines)
+
+
+def format_heldout_rows(
+    summaries: Mapping[str, EvalSummary], seen: Sequence[str] | None, split: str
+) -> list[str]:
+    """The held-out rows of a stage block: a blank line, their heading, one aligned row per domain."""
+    return ["", heldout_heading(split), *format_domain_rows(summaries, seen)]
 
 
 def format_domain_rows(summaries: Mapping[str, EvalSummary], seen: Sequence[str] | None) -> list[str]:
@@ -188,23 +250,23 @@ def format_initial_block(summaries: Mapping[str, EvalSummary]) -> str:
 FLOOR_LABEL = "do-nothing"  # the row of the do-nothing floor under an accuracy matrix
 
 
-def matrix_title(split: str = "test") -> str:
-    return f"Accuracy matrix (rows: model after each stage; columns: {split} split of each domain)"
+def matrix_title(split: str = "test", heldout: bool = False) -> str:
+    name = "Held-out accuracy matrix" if heldout else "Accuracy matrix"
+    return f"{name} (rows: model after each stage; columns: {split} split of each domain)"
 
 
 def format_matrix(
     domains: Sequence[str],
-    matrix: Sequence[Sequence[float | None]],
+    matrix: Matrix,
     floor: Mapping[str, float] | None = None,
+    mixes_domains: bool = False,
 ) -> list[str]:
-    """Accuracy matrix R as a table: rows "before", "after <domain>", ...; "-" if not evaluated.
+    """Accuracy matrix R as a table: rows "before", "after <domain>", ... (stage_row_label); "-" if
+    not evaluated.
 
     With `floor`, a last row gives each domain's do-nothing reward, the level any entry is read against.
     """
-    labels = ["before"] + [
-        f"after {domains[i]}" if i < len(domains) else f"after stage {i + 1}"
-        for i in range(len(matrix) - 1)
-    ]
+    labels = [stage_row_label(i, domains, mixes_domains) for i in range(len(matrix))]
     if floor is not None:
         labels.append(FLOOR_LABEL)
         matrix = [*matrix, [floor.get(d) for d in domains]]
@@ -222,21 +284,24 @@ def format_matrix(
 
 def format_final_summary(
     domains: Sequence[str],
-    matrix: Sequence[Sequence[float | None]],
+    matrix: Matrix,
     measures: Mapping[str, float | None],
     split: str = "test",
     floor: Mapping[str, float] | None = None,
+    mixes_domains: bool = False,
+    heldout: HeldoutResults | None = None,
 ) -> str:
-    return "\n".join(
-        [
-            RULE,
-            "Final Summary",
-            RULE,
-            matrix_title(split),
-            *format_matrix(domains, matrix, floor),
+    """The whole matrix with its floor and the final measures; with `heldout`, the held-out matrix
+    under the first and its measures after the first's."""
+    lines = [RULE, "Final Summary", RULE, matrix_title(split), *format_matrix(domains, matrix, floor, mixes_domains)]
+    if heldout is not None:
+        lines += [
             "",
-            "=== Final Transfer Metrics ===",
-            *format_measures(measures),
+            matrix_title(heldout.split, heldout=True),
+            *format_matrix(domains, heldout.matrix, heldout.floor, mixes_domains),
         ]
-    )
+    lines += ["", "=== Final Transfer Metrics ===", *format_measures(measures)]
+    if heldout is not None:
+        lines += [f"=== Final Held-out Transfer Metrics ({heldout.split} split) ===", *format_measures(heldout.measures)]
+    return "\n".join(lines)
 

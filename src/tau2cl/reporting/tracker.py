@@ -11,17 +11,20 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from tau2cl.evaluation.stats import EvalSummary
 from tau2cl.reporting.formats import (
+    HeldoutResults,
+    HeldoutStage,
     format_banner,
     format_bar_label,
     format_domain_rows,
     format_eval_detail,
     format_eval_line,
     format_final_summary,
+    format_heldout_rows,
     format_initial_block,
     format_initial_header,
     format_postfix,
@@ -100,6 +103,8 @@ class MetricsTracker:
         self._domain_idx = 0
         self.sft_steps = self._domain_sft_steps = max(0, sft_steps)  # the bar's supervised part
         self._initial_announced = False  # the row-0 header is out; its rows follow alone
+        self._mixes_domains = False  # the run's stages mix all domains: rows are named by part
+        self._heldout_results: Callable[[], HeldoutResults] | None = None  # for the final summary
         self._last_kind: str | None = None  # what was printed last; decides blank separator lines
         self._log_file: LogFileWriter | None = None
         self._jsonl: JsonlWriter | None = None
@@ -136,6 +141,15 @@ class MetricsTracker:
     def wandb_run_id(self) -> str | None:
         """The wandb run's id (keep it in the checkpoint to resume the same run); else None."""
         return self._wandb_run_id
+
+    def describe_matrix(
+        self, *, mixes_domains: bool, heldout_results: Callable[[], HeldoutResults] | None = None
+    ) -> None:
+        """How the accuracy matrix is shown: `mixes_domains` names the stages by part (a run whose
+        every stage trains on all domains mixed); `heldout_results`, when given, returns the held-out
+        matrix as it stands, which the final summary shows under the main one."""
+        self._mixes_domains = mixes_domains
+        self._heldout_results = heldout_results
 
     # ------------------------------------------------------------ handing out lines and records
 
@@ -246,11 +260,16 @@ class MetricsTracker:
         *,
         echo: bool = True,
         stage: int | None = None,
+        split: str | None = None,
+        heldout: bool = False,
     ) -> None:
-        """Record an evaluation; `echo` prints the [EVAL] line; `stage` = its accuracy-matrix row."""
+        """Record an evaluation; `echo` prints the [EVAL] line; `stage` = its accuracy-matrix row;
+        `split` = the split it ran on; `heldout`: a stage's held-out evaluation (its line is marked,
+        its wandb figures go under eval_heldout/)."""
         self._step = step
         if echo:
-            self._show(format_eval_line(domain_idx, step, summary, current_domain), "eval")
+            line = format_eval_line(domain_idx, step, summary, current_domain, split if heldout else None)
+            self._show(line, "eval")
             if self.verbose:
                 self._show(format_eval_detail(summary), "eval")
         figures = summary.to_dict()
@@ -264,10 +283,12 @@ class MetricsTracker:
             "step": step,
             "global_step": global_step,
             "stage": stage,
+            "split": split,
         }
         self._record(header, figures)
         wandb_figures = {**figures, **{f"pass_hat_{k}": v for k, v in summary.pass_hat_k.items()}}
-        self._wandb.write_record(f"eval/{summary.domain}", wandb_figures, global_step)
+        namespace = "eval_heldout" if heldout else "eval"
+        self._wandb.write_record(f"{namespace}/{summary.domain}", wandb_figures, global_step)
 
     @_main_only
     def announce_initial_eval(self) -> None:
@@ -276,13 +297,21 @@ class MetricsTracker:
         self._initial_announced = True
 
     @_main_only
-    def log_initial_eval(self, global_step: int, summaries: Mapping[str, EvalSummary]) -> None:
-        """Row 0: print every domain's scores before training (under its header) and record them."""
-        rows = "\n".join(format_domain_rows(summaries, None))
-        self._show(rows if self._initial_announced else format_initial_block(summaries), "block")
+    def log_initial_eval(
+        self, global_step: int, summaries: Mapping[str, EvalSummary], split: str | None = None,
+        heldout: HeldoutStage | None = None,
+    ) -> None:
+        """Row 0: print every domain's scores before training (under its header), then the held-out
+        ones under theirs, and record them."""
+        lines = format_domain_rows(summaries, None) if self._initial_announced else [format_initial_block(summaries)]
+        if heldout is not None:
+            lines += format_heldout_rows(heldout.summaries, None, heldout.split)
+        self._show("\n".join(lines), "block")
         first = next(iter(summaries))
         for summary in summaries.values():
-            self.log_eval(0, 0, global_step, summary, first, echo=False, stage=0)
+            self.log_eval(0, 0, global_step, summary, first, echo=False, stage=0, split=split)
+        for summary in (heldout.summaries if heldout is not None else {}).values():
+            self.log_eval(0, 0, global_step, summary, first, echo=False, stage=0, split=heldout.split, heldout=True)
 
     @_main_only
     def log_strategy(
@@ -313,9 +342,22 @@ class MetricsTracker:
         summaries: Mapping[str, EvalSummary],
         seen: Sequence[str],
         measures: Mapping[str, float | None],
+        split: str | None = None,
+        heldout: HeldoutStage | None = None,
     ) -> None:
+        """A stage's block and its `transfer` record (`split` = the split evaluated); with
+        `heldout`, its rows and measures in the block and a second record for its split."""
         self._close_bar()
-        self._show(format_transfer_block(domain_idx, summaries, seen, measures), "block")
+        self._show(format_transfer_block(domain_idx, summaries, seen, measures, heldout, self._mixes_domains), "block")
+        self._record_transfer(domain_idx, global_step, summaries, seen, measures, split, "transfer")
+        if heldout is not None:
+            self._record_transfer(domain_idx, global_step, heldout.summaries, seen, heldout.measures,
+                                  heldout.split, "transfer_heldout")
+
+    def _record_transfer(
+        self, domain_idx: int, global_step: int, summaries: Mapping[str, EvalSummary], seen: Sequence[str],
+        measures: Mapping[str, float | None], split: str | None, namespace: str,
+    ) -> None:
         domain = self._domain if self._domain is not None else (seen[-1] if seen else None)
         header = {
             "type": "transfer",
@@ -323,11 +365,12 @@ class MetricsTracker:
             "domain": domain,
             "step": self._step,
             "global_step": global_step,
+            "split": split,
         }
         scores = {name: s.reward_mean for name, s in summaries.items()}
         self._record(header, {**measures, "seen": list(seen), "scores": scores})
         per_domain = {f"{name}/reward_mean": v for name, v in scores.items()}
-        self._wandb.write_record("transfer", {**measures, **per_domain}, global_step)
+        self._wandb.write_record(namespace, {**measures, **per_domain}, global_step)
 
     @_main_only
     def log_final_summary(
@@ -338,9 +381,13 @@ class MetricsTracker:
         split: str = "test",
         floor: Mapping[str, float] | None = None,
     ) -> None:
+        """The Final Summary block; with a held-out matrix (describe_matrix), that one under it."""
         self._close_bar()
-        self._show(format_final_summary(domains, matrix, measures, split, floor), "block")
+        heldout = self._heldout_results() if self._heldout_results is not None else None
+        self._show(format_final_summary(domains, matrix, measures, split, floor, self._mixes_domains, heldout), "block")
         self._wandb.write_summary("final", measures)
+        if heldout is not None:
+            self._wandb.write_summary("final_heldout", heldout.measures)
 
     @_main_only
     def write_summary(self, summary: dict) -> None:
