@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tau2cl.reporting.curve_data import CurveData, curve_data
-from tau2cl.reporting.formats import FLOOR_LABEL
-from tau2cl.reporting.run_data import MEASURE_LABELS, MEASURE_NAMES, RunData
+from tau2cl.reporting.formats import FLOOR_LABEL, stage_row_label
+from tau2cl.reporting.run_data import MEASURE_LABELS, MEASURE_NAMES, Matrix, RunData
 
 
 def _figure(width: float, height: float):
@@ -23,30 +23,49 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=120, layout="constrained")
 
 
-def _row_labels(domains: Sequence[str]) -> list[str]:
-    return ["before"] + [f"after {d}" for d in domains]
+def _row_labels(domains: Sequence[str], mixes_domains: bool = False) -> list[str]:
+    return [stage_row_label(i, domains, mixes_domains) for i in range(len(domains) + 1)]
 
 
-def _measures_line(run: RunData) -> str:
-    measures = run.measures()
+def _measures_line(measures: dict, last_stage: int | None) -> str:
     cells = (
         f"{label} {'n/a' if measures[n] is None else format(measures[n], '.3f')}"
         for label, n in zip(MEASURE_LABELS, MEASURE_NAMES, strict=True)
     )
-    stage = "no stage completed" if run.last_stage is None else f"after stage {run.last_stage}"
+    stage = "no stage completed" if last_stage is None else f"after stage {last_stage}"
     return f"{' | '.join(cells)}  ({stage})"
 
 
 def plot_accuracy_matrix(run: RunData, path: Path) -> Path:
-    """Heatmap of the reward matrix, each cell annotated; grey '-' where a stage was not reached."""
+    """Heatmap of the reward matrix, each cell annotated; grey '-' where a stage was not reached.
+    With a held-out matrix, its heatmap beside the first."""
+    panels = [(run.reward_matrix, run.floor, run.eval_split, run.measures(), run.last_stage, "")]
+    if run.heldout_reward_matrix is not None:
+        panels.append((run.heldout_reward_matrix, run.heldout_floor, run.heldout_split, run.heldout_measures(),
+                       run.heldout_last_stage, "held-out "))
+    has_floor = run.floor is not None or run.heldout_floor is not None
+    num_cols, num_rows = len(run.domains), len(run.reward_matrix) + has_floor
+    fig = _figure((2.6 + 1.25 * num_cols) * len(panels), 1.6 + 0.55 * num_rows)
+    for i, (matrix, floor, split, measures, last_stage, prefix) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        _draw_matrix(fig, ax, run, matrix, floor)
+        ax.set_xlabel(f"domain ({split} split)")
+        red = "" if run.mixes_domains else " (red: right after training on the domain)"
+        ax.set_title(f"{run.name}: mean {prefix}{split} reward{red}\n{_measures_line(measures, last_stage)}", fontsize=9)
+    fig.savefig(path)
+    return path
+
+
+def _draw_matrix(fig, ax, run: RunData, matrix: Matrix, floor: dict | None) -> None:
+    """One matrix's annotated heatmap on `ax`, its floor as a last row, with a colour bar."""
     import matplotlib
     import numpy as np
     from matplotlib.patches import Rectangle
 
-    rows = [list(row) for row in run.reward_matrix]
-    labels = _row_labels(run.domains)[: len(rows)]
-    if run.floor is not None:  # the do-nothing floor as a last row
-        rows.append([run.floor.get(d) for d in run.domains])
+    rows = [list(row) for row in matrix]
+    labels = _row_labels(run.domains, run.mixes_domains)[: len(rows)]
+    if floor is not None:  # the do-nothing floor as a last row
+        rows.append([floor.get(d) for d in run.domains])
         labels.append(FLOOR_LABEL)
     values = np.array(
         [[math.nan if v is None else float(v) for v in row] for row in rows],
@@ -56,8 +75,6 @@ def plot_accuracy_matrix(run: RunData, path: Path) -> Path:
     vmin = min(0.0, float(finite.min())) if finite.size else 0.0
     vmax = max(1.0, float(finite.max())) if finite.size else 1.0
     num_rows, num_cols = values.shape
-    fig = _figure(2.6 + 1.25 * num_cols, 1.6 + 0.55 * num_rows)
-    ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     for i in range(num_rows):
@@ -70,21 +87,14 @@ def plot_accuracy_matrix(run: RunData, path: Path) -> Path:
             ax.text(
                 j, i, f"{value:.3f}", ha="center", va="center", color="white" if dark else "black"
             )
-    # Outline R[c+1][c]: each domain right after training on it (the diagonal below row 0).
-    for c in range(min(num_cols, len(run.reward_matrix) - 1)):
+    # Outline R[c+1][c]: each domain right after training on it (the diagonal below row 0); a run
+    # that trains on all domains in every stage has no such moment.
+    for c in range(0 if run.mixes_domains else min(num_cols, len(matrix) - 1)):
         ax.add_patch(Rectangle((c - 0.5, c + 0.5), 1, 1, fill=False, lw=2, ec="red"))
     ax.set_xticks(range(num_cols), labels=run.domains)
     ax.set_yticks(range(num_rows), labels=labels)
-    ax.set_xlabel(f"domain ({run.eval_split} split)")
     ax.set_ylabel("model")
-    ax.set_title(
-        f"{run.name}: mean {run.eval_split} reward (red: right after training on the domain)\n"
-        f"{_measures_line(run)}",
-        fontsize=9,
-    )
     fig.colorbar(image, ax=ax, label="mean reward")
-    fig.savefig(path)
-    return path
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

@@ -3,7 +3,9 @@
 A run's ground truth is its metrics.jsonl: every stage evaluation is an eval record with `stage` =
 its accuracy-matrix row, so the matrix can be rebuilt even when the run stopped half-way.
 summary.json is taken as is only when it says every stage was completed; otherwise it only fills
-entries that metrics.jsonl lacks.
+entries that metrics.jsonl lacks. Eval records carry their `split`: those of another split than the
+run's --eval_split are a held-out evaluation (--heldout_eval) and fill the held-out matrix, the same
+way. A run whose strategy mixes all domains in every stage reports only ACC (cl/measures.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tau2cl.cl.measures import transfer_metrics
+from tau2cl.cl.measures import reported_measures
+from tau2cl.cl.strategies.registry import STRATEGIES
 from tau2cl.errors import UserError
 from tau2cl.runs.files import METRICS_FILE, SUMMARY_FILE
 
@@ -45,6 +48,13 @@ class RunData:
     num_steps_per_task: int | None = None
     eval_split: str = "test"  # the split every evaluation ran on
     floor: dict[str, float] | None = None  # do-nothing reward per domain on the evaluated tasks
+    mixes_domains: bool = False  # its strategy trains on all domains mixed in every stage (only ACC)
+    # --heldout_eval: the same stages on the held-out split, with its floor; None without one
+    heldout_reward_matrix: Matrix | None = None
+    heldout_pass_matrix: Matrix | None = None
+    heldout_floor: dict[str, float] | None = None
+    heldout_split: str = "test"
+    heldout_evals: list[dict] = field(default_factory=list)  # the held-out stage eval records
 
     @property
     def name(self) -> str:
@@ -55,16 +65,28 @@ class RunData:
     @property
     def last_stage(self) -> int | None:
         """Last completed stage k >= 1 (its matrix row fully evaluated), or None before that."""
-        done = [k for k in range(1, len(self.reward_matrix)) if _row_full(self.reward_matrix[k])]
-        return done[-1] if done else None
+        return last_full_stage(self.reward_matrix)
+
+    @property
+    def has_heldout(self) -> bool:
+        """Whether the run evaluated a held-out split beside its own (--heldout_eval)."""
+        return self.heldout_reward_matrix is not None
+
+    @property
+    def heldout_last_stage(self) -> int | None:
+        return last_full_stage(self.heldout_reward_matrix) if self.heldout_reward_matrix is not None else None
 
     def measures(self) -> dict[str, float | None]:
         """ACC/BWT/FWT/forgetting of the reward matrix after the last completed stage (all None
-        before any); a measure needing an entry that is missing is None too."""
-        k = self.last_stage
-        if k is None:
+        before any); a measure needing an entry that is missing is None too, and so are BWT, FWT
+        and forgetting of a run whose stages mix all domains."""
+        return _measures(self.reward_matrix, self.last_stage, self.mixes_domains)
+
+    def heldout_measures(self) -> dict[str, float | None]:
+        """The same measures of the held-out matrix (all None without one)."""
+        if self.heldout_reward_matrix is None:
             return dict.fromkeys(MEASURE_NAMES)
-        return transfer_metrics(self.reward_matrix, k)
+        return _measures(self.heldout_reward_matrix, self.heldout_last_stage, self.mixes_domains)
 
     def boundaries(self) -> list[tuple[int, str]]:
         """(global_step where a domain's training ended, domain) for each finished domain.
@@ -83,6 +105,25 @@ class RunData:
             if step is not None:
                 result.append((step, name))
         return result
+
+
+def last_full_stage(matrix: Matrix) -> int | None:
+    """Last stage k >= 1 whose row is fully evaluated, or None before that."""
+    done = [k for k in range(1, len(matrix)) if _row_full(matrix[k])]
+    return done[-1] if done else None
+
+
+def _measures(matrix: Matrix, k: int | None, mixes_domains: bool) -> dict[str, float | None]:
+    if k is None:
+        return dict.fromkeys(MEASURE_NAMES)
+    return reported_measures(matrix, k, mixes_domains)
+
+
+def strategy_mixes_domains(cl_algorithm: Any) -> bool:
+    """Whether a run of `cl_algorithm` trains on all domains mixed in every stage (its registry
+    entry says so); False for a name the registry does not know."""
+    entry = STRATEGIES.get(cl_algorithm) if isinstance(cl_algorithm, str) else None
+    return entry is not None and entry.mixes_domains
 
 
 # ---------------------------------------------------------------- reading a run
@@ -175,27 +216,26 @@ def load_run(log_dir: str | os.PathLike) -> RunData:
     summary = summary or {}
     config = summary.get("config") or {}
     domains = list(summary.get("task_order") or config.get("task_order") or _infer_domains(records))
-    evals = _dedupe(
+    eval_split = summary.get("eval_split") or config.get("eval_split") or _main_split(records)
+    all_evals = _dedupe(
         [r for r in records if r.get("type") == "eval"],
-        lambda r: (r.get("eval_domain"), r.get("stage"), r.get("task_idx"), r.get("global_step")),
+        lambda r: (r.get("eval_domain"), r.get("stage"), r.get("task_idx"), r.get("global_step"), r.get("split")),
     )
+    evals = [r for r in all_evals if r.get("split") in (None, eval_split)]
+    heldout_evals = [r for r in all_evals if r.get("split") not in (None, eval_split)]
     trains = _dedupe(
         [r for r in records if r.get("type") == "train"], lambda r: r.get("global_step")
     )
     sft_latest = {(r.get("task_idx"), r.get("step")): r for r in records if r.get("type") == "sft"}
     sfts = [sft_latest[key] for key in sorted(sft_latest, key=lambda k: (k[0] or 0, k[1] or 0))]
-    rewards = rebuild_matrix(evals, domains, "reward_mean")
-    passes = rebuild_matrix(evals, domains, "pass_rate")
     complete = summary.get("stages_completed") == len(domains)
-    if complete and _shape_ok(
-        summary.get("accuracy_matrix"), domains
-    ):  # a finished run's summary is the trainer's own matrix
-        rewards = [list(row) for row in summary["accuracy_matrix"]]
-        if _shape_ok(summary.get("pass_rate_matrix"), domains):
-            passes = [list(row) for row in summary["pass_rate_matrix"]]
-    else:
-        rewards = _merge(rewards, summary.get("accuracy_matrix"))
-        passes = _merge(passes, summary.get("pass_rate_matrix"))
+    rewards, passes = _matrices(evals, domains, summary, complete, "accuracy_matrix", "pass_rate_matrix")
+    has_heldout = bool(heldout_evals) or isinstance(summary.get("heldout_accuracy_matrix"), list)
+    heldout_rewards, heldout_passes = (
+        _matrices(heldout_evals, domains, summary, complete, "heldout_accuracy_matrix", "heldout_pass_rate_matrix")
+        if has_heldout else (None, None)
+    )
+    heldout_split = next((r["split"] for r in heldout_evals if isinstance(r.get("split"), str)), "test")
     steps = [r.get("global_step") for r in [*records, summary]]
     return RunData(
         log_dir=path,
@@ -209,9 +249,40 @@ def load_run(log_dir: str | os.PathLike) -> RunData:
         sfts=sfts,
         sft_steps_per_task=_count(config.get("sft_steps_per_task")),
         num_steps_per_task=_count(config.get("num_steps_per_task")),
-        eval_split=summary.get("eval_split") or config.get("eval_split") or "test",
-        floor=summary.get("do_nothing_floor") if isinstance(summary.get("do_nothing_floor"), dict) else None,
+        eval_split=eval_split,
+        floor=_floor(summary.get("do_nothing_floor")),
+        mixes_domains=strategy_mixes_domains(config.get("cl_algorithm")),
+        heldout_reward_matrix=heldout_rewards,
+        heldout_pass_matrix=heldout_passes,
+        heldout_floor=_floor(summary.get("heldout_do_nothing_floor")),
+        heldout_split=heldout_split,
+        heldout_evals=heldout_evals,
     )
+
+
+def _main_split(records: list[dict]) -> str:
+    """The run's --eval_split when no summary says it: a held-out evaluation runs only beside the
+    train split, so any train-split record means train."""
+    return "train" if any(r.get("type") == "eval" and r.get("split") == "train" for r in records) else "test"
+
+
+def _floor(value: Any) -> dict[str, float] | None:
+    return value if isinstance(value, dict) else None
+
+
+def _matrices(
+    evals: list[dict], domains: list[str], summary: dict, complete: bool, reward_key: str, pass_key: str
+) -> tuple[Matrix, Matrix]:
+    """The reward and pass-rate matrices of `evals`: a finished run's summary is the trainer's own
+    matrix; otherwise the records, with the summary's entries where they have none."""
+    rewards = rebuild_matrix(evals, domains, "reward_mean")
+    passes = rebuild_matrix(evals, domains, "pass_rate")
+    if complete and _shape_ok(summary.get(reward_key), domains):
+        rewards = [list(row) for row in summary[reward_key]]
+        if _shape_ok(summary.get(pass_key), domains):
+            passes = [list(row) for row in summary[pass_key]]
+        return rewards, passes
+    return _merge(rewards, summary.get(reward_key)), _merge(passes, summary.get(pass_key))
 
 
 def _count(value: Any) -> int | None:
