@@ -186,7 +186,7 @@ def test_the_transfer_block_shows_the_heldout_rows_and_measures_after_the_others
         "",
         "=== Transfer Metrics after Task 0 ===",
         "  average_performance: 0.6000",
-        "=== Held-out Transfer Metrics after Task 0 (test split) ===",
+        "=== Held-out Transfer Metrics (test split) after Task 0 ===",
         "  backward_transfer: 0.0000",
         "  average_performance: 0.3000",
     ]

@@ -214,7 +214,7 @@ def format_transfer_block(
     lines += ["", f"=== Transfer Metrics after {after} ===", *format_measures(measures)]
     if heldout is not None:
         lines += [
-            f"=== Held-out Transfer Metrics after {after} ({heldout.split} split) ===",
+            f"=== Held-out Transfer Metrics ({heldout.split} split) after {after} ===",
             *format_measures(heldout.measures),
         ]
     return "\n".join(lines)
