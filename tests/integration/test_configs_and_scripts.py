@@ -67,6 +67,7 @@ def _script(
 def test_the_documented_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"quick_test.yaml", "sequential.yaml", "qwen2.5-3b-4gpu.yaml"} <= names
+    assert {"qwen2.5-1.5b-full.yaml", "qwen2.5-3b-full.yaml"} <= names  # docs/full_scale_recipe.md
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
