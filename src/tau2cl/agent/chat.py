@@ -27,6 +27,7 @@ _PROBE_TOOL = {
     },
 }
 _PROBE_RESULT = "probe_result_zq"
+_PROBE_ANSWER = "probe_answer_zq"
 
 FALLBACK_TOOLS_HEADER = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -149,6 +150,31 @@ class ChatRenderer:
         except Exception:
             return False
         return _PROBE_RESULT in text and "probe_tool_zq" in text
+
+
+def template_end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template writes right after an assistant turn's text (ChatML's
+    `<|im_end|>`, Llama 3's `<|eot_id|>`), or None when it writes no special token there.
+
+    A turn ends with this token whatever the tokenizer calls its eos, so sampling stops at it and
+    a turn that ended otherwise is closed with it.
+    """
+    chat = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": _PROBE_ANSWER},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:
+        return None
+    at = text.rfind(_PROBE_ANSWER)
+    if at < 0:
+        return None
+    ids = tokenizer.encode(text[at + len(_PROBE_ANSWER) :], add_special_tokens=False)
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    return ids[0] if ids and ids[0] in special else None
 
 
 def _chat_call(name: str, arguments: dict) -> dict:

@@ -75,8 +75,8 @@ class ScriptedPolicy:
     def reset_prefix_cache(self) -> None:
         pass
 
-    def end_of_turn(self, generation: Generation) -> str:
-        return self.policy.end_of_turn(generation)
+    def closes_turn(self, generation: Generation) -> bool:
+        return self.policy.closes_turn(generation)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.policy.decode(token_ids)

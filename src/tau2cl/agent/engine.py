@@ -6,7 +6,10 @@ each episode's own environment and text turns go to the user simulator, until ea
 reasons. An episode's `token_ids` are exactly what the policy was conditioned on and produced:
 sampled tokens are appended as ids (mask 1, with their sampling log-probs) and everything else
 (tool results, user turns, template glue) is appended as ids rendered for that new part only
-(mask 0).
+(mask 0). No context is ever cut: when what follows a turn would leave no room for another turn of
+`max_new_tokens` within `max_context_tokens`, the episode ends there (tau2's MAX_STEPS, note
+"context_limit") and its trajectory ends with that turn, so it never holds more than
+`max_context_tokens` tokens once its prompt fits.
 
 Outside solo mode an episode starts with tau2's greeting and waits on the user; the agent's prompt
 is rendered once the user's opening arrives. A user's tool calls (telecom's phone) run in the
@@ -134,16 +137,19 @@ class RolloutEngine:
         episode.prompt_length = len(episode.token_ids)
 
     def _fits_context(self, episode: Episode) -> bool:
-        if len(episode.token_ids) + self.settings.max_new_tokens <= self.settings.max_context_tokens:
+        if self._leaves_room(len(episode.token_ids)):
             return True
         episode.end(TerminationReason.MAX_STEPS, "context_limit")
         return False
 
+    def _leaves_room(self, context_length: int) -> bool:
+        """Whether a context this long leaves room for one more sampled turn."""
+        return context_length + self.settings.max_new_tokens <= self.settings.max_context_tokens
+
     def _agent_turn(self, episode: Episode, generation: Generation) -> None:
         episode.add_sampled(generation)
         episode.assistant_turns += 1
-        episode.last_end_of_turn = self.policy.end_of_turn(generation)
-        episode.last_finished = generation.finished
+        episode.last_closed = self.policy.closes_turn(generation)
         body = generation.token_ids[:-1] if generation.finished else generation.token_ids
         text = self.policy.decode(body)
         parsed = parse_tool_calls(text)
@@ -238,10 +244,15 @@ class RolloutEngine:
             episode.end(TerminationReason.USER_ERROR, "user_tool_loop")
 
     def _continue(self, episode: Episode, new_chat: list[dict], awaiting: str) -> None:
-        if not episode.last_finished:
-            # the turn was cut by max_new_tokens: close it as the template would, outside the loss
-            episode.add_context(self.policy.renderer.encode(self.policy.end_of_turn_text))
-        ids = self.policy.renderer.continuation_ids(episode.last_turn, new_chat, episode.last_end_of_turn)
+        """Append what follows the last sampled turn, or end the episode when the context would
+        then leave no room for another turn: the trajectory keeps only what the policy saw."""
+        renderer, end_of_turn = self.policy.renderer, self.policy.end_of_turn_text
+        # a turn cut by max_new_tokens or ended by another stop id is closed as the template would, outside the loss
+        ids = [] if episode.last_closed else renderer.encode(end_of_turn)
+        ids += renderer.continuation_ids(episode.last_turn, new_chat, end_of_turn)
+        if not self._leaves_room(len(episode.token_ids) + len(ids)):
+            episode.end(TerminationReason.MAX_STEPS, "context_limit")
+            return
         episode.add_context(ids)
         episode.awaiting = awaiting
 

@@ -80,8 +80,7 @@ class Episode:
     user_tool_turns: int = 0  # the user's tool-call turns since its last text turn
     awaiting: str = AWAITING_POLICY
     last_turn: dict | None = None  # chat dict of the last sampled turn (continuation anchor)
-    last_end_of_turn: str = ""
-    last_finished: bool = True  # the last sampled turn ended with a stop token
+    last_closed: bool = True  # the last sampled turn ended with the template's end-of-turn token
     termination: TerminationReason | None = None
     end_note: str = ""
     env_calls: list[CallRecord] = field(default_factory=list)  # every call run in `env`, in order

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tau2cl.agent.chat import ChatRenderer
+from tau2cl.agent.chat import ChatRenderer, template_end_of_turn_id
 from tau2cl.agent.compute import autocast_for, common_prefix_length
 from tau2cl.agent.decode import (
     Generation,
@@ -30,7 +30,7 @@ from tau2cl.agent.model_source import check_model_source
 from tau2cl.agent.tiny_model import resolve_model_path
 from tau2cl.errors import UserError
 
-__all__ = ["DTYPES", "Generation", "Policy", "load_model", "load_tokenizer", "stop_token_ids"]
+__all__ = ["DTYPES", "Generation", "Policy", "load_model", "load_tokenizer", "pad_token_id", "stop_token_ids"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -85,14 +85,24 @@ def _load_error(name: str, exc: Exception) -> str:
 
 
 def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
-    """Every id that ends an assistant turn: the tokenizer's eos plus the generation config's."""
-    ids = {tokenizer.eos_token_id}
+    """Every id that ends an assistant turn: the chat template's end-of-turn token, the
+    tokenizer's eos and the generation config's."""
+    ids = {tokenizer.eos_token_id, template_end_of_turn_id(tokenizer)}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(gen_eos, int):
         ids.add(gen_eos)
     elif gen_eos:
         ids.update(gen_eos)
     return sorted(i for i in ids if i is not None)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id written into padding, which is never attended to nor trained: the tokenizer's pad
+    token, else its eos, else 0 (any id would do)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
 
 
 class Policy:
@@ -111,7 +121,10 @@ class Policy:
         self.tokenizer = tokenizer
         self.renderer = ChatRenderer(tokenizer)
         self.stop_ids = stop_token_ids(tokenizer, model)
-        self.end_of_turn_text = tokenizer.decode([tokenizer.eos_token_id])
+        self.pad_id = pad_token_id(tokenizer)
+        eot = template_end_of_turn_id(tokenizer)
+        self.end_of_turn_id = eot if eot is not None else tokenizer.eos_token_id  # what closes a turn
+        self.end_of_turn_text = tokenizer.decode([self.end_of_turn_id])
         self.prefix_caches: dict[tuple, Prefix] = {}
         self.cascade = True  # attend the batch's shared prompt prefix once (False: copied into every row)
 
@@ -123,11 +136,11 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def end_of_turn(self, generation: Generation) -> str:
-        """The text of the token that closed this turn (the template's end-of-turn marker)."""
-        if generation.finished:
-            return self.tokenizer.decode([generation.token_ids[-1]])
-        return self.end_of_turn_text
+    def closes_turn(self, generation: Generation) -> bool:
+        """Whether the turn ended with the template's own end-of-turn token. A turn cut by
+        max_new_tokens or ended by another stop id (e.g. `<|endoftext|>` where the template writes
+        `<|im_end|>`) is closed with that token as context before the conversation goes on."""
+        return generation.finished and generation.token_ids[-1] == self.end_of_turn_id
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
@@ -152,8 +165,8 @@ class Policy:
         prefix, their longest common one (None: all prompts are one group).
         """
         slots = caches if caches is not None else [None] * len(prompts)
-        sampling = Sampling(max_new_tokens, temperature, top_p, generator, self.stop_ids,
-                            self.tokenizer.pad_token_id, self.cascade)
+        sampling = Sampling(max_new_tokens, temperature, top_p, generator, self.stop_ids, self.pad_id,
+                            self.cascade)
         was_training = self.model.training
         self.model.eval()
         try:
