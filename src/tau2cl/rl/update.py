@@ -61,13 +61,18 @@ def collate(
     loss_masks: Sequence[Sequence[int]],
     logprobs: Sequence[Sequence[float]],
     advantages: Sequence[float],
-    pad_id: int,
+    pad_id: int | None,
     device: torch.device | str = "cpu",
 ) -> TokenBatch:
-    """Right-pad variable-length sequences into a TokenBatch (pads: real id `pad_id`, mask 0)."""
+    """Right-pad variable-length sequences into a TokenBatch.
+
+    Pads hold `pad_id` (0 for a tokenizer without a pad token) and are marked by the attention
+    and loss masks alone, never by their id: a pad id that is also a real token (SmolLM2 pads
+    with its end-of-turn token) stays trained where it was sampled.
+    """
     width = max(len(ids) for ids in token_ids)
     batch = len(token_ids)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    ids = torch.full((batch, width), 0 if pad_id is None else pad_id, dtype=torch.long)
     attn = torch.zeros((batch, width), dtype=torch.long)
     mask = torch.zeros((batch, width), dtype=torch.bool)
     old = torch.zeros((batch, width), dtype=torch.float32)
