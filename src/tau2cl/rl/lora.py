@@ -11,7 +11,11 @@ one module then plays every role:
 A checkpoint holds the adapter (adapter_config.json and adapter_model.safetensors, which
 `PeftModel.from_pretrained(base, folder)` loads) and, with `--merge_lora_on_save`, a `merged/`
 folder with the adapters folded into the base weights that `AutoModelForCausalLM.from_pretrained`
-loads.
+loads (plain safetensors for a model read from GGUF, as its checkpoints are).
+
+A model that ties its head to its input embeddings (SmolLM2, the tiny model) keeps them tied: the
+adapters go on other modules, a merged model and the sampler's pushed weights hold the shared
+matrix once, and a target that reaches the embeddings or the head is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 
 from tau2cl.errors import UserError
-from tau2cl.runs.checkpoint import non_finite_count
+from tau2cl.runs.checkpoint import non_finite_count, read_from_gguf, write_plain_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names in a saved adapter folder
 MERGED_DIR = "merged"  # the merged model's folder inside a checkpoint
@@ -48,6 +52,7 @@ class LoraPolicy:
     def __init__(self, model: torch.nn.Module, config: Any, tokenizer: Any = None):
         from peft import LoraConfig, get_peft_model
 
+        refuse_tied_targets(model, config)
         lora_config = LoraConfig(
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
@@ -95,7 +100,10 @@ class LoraPolicy:
         self.peft.save_pretrained(str(folder), **kwargs)
         if self.merge_on_save:
             merged = Path(folder) / MERGED_DIR
-            self.lm.save_pretrained(merged, state_dict=merged_state_dict(self.peft), **kwargs)
+            if read_from_gguf(self.lm):  # transformers refuses to save a model read from GGUF
+                write_plain_model(self.lm, merged, merged_weights(self.peft))
+            else:
+                self.lm.save_pretrained(merged, state_dict=merged_state_dict(self.peft), **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(merged)
 
@@ -124,6 +132,29 @@ class LoraPolicy:
             )
 
 
+def tied_embeddings(model: torch.nn.Module) -> tuple[str, str] | None:
+    """(input embeddings, head) module names when the model ties them to one matrix, else None."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embed is None or head is None or embed.weight is not head.weight:
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    return names[id(embed)], names[id(head)]
+
+
+def refuse_tied_targets(model: torch.nn.Module, config: Any) -> None:
+    """Refuse an adapter on a tied embedding or head. The two share one matrix, and an adapter on
+    one of them changes that use alone: no merged checkpoint or pushed weight of the tied model
+    can hold it (the other use would take the delta too, or the delta would be lost)."""
+    tied = tied_embeddings(model)
+    for name, partner in ([tied, tied[::-1]] if tied else []):
+        if any(name == t or name.endswith("." + t) for t in config.lora_target_modules):  # PEFT's matching
+            raise UserError(
+                f"--lora_target_modules reaches '{name}', which shares its weight matrix with '{partner}' "
+                f"in '{config.model_name_or_path}' (tied embeddings); leave it out of --lora_target_modules."
+            )
+
+
 def adapters_disabled(lora: LoraPolicy | None) -> contextlib.AbstractContextManager:
     """The reference model's context: the base alone with LoRA, nothing to do without it."""
     return lora.reference() if lora is not None else contextlib.nullcontext()
@@ -133,7 +164,8 @@ def adapters_disabled(lora: LoraPolicy | None) -> contextlib.AbstractContextMana
 def merged_weights(peft_model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Every parameter of the plain model with the adapters folded in, W + (alpha / r) B A, under
     the plain model's names, one at a time (an adapted weight is summed in fp32 and stored in its
-    own dtype; the others are the live tensors). The live weights stay untouched."""
+    own dtype; the others are the live tensors). The live weights stay untouched. A tied head is
+    its embedding's matrix and comes once, under the embedding's name, as `named_parameters` gives it."""
     lm, layers = peft_model.get_base_model(), _adapted_layers(peft_model)
     for key, param in lm.named_parameters():
         if ".lora_" in key:

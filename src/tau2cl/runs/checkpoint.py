@@ -18,7 +18,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +99,14 @@ def read_from_gguf(model: Any) -> bool:
     return getattr(quantization, "quant_method", None) == "gguf"
 
 
-def write_plain_model(model: Any, folder: str | Path) -> None:
-    """The model's config (without a quantization_config: the tensors are plain) and its parameters
-    as held (safetensors, Hugging Face names), as `from_pretrained` loads them. A tied lm_head is
-    written once, as its embedding."""
+def write_plain_model(model: Any, folder: str | Path, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
+    """The model's config (without a quantization_config: the tensors are plain) and its weights
+    (safetensors, Hugging Face names), as `from_pretrained` loads them.
+
+    `named_tensors`: the weights to write (e.g. LoRA's merged ones); by default the parameters as
+    held, those of a model with LoRA adapters injected under the plain model's names (its base
+    weights; the adapters left out). A tied lm_head is written once, as its embedding.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -110,8 +114,16 @@ def write_plain_model(model: Any, folder: str | Path) -> None:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     (folder / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in named_tensors or base_parameters(model)}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def base_parameters(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's parameters under the plain model's names: LoRA adapters left out, the layers
+    they wrap named as before injection (`q_proj.base_layer.weight` -> `q_proj.weight`)."""
+    for name, param in model.named_parameters():
+        if ".lora_" not in name:
+            yield name.replace(".base_layer.", "."), param
 
 
 def find_checkpoint(path: str | Path, skipped: Callable[[str], None] = lambda line: None) -> Path:
