@@ -76,7 +76,7 @@ def test_the_help_describes_every_registered_strategy_with_its_summary_in_help_o
     assert text.startswith("Strategy against forgetting: sequential = plain fine-tuning, one domain after another; ")
     found = [text.index(f"{name} = {STRATEGIES[name].summary}") for name in HELP_ORDER]
     assert found == sorted(found) and set(HELP_ORDER) == set(STRATEGIES)
-    assert text.endswith("(needs --lora_r > 0; one adapter copy per domain). (default: sequential)")
+    assert text.endswith("with the same step budget (no extra cost). (default: sequential)")
 
 
 def test_a_newly_registered_strategy_is_described_after_the_others(monkeypatch):
