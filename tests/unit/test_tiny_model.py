@@ -257,3 +257,20 @@ def test_resolve_model_path_builds_once_and_reuses(tmp_path, monkeypatch):
 def test_resolve_model_path_passes_other_names_through():
     assert resolve_model_path("Qwen/Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
     assert resolve_model_path("/models/my-model") == "/models/my-model"
+
+
+def test_a_torchrun_rank_other_than_0_builds_the_whole_model(tmp_path, monkeypatch, tiny_dir):
+    """Whichever rank takes the build lock writes every file (transformers' save_pretrained
+    writes no weights or config on a rank other than 0 of an initialised process group)."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *args, **kwargs: 1)
+    monkeypatch.setenv("TAU2CL_CACHE", str(tmp_path))
+    folder = resolve_model_path("tiny")
+    monkeypatch.undo()
+    names = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"}
+    assert names <= {p.name for p in (tmp_path / "tiny-model-v1-seed0").iterdir()}
+    built, reference = load_file(f"{folder}/model.safetensors"), load_file(f"{tiny_dir}/model.safetensors")
+    assert built.keys() == reference.keys() and all(torch.equal(built[k], reference[k]) for k in built)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.architectures == ["Qwen2ForCausalLM"] and model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -224,11 +224,25 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(tau2_corpus())
     model = build_model(tokenizer, seed)
-    with _quiet_progress_bars():
-        model.save_pretrained(out)
+    _write_model(model, out)
     tokenizer.save_pretrained(out)
     _set_tokenizer_class(out, "Qwen2Tokenizer")
     return out
+
+
+def _write_model(model, out: Path) -> None:
+    """Config, generation config and weights as `from_pretrained` reads them, written by this
+    process whatever its rank: under torchrun, transformers' `save_pretrained` writes nothing on a
+    rank other than 0, and the rank that builds the cache may be any of them."""
+    from safetensors.torch import save_file
+
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = next(model.parameters()).dtype
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    # named_parameters lists the tied head once, under the embeddings' name, as save_pretrained does
+    tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _set_tokenizer_class(out: Path, name: str) -> None:
@@ -242,20 +256,6 @@ def _set_tokenizer_class(out: Path, name: str) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = name
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """save_pretrained draws a "Writing model shards" bar; a one-file tiny model needs none."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------- cache

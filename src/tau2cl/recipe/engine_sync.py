@@ -79,7 +79,7 @@ def start_sampler(config: Any, models: Models, is_cuda: bool) -> tuple[Sampler, 
 
     if config.vllm_sleep_mode and not is_cuda:
         raise UserError("--vllm_sleep_mode needs a CUDA GPU (vLLM's sleep mode is CUDA-only).")
-    base = models.lora.lm.get_base_model() if models.lora is not None else models.policy.model
+    base = models.lora.lm if models.lora is not None else models.policy.model  # adapters injected
     if not is_cuda:
         check_cpu_kv_cache(base.config, config.max_context_tokens, config.vllm_cpu_kv_cache_gib)
     import_vllm()  # a missing vllm is one line, before any work

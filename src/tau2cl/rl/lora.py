@@ -97,7 +97,9 @@ class LoraPolicy:
     # ---- checkpoint files ----------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, **kwargs: Any) -> None:
         """The adapter (PEFT's format) and, with --merge_lora_on_save, the merged model."""
-        self.peft.save_pretrained(str(folder), **kwargs)
+        # the adapters alone, never the base's embedding matrices (tau2cl never resizes them;
+        # PEFT's "auto" would look the base model up on the hub to decide)
+        self.peft.save_pretrained(str(folder), save_embedding_layers=False, **kwargs)
         if self.merge_on_save:
             merged = Path(folder) / MERGED_DIR
             if read_from_gguf(self.lm):  # transformers refuses to save a model read from GGUF
