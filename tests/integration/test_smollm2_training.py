@@ -9,8 +9,8 @@ accuracy matrix).
 Two kinds of runs share the machine's cores, one torch thread each:
 - `python -m tau2cl.train` processes, one after another in a background thread: a replay run with
   a warm start before each domain's GRPO step, and an ewc run;
-- meanwhile, in this process, runs whose hooks the tests watch: progressive, fusion, joint, and
-  fusion again stopped by SIGTERM in retail's step and resumed. These read the GGUF file once:
+- meanwhile, in this process, runs whose hooks the tests watch: progressive, fusion, and fusion
+  again stopped by SIGTERM in retail's step and resumed. These read the GGUF file once:
   each trainer gets its own deep copy of the model and tokenizer its loader would have read.
 Each in-process fixture keeps only what its tests compare (a trainer holds GBs of weights and
 optimizer state), and every run's folder loses the checkpoints its tests do not read as soon as it
@@ -45,7 +45,7 @@ from tau2cl.runs.interrupt import StoppedWithCheckpoint
 from tau2cl.trainer import GRPOTrainer
 from tiny_run import tiny_config, tiny_flags
 
-pytestmark = pytest.mark.slow  # six short SmolLM2 runs (and a resume), two processes at a time: ~6.5 min on 2 idle cores
+pytestmark = pytest.mark.slow  # five short SmolLM2 runs (and a resume), two processes at a time: ~5 min on 2 idle cores
 
 HERE = Path(__file__).parent
 GGUF = smollm2_path()
@@ -356,47 +356,6 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_like_the_uninterrup
     assert _messages(cut) == _messages(full)  # what the model said in every evaluation
     weights = [load_file(str(d / "checkpoint_task_1" / "model.safetensors")) for d in (full, cut)]
     assert _equal(*weights)  # bit for bit, retail's merge included
-
-
-def _joint(trainer: GRPOTrainer) -> dict:
-    """Each GRPO step's pool of domains and the domains of its episodes."""
-    steps: list[dict] = []
-    run, augment = trainer.grpo.run, trainer.strategy.augment_batch
-
-    def recording_run(domain_idx, pool, *args, **kwargs):
-        steps.append({"stage": domain_idx, "pool": [d.name for d in pool]})
-        return run(domain_idx, pool, *args, **kwargs)
-
-    def recording_batch(ctx, requests):
-        requests = augment(ctx, requests)
-        steps[-1]["episodes"] = [r.domain.name for r in requests]
-        return requests
-
-    trainer.grpo.run, trainer.strategy.augment_batch = recording_run, recording_batch
-    return {"summary": trainer.train(), "steps": steps}
-
-
-@pytest.fixture(scope="module")
-def joint_run(train):
-    log_dir, seen = train("joint", _joint, cl_algorithm="joint")
-    _drop_checkpoints(log_dir)
-    return log_dir, seen
-
-
-def test_joint_trains_every_stage_on_both_domains_mixed(joint_run):
-    log_dir, seen = joint_run
-    steps, summary = seen["steps"], seen["summary"]
-    assert [(s["stage"], s["pool"]) for s in steps] == [(0, ["airline", "retail"]), (1, ["airline", "retail"])]
-    for step in steps:  # one task drawn from both domains' pool, its group of 2 in its own domain
-        assert len(step["episodes"]) == 2 and len(set(step["episodes"])) == 1 and step["episodes"][0] in step["pool"]
-    assert summary["matrix_rows"] == ["before_training", "after_part_1_of_2_all_domains", "after_part_2_of_2_all_domains"]
-    assert all(v is not None for row in summary["accuracy_matrix"] for v in row)
-    measures = summary["final_measures"]
-    assert measures["backward_transfer"] is None and measures["forgetting"] is None  # no domain order
-    assert measures["average_performance"] == pytest.approx(sum(summary["accuracy_matrix"][2]) / 2)
-    log = (log_dir / "train.log").read_text()
-    for part in ("1/2", "2/2"):
-        assert f"joint part {part}: warm start and GRPO steps draw from all domains' train tasks mixed (airline 1, retail 1)" in log
 
 
 # ---- the processes' runs (last: they end while this process trains) ----------------------------------------
