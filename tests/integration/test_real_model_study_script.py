@@ -28,7 +28,7 @@ exit 0
 """
 
 
-def _run(tmp_path: Path, fail: str = "", arms: str | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
+def _run(tmp_path: Path, fail: str = "", arms: str | None = None, extra: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, list[str]]:
     stand_in = tmp_path / "python"
     stand_in.write_text(STAND_IN)
     stand_in.chmod(0o755)
@@ -38,7 +38,7 @@ def _run(tmp_path: Path, fail: str = "", arms: str | None = None) -> tuple[subpr
            "STUDY_DIR": str(tmp_path / "study"), "JOBS": "2"}
     if arms is not None:
         env["ARMS"] = arms
-    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(["bash", str(SCRIPT), *extra], env=env, capture_output=True, text=True, timeout=120)
     return result, calls.read_text().splitlines() if calls.exists() else []
 
 
@@ -81,6 +81,14 @@ def test_a_second_call_resumes_every_arm_with_a_checkpoint_and_a_failure_fails_t
         assert trained[arm].endswith(f"--resume_from {tmp_path / 'study' / arm}"), arm
     assert trained["joint"].endswith("--overwrite_log_dir")  # cut before any checkpoint: again
     assert "ewc: resuming from its latest checkpoint" in second.stdout
+
+
+def test_extra_flags_reach_every_arm_before_its_own(tmp_path):
+    result, calls = _run(tmp_path, arms="warm_start_seed1 replay", extra=("--num_steps_per_task", "5"))
+    assert result.returncode == 0, result.stderr
+    trained = _trained(calls)
+    assert "model.gguf --num_steps_per_task 5 --num_steps_per_task 0 --seed 1 --log_dir" in trained["warm_start_seed1"]
+    assert "model.gguf --num_steps_per_task 5 --cl_algorithm replay --seed 1 --log_dir" in trained["replay"]
 
 
 def test_an_unknown_arm_is_refused_before_anything_runs(tmp_path):
