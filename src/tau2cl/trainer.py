@@ -22,7 +22,7 @@ from tau2cl.cl.strategies.base import CLStrategy, build_strategy
 from tau2cl.config import GRPOConfig, parse_task_ids
 from tau2cl.distributed import DistInfo, all_gather_objects, compute_cleanup, compute_init
 from tau2cl.env import tau2_compat
-from tau2cl.env.domain_views import compact, with_train_tasks, without_train_tasks
+from tau2cl.env.domain_views import compact, with_test_tasks, with_train_tasks, without_train_tasks
 from tau2cl.env.domains import Domain, load_domain
 from tau2cl.env.rewards import load_reward_fn
 from tau2cl.errors import UserError
@@ -120,6 +120,8 @@ class GRPOTrainer:
         domain = load_domain(name, self.config.max_tasks_per_domain, solo_mode=solo)
         chosen = parse_task_ids(self.config.task_ids).get(name)
         domain = domain if chosen is None else with_train_tasks(domain, chosen)
+        chosen_tests = parse_task_ids(self.config.test_task_ids, "--test_task_ids").get(name)
+        domain = domain if chosen_tests is None else with_test_tasks(domain, chosen_tests)
         domain = compact(domain) if self.config.compact_domains else domain  # its tools cover held-out tasks too
         return without_train_tasks(domain, {t.id for t in self.strategy.held_out_tasks(domain)})
 

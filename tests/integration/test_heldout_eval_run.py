@@ -85,3 +85,16 @@ def test_a_train_split_run_fills_a_heldout_matrix_and_a_resume_keeps_its_rows(tm
         assert summary[key] == full[key], key
     stages = [(r["stage"], r["split"], r["eval_domain"]) for r in _records(cut, "eval")]
     assert sorted(stages) == sorted(set(stages)) and len(stages) == 12  # each evaluation once
+
+
+def test_test_task_ids_choose_the_heldout_tasks_a_run_evaluates(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    config = tiny_config(**RUN, log_dir=str(tmp_path), test_task_ids=["airline:19", "airline:6", "retail:90"])
+    trainer = GRPOTrainer(config)
+    try:
+        assert [t.id for t in trainer.domains["airline"].test_tasks] == ["19", "6"]
+        assert [t.id for t in trainer.domains["retail"].test_tasks] == ["90"]
+        assert "cancel_pending_order" in trainer.domains["retail"].tool_names  # task 90's golden tool
+        assert len(trainer.domains["airline"].train_tasks) == 2  # the train split is still capped
+    finally:
+        trainer.lock.release()

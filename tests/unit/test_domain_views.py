@@ -1,11 +1,17 @@
-"""--task_ids and --compact_domains: which train tasks a domain keeps, and what the agent sees."""
+"""--task_ids, --test_task_ids and --compact_domains: which tasks a domain keeps, and what the agent sees."""
 
 from __future__ import annotations
 
 import pytest
 
 from tau2cl.config import GRPOConfig, parse_task_ids
-from tau2cl.env.domain_views import COMPACT_POLICIES, compact, golden_tool_names, with_train_tasks
+from tau2cl.env.domain_views import (
+    COMPACT_POLICIES,
+    compact,
+    golden_tool_names,
+    with_test_tasks,
+    with_train_tasks,
+)
 from tau2cl.env.domains import STOP_TOOL_NAME, load_domain
 from tau2cl.errors import UserError
 
@@ -31,6 +37,13 @@ def test_bad_task_ids_are_refused_with_one_sentence(entries, message):
         GRPOConfig(task_ids=entries)
 
 
+def test_bad_test_task_ids_are_refused_naming_their_flag():
+    with pytest.raises(UserError, match="--test_task_ids entries are DOMAIN:TASK_ID"):
+        GRPOConfig(test_task_ids=["19"])
+    with pytest.raises(UserError, match="--test_task_ids names 'retail:90' twice"):
+        GRPOConfig(test_task_ids=["retail:90", "retail:90"])
+
+
 def test_task_ids_of_a_domain_outside_the_order_are_unused():
     config = GRPOConfig(task_order=["airline"], task_ids=["retail:88"])  # e.g. a file's ids, a narrower order
     assert config.task_ids == ["retail:88"] and config.task_order == ["airline"]
@@ -44,6 +57,17 @@ def test_with_train_tasks_keeps_exactly_the_named_tasks_in_order():
     test_id = domain.test_tasks[0].id  # a task of the other split is not a train task
     with pytest.raises(UserError, match=f"airline has no train task '{test_id}'"):
         with_train_tasks(domain, ["27", test_id])
+
+
+def test_with_test_tasks_keeps_exactly_the_named_test_tasks_and_compact_gives_their_tools():
+    domain = with_train_tasks(load_domain("airline", max_tasks=1), ["27"])
+    chosen = with_test_tasks(domain, ["19", "6"])
+    assert [t.id for t in chosen.test_tasks] == ["19", "6"]  # beyond the first test task, in this order
+    assert chosen.train_tasks == domain.train_tasks
+    assert "cancel_reservation" in golden_tool_names(chosen)  # task 19's golden call
+    assert "cancel_reservation" in {s["function"]["name"] for s in compact(chosen).tool_schemas}
+    with pytest.raises(UserError, match="--test_task_ids: airline has no test task '27'"):
+        with_test_tasks(domain, ["27"])  # a train task is not a test task
 
 
 def test_compact_domain_shows_a_one_line_policy_and_only_the_golden_tools():

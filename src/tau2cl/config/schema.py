@@ -520,6 +520,14 @@ class GRPOConfig:
         "these tasks; the others keep their split, capped by --max_tasks_per_domain. Entries of "
         "domains outside --task_order are unused.",
     )
+    test_task_ids: list[str] = _option(
+        [],
+        "continual learning",
+        "Held-out tasks to evaluate, as DOMAIN:TASK_ID entries of tau2's test split (e.g. airline:19 "
+        "retail:90): a domain named here evaluates (with --eval_split test, or --heldout_eval) exactly "
+        "these tasks; the others keep their split, capped by --max_tasks_per_domain. Entries of "
+        "domains outside --task_order are unused.",
+    )
     compact_domains: bool = _option(
         False,
         "continual learning",

@@ -177,18 +177,18 @@ def _validate_task_order(order: list[str]) -> None:
             _fail(f"--task_order lists {name!r} twice; give each domain at most once.")
 
 
-def parse_task_ids(entries: list[str]) -> dict[str, list[str]]:
+def parse_task_ids(entries: list[str], flag: str = "--task_ids") -> dict[str, list[str]]:
     """`["airline:27", "airline:9", "retail:3"]` → {"airline": ["27", "9"], "retail": ["3"]}."""
     chosen: dict[str, list[str]] = {}
     for entry in entries:
         domain, sep, task_id = entry.partition(":")
         if not sep or not domain or not task_id:
-            _fail(f"--task_ids entries are DOMAIN:TASK_ID (e.g. airline:27), got {entry!r}.")
+            _fail(f"{flag} entries are DOMAIN:TASK_ID (e.g. airline:27), got {entry!r}.")
         if domain not in DOMAIN_NAMES:
-            _fail(f"unknown domain {domain!r} in --task_ids; choose from {', '.join(DOMAIN_NAMES)}.")
+            _fail(f"unknown domain {domain!r} in {flag}; choose from {', '.join(DOMAIN_NAMES)}.")
         ids = chosen.setdefault(domain, [])
         if task_id in ids:
-            _fail(f"--task_ids names {entry!r} twice; give each task at most once.")
+            _fail(f"{flag} names {entry!r} twice; give each task at most once.")
         ids.append(task_id)
     return chosen
 
@@ -197,6 +197,7 @@ def _validate_task_ids(config: Any) -> None:
     """Well-formed entries; those of domains outside --task_order are unused (a config file's ids
     stay valid when the command line narrows the order)."""
     parse_task_ids(config.task_ids)
+    parse_task_ids(config.test_task_ids, "--test_task_ids")
 
 
 def _fail(message: str) -> typing.NoReturn:

@@ -1,8 +1,8 @@
-"""Views of a loaded domain: chosen train tasks (`--task_ids`), the compact setting (`--compact_domains`)
-and train tasks a strategy holds out of training (`without_train_tasks`).
+"""Views of a loaded domain: chosen train and test tasks (`--task_ids`, `--test_task_ids`), the compact
+setting (`--compact_domains`) and train tasks a strategy holds out of training (`without_train_tasks`).
 
 `with_train_tasks` keeps a domain's train split to the tasks named by id, in the order given; the
-test split is untouched. `compact` is the setting for small models and CPUs: the agent sees a
+test split is untouched. `with_test_tasks` does the same for the test split. `compact` is the setting for small models and CPUs: the agent sees a
 one-line role description instead of the domain's policy (5k-10k tokens of context become a few
 hundred) and only the tools the loaded tasks' golden actions call (in solo mode also tau2's `done`).
 tau2's evaluator never reads the system prompt or the tool list, so every reward is tau2's as in
@@ -27,14 +27,23 @@ COMPACT_POLICIES = {
 
 def with_train_tasks(domain: Domain, task_ids: list[str]) -> Domain:
     """The domain whose train split is exactly these tasks of tau2's train split, in this order."""
-    by_id = {task.id: task for task in official_split(domain.name, "train")}
+    return dataclasses.replace(domain, train_tasks=_named_tasks(domain.name, "train", task_ids, "--task_ids"))
+
+
+def with_test_tasks(domain: Domain, task_ids: list[str]) -> Domain:
+    """The domain whose test split is exactly these tasks of tau2's test split, in this order."""
+    return dataclasses.replace(domain, test_tasks=_named_tasks(domain.name, "test", task_ids, "--test_task_ids"))
+
+
+def _named_tasks(name: str, split: str, task_ids: list[str], flag: str) -> list:
+    by_id = {task.id: task for task in official_split(name, split)}
     missing = [t for t in task_ids if t not in by_id]
     if missing:
         raise UserError(
-            f"--task_ids: {domain.name} has no train task {missing[0]!r} (its train split has "
-            f"{len(by_id)} tasks; `tau2cl train --task_ids` takes ids of tau2's train split)."
+            f"{flag}: {name} has no {split} task {missing[0]!r} (its {split} split has "
+            f"{len(by_id)} tasks; `tau2cl train {flag}` takes ids of tau2's {split} split)."
         )
-    return dataclasses.replace(domain, train_tasks=[by_id[t] for t in task_ids])
+    return [by_id[t] for t in task_ids]
 
 
 def without_train_tasks(domain: Domain, task_ids: Collection[str]) -> Domain:
