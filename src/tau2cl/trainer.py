@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import torch
 
+from tau2cl.agent.demonstrations import short_turn_limit_lines
 from tau2cl.agent.engine import RolloutEngine, RolloutSettings
 from tau2cl.agent.users.build import build_user
 from tau2cl.cl.context import CLContext, Pending, Progress
@@ -77,6 +78,9 @@ class GRPOTrainer:
                   if config.resume_from else None)
         self.tracker = MetricsTracker.from_config(config, is_main=self.dist.is_main,
                                                   wandb_run_id=resume and resume.wandb_run_id)
+        if config.reward_fn is None:  # tau2's reward, which needs the conversation's stop
+            for line in short_turn_limit_lines(self.domains, config.max_turns):
+                self.tracker.log_message(line)
         self.grpo = GRPOStep(config, self.dist, self.models, self.rollouts, self.strategy, self.clipped_step,
                              self.tracker.log_message, self.engine_sync)
         self.evaluation = EvaluationStages(config, self.dist, self.order, self.domains, eval_engine,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tau2cl.agent.demonstrations import agent_turns_to_finish, short_turn_limit_lines
 from tau2cl.config import GRPOConfig, parse_task_ids
 from tau2cl.env.domain_views import (
     COMPACT_POLICIES,
@@ -88,3 +89,16 @@ def test_compact_solo_telecom_keeps_the_stop_tool():
     names = {s["function"]["name"] for s in compact(domain).tool_schemas}
     assert domain.solo_mode and STOP_TOOL_NAME in names and "transfer_to_human_agents" in names
     assert names < {s["function"]["name"] for s in domain.tool_schemas}
+
+
+def test_turns_to_finish_count_the_users_stop_outside_solo_mode_and_flag_a_short_limit():
+    airline = with_train_tasks(load_domain("airline", max_tasks=1), ["27", "9"])
+    # task 27: get_user_details, send_certificate, the closing message, then the user's stop
+    assert [agent_turns_to_finish(airline, t) for t in airline.train_tasks] == [4, 4]
+    telecom = with_train_tasks(load_domain("telecom", max_tasks=1), [TELECOM_TRANSFER])
+    assert agent_turns_to_finish(telecom, telecom.train_tasks[0]) == 2  # the transfer, then tau2's `done`
+    domains = {"airline": airline, "telecom": telecom}
+    assert short_turn_limit_lines(domains, 4) == []
+    (line,) = short_turn_limit_lines(domains, 3)
+    assert line.startswith("[TURNS] airline: 2 of 2 train tasks need up to 4 agent turns") and "--max_turns 3" in line
+    assert len(short_turn_limit_lines(domains, 1)) == 2

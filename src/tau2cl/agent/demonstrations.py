@@ -51,6 +51,28 @@ def golden_turns(domain: Domain, task: Task) -> list[dict]:
     return turns + [assistant_chat_message(f"{closing}\n{CLOSING_QUESTION}", [])]
 
 
+def agent_turns_to_finish(domain: Domain, task: Task) -> int:
+    """The agent turns the task's golden conversation takes up to the stop tau2 requires: its golden
+    turns, and outside solo mode one more, in which the user answers the closing question with its
+    stop (tau2 scores an episode that no stop ended 0, whatever its calls did)."""
+    return len(golden_turns(domain, task)) + (0 if domain.solo_mode else 1)
+
+
+def short_turn_limit_lines(domains: dict[str, Domain], max_turns: int) -> list[str]:
+    """One line per domain whose train tasks' golden conversations cannot finish in `max_turns`."""
+    lines = []
+    for name, domain in domains.items():
+        needed = [agent_turns_to_finish(domain, task) for task in domain.train_tasks]
+        short = [n for n in needed if n > max_turns]
+        if short:
+            lines.append(
+                f"[TURNS] {name}: {len(short)} of {len(needed)} train tasks need up to {max(short)} agent turns "
+                f"to reach the stop their golden conversation ends with, over --max_turns {max_turns}; tau2 "
+                f"scores an episode that no stop ended 0, so even a perfect policy scores 0 on them."
+            )
+    return lines
+
+
 class ScriptedPolicy:
     """A policy that writes a fixed list of assistant turns, one per call, for one episode, then
     `off_script` on every later call (with no turns it plays any number of episodes at once).
