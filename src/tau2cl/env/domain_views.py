@@ -2,9 +2,9 @@
 setting (`--compact_domains`) and train tasks a strategy holds out of training (`without_train_tasks`).
 
 `with_train_tasks` keeps a domain's train split to the tasks named by id, in the order given; the
-test split is untouched. `with_test_tasks` does the same for the test split. `compact` is the setting for small models and CPUs: the agent sees a
-one-line role description instead of the domain's policy (5k-10k tokens of context become a few
-hundred) and only the tools the loaded tasks' golden actions call (in solo mode also tau2's `done`).
+test split is untouched. `with_test_tasks` does the same for the test split. `compact` is the
+setting for small models and CPUs: the agent sees a one-line role description instead of the
+domain's policy (5k-10k tokens of context become a few hundred) and only the tools the loaded tasks' golden actions call (in solo mode also tau2's `done`).
 tau2's evaluator never reads the system prompt or the tool list, so every reward is tau2's as in
 the full setting; what changes is the task the agent faces: without the policy it cannot know the
 rules a full-setting agent must follow, and it cannot call a tool no golden action calls.
