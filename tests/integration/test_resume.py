@@ -109,7 +109,8 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, *phrases: str) -
 TINY = ["--model_name_or_path", "tiny", "--model_dtype", "float32", "--max_tasks_per_domain", "2", "--batch_size_per_gpu", "1"]
 
 
-@pytest.mark.slow  # ~10 s, like the five below: a `python -m tau2cl.train` process that stops at once
+# A refusal that the flags and files decide comes before the heavy imports: a fraction of a second.
+# One that needs the model or the domains comes from the trainer: ~15 s of imports and loading (slow).
 def test_a_model_that_cannot_be_loaded_offline_is_one_clear_error(tmp_path):
     result = _run_cli("--model_name_or_path", str(tmp_path / "no-such-model"), "--log_dir", str(tmp_path / "r"))
     _assert_one_line_error(result, "model path", "does not exist")
@@ -129,8 +130,7 @@ def test_a_model_without_a_chat_template_is_one_clear_error(tmp_path, tiny_token
     _assert_one_line_error(result, "no chat template")
 
 
-@pytest.mark.slow
-def test_an_unwritable_log_dir_is_one_clear_error(tmp_path):
+def test_an_unwritable_log_dir_is_one_clear_error_before_any_heavy_import(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     result = _run_cli(*TINY, "--log_dir", str(blocker / "run"))
@@ -154,7 +154,6 @@ def test_resuming_from_an_incompatible_run_is_one_clear_error(tmp_path):
     _assert_one_line_error(result, "cannot resume", "task_order")
 
 
-@pytest.mark.slow
 def test_a_resume_dir_without_checkpoints_is_one_clear_error(tmp_path):
     result = _run_cli(*TINY, "--log_dir", str(tmp_path / "r"), "--resume_from", str(tmp_path))
     _assert_one_line_error(result, "no checkpoint found")

@@ -51,6 +51,17 @@ def test_a_used_log_dir_is_refused_and_a_new_one_is_not_created(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_log_dir_under_a_file_is_refused_before_anything_is_created(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for log_dir in (blocker, blocker / "run", blocker / "run" / "deeper"):
+        with pytest.raises(UserError, match=f"cannot write to log_dir '{log_dir}' \\(Not a directory\\)"):
+            check_log_dir(str(log_dir), None, False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and blocker.read_text() == ""
+    check_log_dir(str(tmp_path / "new" / "run"), None, False)  # a new folder under a writable one
+    assert not (tmp_path / "new").exists()
+
+
 def test_overwriting_the_checkpoint_a_resume_names_is_refused(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(UserError, match="would delete the checkpoint that --resume_from names"):

@@ -35,6 +35,7 @@ from tau2cl.runs.checkpoint_files import (
     checkpoint_problem,
     is_checkpoint,
 )
+from tau2cl.runs.run_folder import unwritable
 
 
 class CheckpointSaveError(Exception):
@@ -194,7 +195,7 @@ def check_writable(log_dir: str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"cannot write to log_dir '{log_dir}' ({exc.strerror}); choose another --log_dir.") from None
+        raise UserError(unwritable(log_dir, exc.strerror)) from None
 
 
 def count_lines(path: Path) -> int:

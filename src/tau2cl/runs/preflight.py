@@ -26,18 +26,21 @@ from tau2cl.runs.checkpoint_files import (
     read_listed_json,
 )
 from tau2cl.runs.resume_check import config_differences, refusal
-from tau2cl.runs.run_folder import RunLock, log_dir_refusal
+from tau2cl.runs.run_folder import RunLock, log_dir_refusal, write_refusal
 
 
 def check_log_dir(log_dir: str, resume_from: str | None, overwrite: bool) -> None:
-    """Refuse a log_dir that a live run holds or whose files belong to another run."""
+    """Refuse a log_dir that cannot be written, that a live run holds or whose files belong to another run."""
+    problem = write_refusal(log_dir)
+    if problem:
+        raise UserError(problem)
     if not Path(log_dir).is_dir():
         return  # a new folder: nobody holds it and it holds nothing
     lock = RunLock(log_dir)
     try:
         lock.acquire()
     except OSError:
-        return  # a folder it cannot write to: the trainer's own check words that
+        return  # a file system that refuses the lock file: the trainer's own check words that
     lock.release()
     problem = log_dir_refusal(log_dir, resume_from, overwrite)
     if problem:

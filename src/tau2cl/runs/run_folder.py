@@ -10,6 +10,7 @@ are tidied on every start.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -51,6 +52,23 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+def unwritable(log_dir: str | Path, reason: str) -> str:
+    """The refusal of a log_dir that cannot be created or written, with the system's reason."""
+    return f"cannot write to log_dir '{log_dir}' ({reason}); choose another --log_dir."
+
+
+def write_refusal(log_dir: str | Path) -> str | None:
+    """Why log_dir could not be created or written, as far as a look tells without creating it
+    (its nearest existing folder is a file, or not writable), or None; changes nothing."""
+    path = Path(log_dir).absolute()
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    if not nearest.is_dir():
+        return unwritable(log_dir, os.strerror(errno.ENOTDIR))
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return unwritable(log_dir, os.strerror(errno.EACCES))
+    return None
 
 
 def run_files(log_dir: str | Path) -> list[Path]:
