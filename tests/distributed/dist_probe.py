@@ -3,12 +3,15 @@
 It runs tau2cl's own code in-process so that a test can look inside each rank, which the
 `python -m tau2cl.train` entry point alone cannot show (rank 1 writes nothing):
 
-    dist_probe.py train OUT.json [tau2cl train flags...]
-        tau2cl.train.main(flags) with two recorders patched into tau2cl.trainer: every training
-        step's per-episode train rewards and task ids, a digest of the parameter bytes before
-        and after training, and one of the tensors in the strategy's state at the end. The process group is kept alive past train() (compute_cleanup
-        patched out) so the digests can be gathered; rank 0 writes every rank's record to OUT
-        and its final parameters to OUT with the suffix .pt.
+    dist_probe.py train PLAN.json
+        PLAN.json lists runs as {"out": OUT.json, "argv": [tau2cl train flags...]}; the ranks train
+        them one after another in one process group (one launch: the imports and the group's start
+        are paid once). Each is tau2cl.train.main(flags) with two recorders patched into
+        tau2cl.trainer: every training step's per-episode train rewards and task ids, a digest of the
+        parameter bytes before and after training, and one of the tensors in the strategy's state
+        at the end. The process group is kept alive past each train() (compute_cleanup patched out)
+        so the digests can be gathered; rank 0 writes every rank's record to OUT and its final
+        parameters to OUT with the suffix .pt. A run that fails ends the launch.
     dist_probe.py evaluate OUT.json [tau2cl train flags...]
         GRPOTrainer(config).evaluate_task(d, label="probe") for every domain of task_order;
         rank 0 writes the summaries (EvalSummary.to_dict()) and the world size to OUT, and the
@@ -71,7 +74,19 @@ def _write(path: str, data: dict) -> None:
         json.dump(data, f, indent=1)
 
 
-def probe_train(out: str, argv: list[str]) -> int:
+def probe_train(plan_path: str) -> int:
+    from tau2cl import distributed
+
+    for run in json.loads(Path(plan_path).read_text()):
+        code = _train_one(run["out"], run["argv"])
+        if code != 0:
+            print(f"dist_probe.py: the run writing {run['out']} ended with {code}", file=sys.stderr, flush=True)
+            return code
+    distributed.compute_cleanup()
+    return 0
+
+
+def _train_one(out: str, argv: list[str]) -> int:
     import tau2cl.recipe.rollouts as rollouts_module
     import tau2cl.trainer as trainer_module
     from tau2cl import distributed
@@ -81,6 +96,7 @@ def probe_train(out: str, argv: list[str]) -> int:
     trainers: list = []
     original_train = trainer_module.GRPOTrainer.train
     original_score = rollouts_module.score_trajectories
+    original_cleanup = trainer_module.compute_cleanup
 
     def recording_train(self):
         trainers.append(self)
@@ -99,8 +115,13 @@ def probe_train(out: str, argv: list[str]) -> int:
 
     trainer_module.GRPOTrainer.train = recording_train
     rollouts_module.score_trajectories = recording_score
-    trainer_module.compute_cleanup = lambda: None  # keep the group for the gather below
-    code = main(argv, prog="dist_probe.py train")
+    trainer_module.compute_cleanup = lambda: None  # keep the group for the gather below and the next run
+    try:
+        code = main(argv, prog="dist_probe.py train")
+    finally:
+        trainer_module.GRPOTrainer.train = original_train
+        rollouts_module.score_trajectories = original_score
+        trainer_module.compute_cleanup = original_cleanup
     if code != 0 or not trainers:
         return code or 1
     info = trainers[0].dist
@@ -112,7 +133,6 @@ def probe_train(out: str, argv: list[str]) -> int:
         _write(out, {"ranks": records})
         state = {k: v.detach().cpu() for k, v in trainers[0].policy.model.named_parameters()}
         torch.save(state, str(Path(out).with_suffix(".pt")))
-    distributed.compute_cleanup()
     return 0
 
 
@@ -209,7 +229,7 @@ def probe_skip_collective(timeout_s: float) -> int:
 def main(args: list[str]) -> int:
     mode, rest = args[0], args[1:]
     if mode == "train":
-        return probe_train(rest[0], rest[1:])
+        return probe_train(rest[0])
     if mode == "evaluate":
         return probe_evaluate(rest[0], rest[1:])
     if mode == "lora_step":

@@ -101,55 +101,78 @@ def _records(log_dir: Path, kind: str) -> list[dict]:
 # ----------------------------------------------------------------------------- training
 
 
-def _train_with_probe(tmp: Path, *extra: str) -> tuple[Launch, dict, Path, dict]:
-    """2 steps on each of 2 domains with 2 processes: (launch, probe record, log_dir, rank logs)."""
-    out, log_dir, rank_logs = tmp / "probe.json", tmp / "run", tmp / "rank_logs"
+def _train_with_probe(tmp: Path, runs: dict[str, tuple[str, ...]]) -> tuple[Launch, dict[str, tuple[dict, Path]], dict]:
+    """One launch of 2 processes that trains each run in turn, 2 steps on each of 2 domains unless
+    its flags say otherwise: (launch, {name: (probe record, log_dir)}, rank logs)."""
+    plan = [
+        {"out": str(tmp / f"{name}.json"),
+         "argv": [*TINY, "--num_steps_per_task", str(STEPS), "--log_dir", str(tmp / name), "--no-use_progress_bar",
+                  "--log_interval", "1", *extra]}
+        for name, extra in runs.items()
+    ]  # fmt: skip
+    (tmp / "plan.json").write_text(json.dumps(plan))
+    rank_logs = tmp / "rank_logs"
     launch = _run(
-        _torchrun(
-            "--tee", "3", "--log-dir", str(rank_logs),  # console and one file per rank
-            str(PROBE), "train", str(out), *TINY,
-            "--num_steps_per_task", str(STEPS), "--log_dir", str(log_dir),
-            "--no-use_progress_bar", "--log_interval", "1", *extra,
-        ),
-        timeout=400,
-    )  # fmt: skip
+        _torchrun("--tee", "3", "--log-dir", str(rank_logs), str(PROBE), "train", str(tmp / "plan.json")),
+        timeout=300 + 150 * len(runs),
+    )  # console and one file per rank
     assert launch.returncode == 0, launch.stderr[-4000:]
     logs = {}
     for rank in range(WORLD):
         (folder,) = rank_logs.glob(f"*/attempt_0/{rank}")
         logs[rank] = {s: (folder / f"{s}.log").read_text() for s in ("stdout", "stderr")}
-    return launch, json.loads(out.read_text()), log_dir, logs
+    results = {name: (json.loads((tmp / f"{name}.json").read_text()), tmp / name) for name in runs}
+    return launch, results, logs
 
 
 # WiSE-FT fusion at each domain's end: the merge of the domain's start and end weights, on every rank
 FUSION = ("--cl_algorithm", "fusion", "--fusion_mode", "wise", "--fusion_alpha", "0.5")
+# The runs that share one launch, FSDP's first (as fresh a process as the DDP run it is compared with)
+SHARED_LAUNCH = {
+    # the DDP run's flags with the policy sharded by FSDP2
+    "fsdp": (*FUSION, "--parallelism", "fsdp"),
+    # warm start (2 supervised steps, 2 micro-batches) and dynamic sampling, under DDP, with EWC++
+    # (its Fisher from every step's episodes, its penalty in retail's supervised and GRPO steps)
+    "sft_ds": (
+        "--sft_steps_per_task", "2", "--sft_learning_rate", "1e-3", "--dynamic_sampling", "--max_resample_rounds", "1",
+        "--reward_fn", "reward_fns:constant_on_task_zero", "--cl_algorithm", "ewc_pp", "--ewc_pp_interval", "1",
+        "--ewc_lambda", "100",
+    ),
+    "adaptive_replay": ("--cl_algorithm", "adaptive_replay"),
+    "online_ewc": ("--cl_algorithm", "online_ewc", "--ewc_fisher_samples", "4", "--ewc_lambda", "1000"),
+    "distill_fsdp": (
+        "--cl_algorithm", "distill", "--distill_coef", "1.0", "--parallelism", "fsdp", "--learning_rate", "1e-2",
+        "--eval_max_tasks", "1",
+    ),
+    "progressive_fsdp": (
+        "--cl_algorithm", "progressive", "--lora_r", "4", "--parallelism", "fsdp", "--learning_rate", "1e-2",
+        "--num_steps_per_task", "1", "--eval_max_tasks", "1",
+    ),
+    # one domain of 3 train tasks, the last held out for the search over alpha
+    "adaptive_fusion": (
+        "--cl_algorithm", "adaptive_fusion", "--task_order", "airline", "--max_tasks_per_domain", "3",
+        "--num_steps_per_task", "1", "--eval_max_tasks", "1", "--fusion_alpha_grid", "0.5", "1",
+    ),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """DDP (the default), with 2 micro-batches per step: gradients sync on the last one only."""
-    return _train_with_probe(tmp_path_factory.mktemp("torchrun_train"), *FUSION)
+    """DDP (the default), with 2 micro-batches per step: gradients sync on the last one only; a
+    launch of its own, so that its console holds one run."""
+    launch, results, logs = _train_with_probe(tmp_path_factory.mktemp("torchrun_train"), {"run": FUSION})
+    probe, log_dir = results["run"]
+    return launch, probe, log_dir, logs
 
 
 @pytest.fixture(scope="module")
-def trained_fsdp(tmp_path_factory):
-    """The same run with the policy sharded by FSDP2."""
-    return _train_with_probe(tmp_path_factory.mktemp("torchrun_fsdp"), *FUSION, "--parallelism", "fsdp")
+def shared(tmp_path_factory):
+    """SHARED_LAUNCH's runs: (launch, {name: (probe record, log_dir)}, rank logs)."""
+    return _train_with_probe(tmp_path_factory.mktemp("torchrun_shared"), SHARED_LAUNCH)
 
 
-@pytest.fixture(scope="module")
-def trained_sft_ds(tmp_path_factory):
-    """Warm start (2 supervised steps, 2 micro-batches) and dynamic sampling, under DDP, with EWC++
-    (its Fisher from every step's episodes, its penalty in retail's supervised and GRPO steps)."""
-    return _train_with_probe(
-        tmp_path_factory.mktemp("torchrun_sft_ds"), "--sft_steps_per_task", "2", "--sft_learning_rate", "1e-3",
-        "--dynamic_sampling", "--max_resample_rounds", "1", "--reward_fn", "reward_fns:constant_on_task_zero",
-        "--cl_algorithm", "ewc_pp", "--ewc_pp_interval", "1", "--ewc_lambda", "100",
-    )
-
-
-def test_warm_start_dynamic_sampling_and_ewc_pp_keep_the_ranks_bit_identical(trained_sft_ds):
-    _, probe, log_dir, _ = trained_sft_ds
+def test_warm_start_dynamic_sampling_and_ewc_pp_keep_the_ranks_bit_identical(shared):
+    probe, log_dir = shared[1]["sft_ds"]
     ranks = probe["ranks"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
     assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' parameters diverged"
@@ -169,7 +192,7 @@ def test_warm_start_dynamic_sampling_and_ewc_pp_keep_the_ranks_bit_identical(tra
 
 
 def _final_parameters(log_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(log_dir.parent / "probe.pt", weights_only=True)
+    return torch.load(log_dir.with_suffix(".pt"), weights_only=True)
 
 
 def test_two_processes_train_two_domains_and_end_with_bit_identical_parameters(trained):
@@ -183,9 +206,9 @@ def test_two_processes_train_two_domains_and_end_with_bit_identical_parameters(t
     assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' parameters diverged"
 
 
-def test_adaptive_replay_keeps_the_ranks_identical(tmp_path):
+def test_adaptive_replay_keeps_the_ranks_identical(shared):
     """Its shares come from the matrix every rank holds, its buffers from gathered tasks."""
-    _, probe, log_dir, _ = _train_with_probe(tmp_path, "--cl_algorithm", "adaptive_replay")
+    probe, log_dir = shared[1]["adaptive_replay"]
     ranks = probe["ranks"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
     assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' parameters diverged"
@@ -195,11 +218,9 @@ def test_adaptive_replay_keeps_the_ranks_identical(tmp_path):
     assert all(r["replay_frac"] > 0 for r in trains if r["domain"] == "retail")
 
 
-def test_online_ewc_estimates_one_fisher_on_both_ranks_and_retail_pays_its_penalty(tmp_path):
+def test_online_ewc_estimates_one_fisher_on_both_ranks_and_retail_pays_its_penalty(shared):
     """Each rank rolls out its own share of the Fisher's episodes; the all-reduced Fisher is the same."""
-    _, probe, log_dir, _ = _train_with_probe(
-        tmp_path, "--cl_algorithm", "online_ewc", "--ewc_fisher_samples", "4", "--ewc_lambda", "1000",
-    )
+    probe, log_dir = shared[1]["online_ewc"]
     ranks = probe["ranks"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
     assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' parameters diverged"
@@ -210,12 +231,9 @@ def test_online_ewc_estimates_one_fisher_on_both_ranks_and_retail_pays_its_penal
     assert retail[0] == 0.0 and retail[1] > 0
 
 
-def test_distill_under_fsdp_keeps_the_ranks_identical_and_its_kl_grows_from_zero(tmp_path):
+def test_distill_under_fsdp_keeps_the_ranks_identical_and_its_kl_grows_from_zero(shared):
     """The teacher's forward runs on each rank's whole rollout copy; the policy's on the shards."""
-    _, probe, log_dir, _ = _train_with_probe(
-        tmp_path, "--cl_algorithm", "distill", "--distill_coef", "1.0", "--parallelism", "fsdp",
-        "--learning_rate", "1e-2", "--eval_max_tasks", "1",
-    )  # fmt: skip
+    probe, log_dir = shared[1]["distill_fsdp"]
     ranks = probe["ranks"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
     assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' parameters diverged"
@@ -225,12 +243,9 @@ def test_distill_under_fsdp_keeps_the_ranks_identical_and_its_kl_grows_from_zero
     assert kl[0] < 1e-6 < kl[1], kl  # the teacher is the policy at retail's start, then it moves away
 
 
-def test_progressive_under_fsdp_keeps_the_ranks_and_every_adapter_identical(tmp_path):
+def test_progressive_under_fsdp_keeps_the_ranks_and_every_adapter_identical(shared):
     """Fresh adapters loaded into the sharded copy, and earlier ones swapped into the rollout copy."""
-    _, probe, log_dir, _ = _train_with_probe(
-        tmp_path, "--cl_algorithm", "progressive", "--lora_r", "4", "--parallelism", "fsdp", "--learning_rate", "1e-2",
-        "--num_steps_per_task", "1", "--eval_max_tasks", "1",
-    )  # fmt: skip
+    probe, log_dir = shared[1]["progressive_fsdp"]
     ranks = probe["ranks"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
     assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks' live adapters diverged"
@@ -247,13 +262,10 @@ def test_progressive_under_fsdp_keeps_the_ranks_and_every_adapter_identical(tmp_
     assert episodes[0] == episodes[1] and len(episodes[0]) > 0
 
 
-def test_adaptive_fusion_chooses_the_same_alpha_on_both_ranks_and_never_trains_on_held_out_tasks(tmp_path):
+def test_adaptive_fusion_chooses_the_same_alpha_on_both_ranks_and_never_trains_on_held_out_tasks(shared):
     """Both ranks evaluate their share of the held-out episodes, gather the same figures and load
     rank 0's choice; the held-out task (the last of 3 train tasks) is in no rank's training step."""
-    _, probe, log_dir, _ = _train_with_probe(
-        tmp_path, "--cl_algorithm", "adaptive_fusion", "--task_order", "airline", "--max_tasks_per_domain", "3",
-        "--num_steps_per_task", "1", "--eval_max_tasks", "1", "--fusion_alpha_grid", "0.5", "1",
-    )
+    probe, log_dir = shared[1]["adaptive_fusion"]
     ranks = probe["ranks"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"]
     assert ranks[1]["final_digest"] == ranks[0]["final_digest"], "the ranks loaded different merges"
@@ -319,9 +331,10 @@ def test_logged_train_reward_is_the_mean_over_all_episodes_of_both_ranks(trained
 # ----------------------------------------------------------------------------- FSDP
 
 
-def test_fsdp_trains_the_same_weights_as_ddp_and_its_ranks_agree(trained, trained_fsdp):
+def test_fsdp_trains_the_same_weights_as_ddp_and_its_ranks_agree(trained, shared):
     _, ddp_probe, ddp_dir, _ = trained
-    launch, probe, fsdp_dir, logs = trained_fsdp
+    _, runs, logs = shared
+    probe, fsdp_dir = runs["fsdp"]
     ranks = probe["ranks"]
     assert ranks[0]["initial_digest"] == ddp_probe["ranks"][0]["initial_digest"]
     assert ranks[0]["final_digest"] != ranks[0]["initial_digest"], "FSDP did not train"
@@ -332,13 +345,14 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_its_ranks_agree(trained, traine
     assert ddp.keys() == fsdp.keys()
     for name in ddp:  # same maths; only the reduction order of the gradients may differ
         torch.testing.assert_close(fsdp[name], ddp[name], rtol=0, atol=1e-6, msg=name)
-    assert launch.stdout.count("Task 1: RETAIL") == 1 and logs[1] == {"stdout": "", "stderr": ""}
+    assert (fsdp_dir / "train.log").read_text().count("Task 1: RETAIL") == 1
+    assert logs[1] == {"stdout": "", "stderr": ""}, f"rank 1 printed: {logs[1]}"  # in any of the launch's runs
 
 
-def test_fsdp_resumes_from_a_domain_checkpoint_to_the_same_weights(trained_fsdp, tmp_path):
+def test_fsdp_resumes_from_a_domain_checkpoint_to_the_same_weights(shared, tmp_path):
     """The sharded optimizer state is saved whole and re-sharded, fusion takes retail's start from the
     resumed weights: resuming is exact."""
-    _, _, fsdp_dir, _ = trained_fsdp
+    _, fsdp_dir = shared[1]["fsdp"]
     log_dir = tmp_path / "resumed"
     log_dir.mkdir()
     shutil.copytree(fsdp_dir / "checkpoint_task_0", log_dir / "checkpoint_task_0")

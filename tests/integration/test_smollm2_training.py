@@ -1,7 +1,9 @@
 """SmolLM2-135M-Instruct, read from its GGUF file, trained end to end by the real trainer.
 
 Two compact domains, airline -> retail, one train task each that needs a write (airline:27,
-retail:89, so the do-nothing floor is 0), one evaluated task, two-turn episodes of 16-token turns.
+retail:89, so the do-nothing floor is 0), one evaluated task, one-turn episodes of 16 tokens (the
+replay run's episodes have two turns: the user's reply is rendered with SmolLM2's own template
+between the agent's turns).
 The reward is the tests' `first_reply_length`: tau2's reward of such short turns is 0, so its
 groups would never vary and GRPO's gradients would be zero (tau2's rewards still fill the
 accuracy matrix).
@@ -34,7 +36,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_gguf_checkpoint import LOAD_WITHOUT_GGUF
 from test_smollm2 import smollm2_path
 
 import tau2cl.recipe.accuracy_matrix as accuracy_matrix_module
@@ -51,16 +52,31 @@ HERE = Path(__file__).parent
 GGUF = smollm2_path()
 SMOLLM2 = dict(  # over tiny_run.TINY_RUN
     model_name_or_path=str(GGUF), task_order=["airline", "retail"], task_ids=["airline:27", "retail:89"],
-    max_tasks_per_domain=1, eval_split="train", max_new_tokens=16, max_turns=2, num_steps_per_task=1,
+    max_tasks_per_domain=1, eval_split="train", max_new_tokens=16, max_turns=1, num_steps_per_task=1,
     learning_rate=1e-4, warmup_steps=0, seed=7,
 )  # fmt: skip
 # replay: two supervised steps per domain (the loss must fall); retail's step has airline's replayed
 # group beside its own, one micro-batch each, so each group's rows share their prompt in the update
 REPLAY_RUN = dict(SMOLLM2, cl_algorithm="replay", sft_steps_per_task=2, sft_learning_rate=1e-4,
-                  gradient_accumulation_steps=2)
+                  gradient_accumulation_steps=2, max_turns=2)
 EWC_RUN = dict(SMOLLM2, cl_algorithm="ewc", ewc_fisher_samples=2)
 FUSION_ALPHA = 0.5
 FUSION_RUN = dict(cl_algorithm="fusion", fusion_mode="wise", fusion_alpha=FUSION_ALPHA)
+# In a fresh interpreter with `import gguf` blocked: load the checkpoint, render the chat (JSON) with
+# its tokenizer, and save the ids and the model's logits on them.
+LOAD_WITHOUT_GGUF = """
+import json, sys
+sys.modules["gguf"] = None  # any import of the GGUF reader fails
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+checkpoint, out, chat = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits
+torch.save({"ids": list(ids), "logits": logits}, out)
+"""
 CHAT = [{"role": "system", "content": "You are a helpful agent."}, {"role": "user", "content": "Change my flight."}]
 TIMEOUT = 1800  # seconds one training process may take on a busy machine
 
@@ -291,7 +307,7 @@ def test_the_final_model_folder_loads_without_the_gguf_reader_and_gives_the_trai
     folder = log_dir / "checkpoint_task_1"
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     out = tmp_path / "loaded.pt"
-    loaded = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_GGUF, str(folder), str(out)],
+    loaded = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_GGUF, str(folder), str(out), json.dumps(CHAT)],
                             env=_env(), capture_output=True, text=True, timeout=600)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     result = torch.load(out, weights_only=True)
