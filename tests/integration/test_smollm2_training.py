@@ -58,7 +58,7 @@ SMOLLM2 = dict(  # over tiny_run.TINY_RUN
 # group beside its own, one micro-batch each, so each group's rows share their prompt in the update
 REPLAY_RUN = dict(SMOLLM2, cl_algorithm="replay", sft_steps_per_task=2, sft_learning_rate=1e-4,
                   gradient_accumulation_steps=2)
-EWC_RUN = dict(SMOLLM2, cl_algorithm="ewc", ewc_fisher_samples=2)
+EWC_RUN = dict(SMOLLM2, cl_algorithm="ewc", ewc_fisher_samples=1)  # one episode's squared gradients
 FUSION_ALPHA = 0.5
 FUSION_RUN = dict(cl_algorithm="fusion", fusion_mode="wise", fusion_alpha=FUSION_ALPHA)
 # In a fresh interpreter with `import gguf` blocked: load the checkpoint, render the chat (JSON) with

@@ -138,7 +138,7 @@ def test_console_output_with_the_bar_matches_the_documented_format(full_run):
 
 
 def test_console_output_without_the_bar_prints_compact_lines(tmp_path):
-    result = _train(tmp_path, max_tasks_per_domain=1, log_interval=2, reward_fn="tau2")
+    result = _train(tmp_path, compact_domains=True, max_tasks_per_domain=1, log_interval=2, reward_fn="tau2")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "\r" not in out and "it/s" not in out
