@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
+import pytest
 import torch
 
 from tau2cl.rl.sft import draw_demos, sft_loss
@@ -31,14 +33,37 @@ def test_sft_loss_is_the_token_sum_nll_over_the_normalizer():
 
 def test_draw_demos_is_one_draw_sharded_over_ranks():
     pool = list(range(7))
-    shards = [draw_demos(3, 1, 5, pool, per_rank=2, world=3, rank=r) for r in range(3)]
+    shards = [draw_demos(3, 1, 1, pool, per_rank=2, world=3, rank=r) for r in range(3)]
     flat = [i for s in shards for i in s]
-    assert all(len(s) == 2 for s in shards) and len(set(flat)) == 6  # 6 distinct of 7, no repeat
-    assert shards[1] == draw_demos(3, 1, 5, pool, per_rank=2, world=3, rank=1)  # deterministic
-    assert any(draw_demos(3, 1, step, pool, 2, 3, 0) != shards[0] for step in (6, 7, 8))  # steps differ
+    assert all(len(s) == 2 for s in shards) and len(set(flat)) == 6  # 6 distinct of 7: inside one pass
+    assert shards[1] == draw_demos(3, 1, 1, pool, per_rank=2, world=3, rank=1)  # deterministic
+    assert any(draw_demos(3, 1, step, pool, 2, 3, 0) != shards[0] for step in (2, 3, 4))  # steps differ
+    assert draw_demos(3, 2, 1, pool, 6, 1, 0) != flat  # another domain: another stream
     # a pool smaller than the batch is drawn whole, again and again: 5 picks of 2 = 2 + 2 + 1
     picks = draw_demos(0, 0, 1, [4, 9], per_rank=5, world=1, rank=0)
     assert len(picks) == 5 and sorted(picks[:2]) == sorted(picks[2:4]) == [4, 9]
+
+
+@pytest.mark.parametrize("pool_size, batch", [(2, 1), (3, 2), (7, 3), (5, 5)])
+def test_the_draw_goes_through_the_demonstrations_in_passes(pool_size, batch):
+    """Every pass holds each demonstration once, so over any number of steps the counts differ by at
+    most one (seed 1's retail warm start of 8 single draws from 2 demonstrations is 4 and 4)."""
+    pool = list(range(10, 10 + pool_size))
+    stream = [i for step in range(1, 13) for i in draw_demos(1, 1, step, pool, per_rank=batch, world=1, rank=0)]
+    for start in range(0, len(stream) - pool_size + 1, pool_size):
+        assert sorted(stream[start : start + pool_size]) == pool  # one pass
+    for steps in range(1, 13):
+        counts = Counter(stream[: steps * batch])
+        assert max(counts[i] for i in pool) - min(counts[i] for i in pool) <= 1, (steps, counts)
+    passes = {tuple(draw_demos(1, 1, step, pool, per_rank=pool_size, world=1, rank=0)) for step in range(1, 41)}
+    assert len(passes) > 1  # the passes are shuffled, not one fixed order
+
+
+def test_ranks_share_each_steps_draw_and_split_it():
+    pool = list(range(5))
+    for step in (1, 2, 3):
+        whole = draw_demos(4, 0, step, pool, per_rank=3, world=1, rank=0)
+        assert [i for r in range(3) for i in draw_demos(4, 0, step, pool, per_rank=1, world=3, rank=r)] == whole
 
 
 class _Toy(torch.nn.Module):

@@ -360,7 +360,8 @@ class GRPOConfig:
         "Supervised warm-start steps at the start of each domain, before its GRPO steps: "
         "cross-entropy on the agent's tokens of the domain's golden demonstrations (each train "
         "task's golden calls played through the rollout engine with the run's user; those tau2 "
-        "scores 1.0 are kept). Each step trains on batch_size_per_gpu demonstrations per rank "
+        "scores 1.0 are kept). Each step trains on batch_size_per_gpu demonstrations per rank, "
+        "drawn in shuffled passes over them (each as often as any other, ±1), "
         "and costs one forward and backward over them (no sampling); 0 = none.",
     )
     sft_learning_rate: float | None = _option(

@@ -29,6 +29,29 @@ def draw_shard(seed_key: str, pool: Sequence[int], per_rank: int, world: int, ra
     return picks[rank * per_rank : (rank + 1) * per_rank]
 
 
+def draw_from_passes(seed_key: str, pool: Sequence[int], step: int, per_rank: int, world: int, rank: int) -> list[int]:
+    """This rank's shard of step `step` (1, 2, ...) of an endless stream of shuffled passes over
+    `pool` (pass p shuffled by the key and p): by the end of every pass each item has been drawn
+    equally often, so k steps draw any two items a number of times that differ by at most one.
+
+    Every rank draws the same stream (the key alone seeds it, so a resumed run draws it again); an
+    item repeats within a step only when the pool is smaller than the step or the step spans the
+    end of a pass.
+    """
+    size, passes = per_rank * world, {}
+
+    def item(i: int) -> int:
+        index, offset = divmod(i, len(pool))
+        if index not in passes:
+            passes[index] = list(pool)
+            random.Random(f"{seed_key}-pass-{index}").shuffle(passes[index])
+        return passes[index][offset]
+
+    first = (step - 1) * size
+    picks = [item(i) for i in range(first, first + size)]
+    return picks[rank * per_rank : (rank + 1) * per_rank]
+
+
 def token_normalizer(num_tokens: int, world_size: int) -> float:
     """What each rank divides its token-sum loss by, so that the gradient averaged over ranks is the
     token mean over the whole global batch: global tokens / world size (at least 1 / world size)."""

@@ -4,7 +4,8 @@ At the start of a domain, `SupervisedWarmStart.run` builds the demonstrations of
 (one domain, or all of them for a strategy that trains them mixed; each train task's golden calls played through the rollout engine with the run's user, see
 agent/demonstrations.py)), keeps those tau2 scores 1.0 on every rank, and takes
 `sft_steps_per_task` steps. Each step draws batch_size_per_gpu demonstrations per rank (the same
-draw on every rank, each rank its own shard), accumulates the token-mean cross-entropy over
+draw on every rank, each rank its own shard) from shuffled passes over the demonstrations, so each
+is drawn equally often (±1) whatever the number of steps, accumulates the token-mean cross-entropy over
 gradient_accumulation_steps micro-batches (DDP/FSDP average the gradients on the last one) and
 steps its own AdamW (constant --sft_learning_rate, betas SFT_BETAS, fresh for each domain, checkpointed while a
 domain's supervised steps are under way so a run resumes mid-SFT).
@@ -22,7 +23,7 @@ from tau2cl.agent.demonstrations import DemoSettings, demonstrations
 from tau2cl.agent.episode import Trajectory
 from tau2cl.distributed import all_gather_objects, all_reduce_sum_
 from tau2cl.env.domains import Domain
-from tau2cl.rl.optimization import ClippedStep, accumulate, draw_shard, token_normalizer
+from tau2cl.rl.optimization import ClippedStep, accumulate, draw_from_passes, token_normalizer
 from tau2cl.rl.update import TokenBatch, as_trained_forward, collate, micro_batches_by_length
 
 SFT_SEED_TAG = "sft"  # keeps the demonstration draw apart from the GRPO task draw
@@ -44,7 +45,7 @@ def sft_loss(
 
 def draw_demos(seed: int, domain_idx: int, step: int, pool: list[int], per_rank: int, world: int, rank: int) -> list[int]:
     """This rank's shard of step `step`'s demonstrations (indices from `pool`), same draw on every rank."""
-    return draw_shard(f"{seed}-{domain_idx}-{SFT_SEED_TAG}-{step}", pool, per_rank, world, rank)
+    return draw_from_passes(f"{seed}-{domain_idx}-{SFT_SEED_TAG}", pool, step, per_rank, world, rank)
 
 
 def accumulate_sft_gradients(
