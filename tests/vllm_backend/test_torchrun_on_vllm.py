@@ -25,10 +25,11 @@ RUN = [*tiny_flags(num_steps_per_task=STEPS, learning_rate=1e-3), "--rollout_bac
 
 
 def _probe_train(tmp, parallelism: str) -> tuple[dict, object]:
-    out, log_dir = tmp / "probe.json", tmp / "run"
+    out, log_dir, plan = tmp / "probe.json", tmp / "run", tmp / "plan.json"
+    plan.write_text(json.dumps([{"out": str(out), "argv": [*RUN, "--parallelism", parallelism, "--log_dir", str(log_dir)]}]))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-        str(PROBE), "train", str(out), *RUN, "--parallelism", parallelism, "--log_dir", str(log_dir),
+        str(PROBE), "train", str(plan),
     ]  # fmt: skip
     result = run_all({parallelism: command}, timeout=600)[parallelism]
     assert result.returncode == 0, result.stderr[-4000:]
