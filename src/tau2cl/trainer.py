@@ -38,9 +38,14 @@ from tau2cl.reporting.report import write_report
 from tau2cl.reporting.tracker import MetricsTracker
 from tau2cl.rl.optimization import ClippedStep
 from tau2cl.rl.sft import SupervisedWarmStart
-from tau2cl.runs.checkpoint import check_writable, domain_checkpoint_name, sft_checkpoint_name
+from tau2cl.runs.checkpoint import domain_checkpoint_name, sft_checkpoint_name
 from tau2cl.runs.interrupt import AllRanksStop, SignalWatch
-from tau2cl.runs.run_folder import RunLock, guard_log_dir, tidy_checkpoint_temporaries
+from tau2cl.runs.run_folder import (
+    RunLock,
+    check_writable,
+    guard_log_dir,
+    tidy_checkpoint_temporaries,
+)
 
 
 class GRPOTrainer:

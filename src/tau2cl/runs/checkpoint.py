@@ -35,7 +35,6 @@ from tau2cl.runs.checkpoint_files import (
     checkpoint_problem,
     is_checkpoint,
 )
-from tau2cl.runs.run_folder import unwritable
 
 
 class CheckpointSaveError(Exception):
@@ -187,17 +186,6 @@ def load_model_weights(model: Any, path: Path) -> None:
 
 
 # ---- run files and random states ---------------------------------------------------------
-def check_writable(log_dir: str) -> None:
-    path = Path(log_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(unwritable(log_dir, exc.strerror)) from None
-
-
 def count_lines(path: Path) -> int:
     if not path.exists():
         return 0

@@ -71,6 +71,18 @@ def write_refusal(log_dir: str | Path) -> str | None:
     return None
 
 
+def check_writable(log_dir: str | Path) -> None:
+    """Create log_dir and write a file in it, or refuse it (a UserError with the system's reason)."""
+    path = Path(log_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(unwritable(log_dir, exc.strerror)) from None
+
+
 def run_files(log_dir: str | Path) -> list[Path]:
     """The files and folders of a run already in log_dir (empty for a new or empty folder)."""
     folder = Path(log_dir)
