@@ -50,9 +50,11 @@ def test_metrics_jsonl_has_train_eval_and_transfer_records(full_run):
     train = [r for r in records if r["type"] == "train"]
     assert [(r["task_idx"], r["step"]) for r in train] == [(i, s) for i in range(3) for s in (1, 2)]
     assert [r["global_step"] for r in train] == list(range(1, 7))
-    for key in ("loss", "reward_mean", "reward_std", "kl", "clip_frac", "grad_norm", "lr",
+    for key in ("loss", "reward_mean", "reward_std", "kl", "clip_frac", "grad_norm", "lr", "advantage_abs_mean",
                 "time_rollout", "time_reward", "time_ref", "time_update"):
         assert all(key in r for r in train), key
+    # a step's advantages are all 0 exactly when every group is flat
+    assert all((r["advantage_abs_mean"] == 0) == (r["frac_reward_zero_std"] == 1) for r in train)
     assert all(r[key] >= 0 for r in train for key in ("time_rollout", "time_reward", "time_ref", "time_update"))
     evals = [r for r in records if r["type"] == "eval"]
     assert len(evals) == 4 * 3  # rows 0..3 of the matrix, every domain

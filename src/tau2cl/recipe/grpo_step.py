@@ -81,7 +81,7 @@ class GRPOStep:
         t3 = time.perf_counter()
         if self.engine_sync is not None:  # the pushes since the last step's record, this update's included
             stats.update(self.engine_sync.take())
-        stats.update(self.episode_stats(trajectories, rewards))
+        stats.update(self.episode_stats(trajectories, rewards, advantages))
         stats.update(resampled)
         stats.update(self.strategy.step_metrics(context, trajectories))
         # disjoint parts: the reference model's log-probs (time_ref, timed in update) are not update time
@@ -174,8 +174,8 @@ class GRPOStep:
         restart = cfg.domain_restart != "none"
         return learning_rate(cfg.learning_rate, cfg.warmup_steps, progress.step if restart else progress.global_step)
 
-    def episode_stats(self, trajectories: list[Trajectory], rewards: torch.Tensor) -> dict:
-        """Reward, tool accuracy and length figures over every rank's episodes."""
+    def episode_stats(self, trajectories: list[Trajectory], rewards: torch.Tensor, advantages: torch.Tensor) -> dict:
+        """Reward, advantage, tool accuracy and length figures over every rank's episodes."""
         local = [(t.train_reward, t.reward, t.tool_accuracy, t.num_generated_tokens, t.assistant_turns)
                  for t in trajectories]
         rows = [r for part in all_gather_objects(local) for r in part]
@@ -183,6 +183,7 @@ class GRPOStep:
         tool = [r[2] for r in rows if r[2] is not None]
         groups = len(trajectories) // self.config.num_samples_per_prompt
         zero_std = all_gather_objects((zero_std_group_fraction(rewards, self.config.num_samples_per_prompt), groups))
+        magnitude = all_gather_objects((float(advantages.abs().sum()), advantages.numel()))
         return {
             "reward_mean": float(train_r.mean()),
             "reward_std": float(train_r.std(unbiased=False)),
@@ -191,6 +192,7 @@ class GRPOStep:
             "completion_tokens_mean": sum(r[3] for r in rows) / len(rows),
             "turns_mean": sum(r[4] for r in rows) / len(rows),
             "frac_reward_zero_std": sum(f * n for f, n in zero_std) / max(1, sum(n for _, n in zero_std)),
+            "advantage_abs_mean": sum(s for s, _ in magnitude) / max(1, sum(n for _, n in magnitude)),
             "num_episodes": len(rows),
         }
 
