@@ -9,6 +9,8 @@ import torch
 from tau2cl.recipe.grpo_step import GRPOStep
 from tau2cl.rl.grpo import group_advantages
 
+STEP = SimpleNamespace(config=SimpleNamespace(num_samples_per_prompt=4))
+
 
 def _episode(reward: float) -> SimpleNamespace:
     return SimpleNamespace(train_reward=reward, reward=reward, tool_accuracy=None, num_generated_tokens=10,
@@ -18,8 +20,7 @@ def _episode(reward: float) -> SimpleNamespace:
 def test_a_flat_group_adds_no_advantage_and_counts_as_zero_std():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # one varied group, one flat
     advantages = group_advantages(rewards, 4)
-    step = SimpleNamespace(config=SimpleNamespace(num_samples_per_prompt=4))
-    stats = GRPOStep.episode_stats(step, [_episode(float(r)) for r in rewards], rewards, advantages)
+    stats = GRPOStep.episode_stats(STEP, [_episode(float(r)) for r in rewards], rewards, advantages)
     # first group: mean 0.25, unbiased std 0.5, so A = 1.5, -0.5, -0.5, -0.5 (sum of |A| = 3); second: 0
     assert stats["advantage_abs_mean"] == pytest.approx(3.0 / 8, rel=1e-5)
     assert stats["frac_reward_zero_std"] == 0.5
@@ -28,6 +29,5 @@ def test_a_flat_group_adds_no_advantage_and_counts_as_zero_std():
 
 def test_all_flat_groups_give_zero_advantage():
     rewards = torch.ones(8)
-    step = SimpleNamespace(config=SimpleNamespace(num_samples_per_prompt=4))
-    stats = GRPOStep.episode_stats(step, [_episode(1.0)] * 8, rewards, group_advantages(rewards, 4))
+    stats = GRPOStep.episode_stats(STEP, [_episode(1.0)] * 8, rewards, group_advantages(rewards, 4))
     assert stats["advantage_abs_mean"] == 0.0 and stats["frac_reward_zero_std"] == 1.0

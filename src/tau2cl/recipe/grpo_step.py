@@ -176,14 +176,13 @@ class GRPOStep:
 
     def episode_stats(self, trajectories: list[Trajectory], rewards: torch.Tensor, advantages: torch.Tensor) -> dict:
         """Reward, advantage, tool accuracy and length figures over every rank's episodes."""
-        local = [(t.train_reward, t.reward, t.tool_accuracy, t.num_generated_tokens, t.assistant_turns)
-                 for t in trajectories]
+        local = [(t.train_reward, t.reward, t.tool_accuracy, t.num_generated_tokens, t.assistant_turns, abs(a))
+                 for t, a in zip(trajectories, advantages.tolist(), strict=True)]
         rows = [r for part in all_gather_objects(local) for r in part]
         train_r = torch.tensor([r[0] for r in rows], dtype=torch.float64)
         tool = [r[2] for r in rows if r[2] is not None]
         groups = len(trajectories) // self.config.num_samples_per_prompt
         zero_std = all_gather_objects((zero_std_group_fraction(rewards, self.config.num_samples_per_prompt), groups))
-        magnitude = all_gather_objects((float(advantages.abs().sum()), advantages.numel()))
         return {
             "reward_mean": float(train_r.mean()),
             "reward_std": float(train_r.std(unbiased=False)),
@@ -192,7 +191,7 @@ class GRPOStep:
             "completion_tokens_mean": sum(r[3] for r in rows) / len(rows),
             "turns_mean": sum(r[4] for r in rows) / len(rows),
             "frac_reward_zero_std": sum(f * n for f, n in zero_std) / max(1, sum(n for _, n in zero_std)),
-            "advantage_abs_mean": sum(s for s, _ in magnitude) / max(1, sum(n for _, n in magnitude)),
+            "advantage_abs_mean": sum(r[5] for r in rows) / len(rows),
             "num_episodes": len(rows),
         }
 
